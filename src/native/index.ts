@@ -1,0 +1,187 @@
+/**
+ * Typed wrapper of the native addon (native/vhost_user.cc): the syscalls Node lacks, and no logic.
+ *
+ * Every function throws a `SystemError` (`code` such as 'EBADF', `errno`, `syscall`) on failure; a bad fd is an
+ * error, never a crash. The addon is context-aware: worker threads load it too, and each thread's fd watchers are
+ * closed when that thread's environment goes away.
+ */
+import { createRequire } from 'node:module';
+
+/** Result of `fstat`: enough to tell whether two fds are the same file (`dev` and `ino`) and how big it is. */
+export interface FileStat {
+  size: number;
+  dev: bigint;
+  ino: bigint;
+  mode: number;
+}
+
+interface Addon {
+  memfdCreate(name: string, size: number | bigint): number;
+  mapShared(fd: number, offset: number | bigint, length: number | bigint, writable: boolean): SharedArrayBuffer;
+  revoke(buffer: SharedArrayBuffer): void;
+  isRevoked(buffer: SharedArrayBuffer): boolean;
+  mappingCount(): number;
+  fstat(fd: number): FileStat;
+  close(fd: number): void;
+  dup(fd: number): number;
+  eventfd(initval: number, nonblocking: boolean): number;
+  eventfdRead(fd: number): number;
+  eventfdWrite(fd: number, value?: number | bigint): void;
+  poll(fds: Int32Array, revents: Int32Array, timeoutMs: number): number;
+  listen(path: string, backlog: number): number;
+  accept(fd: number): number;
+  connect(path: string): number;
+  socketPair(): [number, number];
+  recvmsg(fd: number, buffer: Uint8Array, fds: number[]): number;
+  sendmsg(fd: number, buffer: Uint8Array, fds: readonly number[]): number;
+  watch(fd: number, events: number, callback: (events: number) => void): number;
+  rewatch(id: number, events: number): void;
+  unwatch(id: number): void;
+  pageSize: number;
+}
+
+// dist/src/native/index.js -> <package root>/build/Release/vhost_user.node
+const addon = createRequire(import.meta.url)('../../../build/Release/vhost_user.node') as Addon;
+
+/** The system page size: mapping offsets must be multiples of it. */
+export const PAGE_SIZE: number = addon.pageSize;
+
+/** poll() revents bits (Linux values). */
+export const POLLIN = 0x1;
+export const POLLERR = 0x8;
+export const POLLHUP = 0x10;
+export const POLLNVAL = 0x20;
+
+/** Events for `watch` (libuv's UV_READABLE / UV_WRITABLE). */
+export const WATCH_READABLE = 1;
+export const WATCH_WRITABLE = 2;
+
+// ----- guest memory ---------------------------------------------------------------------------------------------
+
+/** Creates an anonymous memory file (memfd, close-on-exec, sealable) of `size` bytes; returns its fd. */
+export function memfdCreate(name: string, size: number | bigint): number {
+  return addon.memfdCreate(name, size);
+}
+
+/**
+ * Maps `length` bytes of `fd` from the page-aligned file `offset` with MAP_SHARED into a real SharedArrayBuffer
+ * (postable to workers without a copy). The file must already be at least `offset + length` long (ENXIO
+ * otherwise): a mapping past the end of the file would SIGBUS. The mapping is undone when every thread has dropped
+ * the buffer. Buffers over 4 GiB work, but typed-array views are limited to 2^32 elements: use windowed views.
+ */
+export function mapShared(fd: number, offset: number, length: number, writable = true): SharedArrayBuffer {
+  return addon.mapShared(fd, offset, length, writable);
+}
+
+/**
+ * Replaces a `mapShared` mapping in place with private anonymous memory (MAP_FIXED). Stale views, in any thread,
+ * then read zeros and can never crash or reach the file; the file's memory is released once its fds are closed.
+ * Idempotent. Throws EINVAL for a buffer that `mapShared` did not make.
+ */
+export function revoke(buffer: SharedArrayBuffer): void {
+  addon.revoke(buffer);
+}
+
+export function isRevoked(buffer: SharedArrayBuffer): boolean {
+  return addon.isRevoked(buffer);
+}
+
+/** Number of `mapShared` mappings alive in this process (revoked ones count until they are unmapped). */
+export function mappingCount(): number {
+  return addon.mappingCount();
+}
+
+export function fstat(fd: number): FileStat {
+  return addon.fstat(fd);
+}
+
+export function close(fd: number): void {
+  addon.close(fd);
+}
+
+/** Duplicates an fd (close-on-exec). */
+export function dup(fd: number): number {
+  return addon.dup(fd);
+}
+
+// ----- eventfd and poll -----------------------------------------------------------------------------------------
+
+/** Creates an eventfd (close-on-exec). */
+export function eventfdCreate(initval = 0, nonblocking = true): number {
+  return addon.eventfd(initval, nonblocking);
+}
+
+/**
+ * Reads and resets an eventfd's counter; returns 0 when a non-blocking eventfd was not signalled. A blocking
+ * eventfd (as QEMU's kick fds may be) blocks until signalled: read it only after `poll` reported POLLIN.
+ */
+export function eventfdRead(fd: number): number {
+  return addon.eventfdRead(fd);
+}
+
+/** Adds `value` (default 1) to an eventfd's counter, waking its pollers. */
+export function eventfdWrite(fd: number, value?: number): void {
+  addon.eventfdWrite(fd, value);
+}
+
+/**
+ * Blocks the calling thread until one of `fds` is readable or `timeoutMs` passes (-1: no limit); writes each fd's
+ * revents into `revents` and returns how many are ready (0 on timeout or signal). Negative fds are ignored. For
+ * worker threads only: always include an eventfd the controller can signal, or the worker cannot be stopped.
+ */
+export function poll(fds: Int32Array, revents: Int32Array, timeoutMs: number): number {
+  return addon.poll(fds, revents, timeoutMs);
+}
+
+// ----- unix stream sockets with SCM_RIGHTS ----------------------------------------------------------------------
+
+/** Creates a listening unix stream socket (non-blocking, close-on-exec) bound to `path`. */
+export function listenUnix(path: string, backlog = 16): number {
+  return addon.listen(path, backlog);
+}
+
+/** Accepts a pending connection (non-blocking, close-on-exec); -1 when none is pending. */
+export function accept(listenFd: number): number {
+  return addon.accept(listenFd);
+}
+
+/** Connects to a unix stream socket; the returned fd is non-blocking. */
+export function connectUnix(path: string): number {
+  return addon.connect(path);
+}
+
+/** A connected pair of unix stream sockets (non-blocking, close-on-exec). */
+export function socketPair(): [number, number] {
+  return addon.socketPair();
+}
+
+/**
+ * Receives bytes into `buffer` and pushes any fds that came with them onto `fds`. Returns the byte count, 0 when the
+ * peer has closed, or -1 when nothing is ready. The kernel may merge several fd-less messages with the next
+ * fd-bearing one in one read, so callers keep the fds as a FIFO (see protocol/message-reader.ts).
+ */
+export function recvmsg(fd: number, buffer: Uint8Array, fds: number[]): number {
+  return addon.recvmsg(fd, buffer, fds);
+}
+
+/** Sends `buffer` with up to 32 fds; returns the bytes sent or -1 when the socket buffer is full. Never SIGPIPE. */
+export function sendmsg(fd: number, buffer: Uint8Array, fds: readonly number[] = []): number {
+  return addon.sendmsg(fd, buffer, fds);
+}
+
+/**
+ * Watches `fd` on the calling thread's event loop; `callback` receives the ready WATCH_* bits (or a negative libuv
+ * status). Returns an id for `rewatch` / `unwatch`. The watcher keeps the event loop alive until unwatched; call
+ * `unwatch` before closing the fd.
+ */
+export function watch(fd: number, events: number, callback: (events: number) => void): number {
+  return addon.watch(fd, events, callback);
+}
+
+export function rewatch(id: number, events: number): void {
+  addon.rewatch(id, events);
+}
+
+export function unwatch(id: number): void {
+  addon.unwatch(id);
+}

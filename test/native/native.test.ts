@@ -1,0 +1,400 @@
+// The native addon, with real syscalls: memfd, mmap into SharedArrayBuffer, revoke, eventfd, poll, unix sockets
+// with SCM_RIGHTS, worker threads and a child process. Every test checks that fds come back to where they were.
+import { test, afterEach, beforeEach } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Worker } from 'node:worker_threads';
+import * as native from '../../src/native/index.js';
+import { isSystemError } from '../../src/errors.js';
+import { collectGarbage, openFdCount } from '../helpers/fds.js';
+
+const workerUrl = new URL('./fixtures/native-worker.js', import.meta.url);
+
+let fdsBefore = 0;
+beforeEach(() => {
+  fdsBefore = openFdCount();
+});
+afterEach(() => {
+  assert.equal(openFdCount(), fdsBefore, 'the test leaked fds');
+});
+
+function assertSystemError(fn: () => unknown, code: string, syscall?: string): void {
+  assert.throws(fn, (err: unknown) => {
+    assert.ok(isSystemError(err), `expected a system error, got ${String(err)}`);
+    assert.equal(err.code, code);
+    if (syscall !== undefined) assert.equal(err.syscall, syscall);
+    return true;
+  });
+}
+
+/** Waits (bounded, sleeping between checks) until `cond` holds. */
+async function until(cond: () => boolean, what: string, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await sleep(10);
+  }
+}
+
+function mappingLine(fdName: string): string | undefined {
+  return readFileSync('/proc/self/maps', 'utf8')
+    .split('\n')
+    .find((l) => l.includes(fdName));
+}
+
+async function dropAllMappings(baseline: number): Promise<void> {
+  // Deleters run on a V8 thread after the buffers are collected; give them a moment.
+  await until(
+    () => {
+      collectGarbage();
+      return native.mappingCount() <= baseline;
+    },
+    'mappings to be unmapped',
+  );
+}
+
+test('memfd: create, size, map, and see file writes through the SharedArrayBuffer', async () => {
+  const baseline = native.mappingCount();
+  const fd = native.memfdCreate('guest-ram', 2 * native.PAGE_SIZE);
+  try {
+    const st = native.fstat(fd);
+    assert.equal(st.size, 2 * native.PAGE_SIZE);
+    assert.equal(typeof st.ino, 'bigint');
+    writeSync(fd, Buffer.from('hello'), 0, 5, native.PAGE_SIZE);
+    // In a plain function, so no reference to the buffer survives in this async function's frame.
+    ((): void => {
+      const sab = native.mapShared(fd, native.PAGE_SIZE, native.PAGE_SIZE);
+      assert.ok(sab instanceof SharedArrayBuffer);
+      assert.equal(sab.byteLength, native.PAGE_SIZE);
+      assert.equal(Buffer.from(sab, 0, 5).toString(), 'hello');
+      new Uint8Array(sab)[5] = 0x21; // and the other way: a write through the view reaches the file
+      const back = Buffer.alloc(6);
+      readSync(fd, back, 0, 6, native.PAGE_SIZE);
+      assert.equal(back.toString(), 'hello!');
+      assert.equal(native.mappingCount(), baseline + 1);
+    })();
+  } finally {
+    native.close(fd);
+  }
+  await dropAllMappings(baseline);
+});
+
+test('mapShared: refuses what would crash or cannot work', () => {
+  const fd = native.memfdCreate('small', native.PAGE_SIZE);
+  try {
+    // Past the end of the file: touching it would be SIGBUS, so it is refused up front.
+    assertSystemError(() => native.mapShared(fd, 0, 2 * native.PAGE_SIZE), 'ENXIO', 'mmap');
+    assertSystemError(() => native.mapShared(fd, native.PAGE_SIZE, 1), 'ENXIO', 'mmap');
+    assertSystemError(() => native.mapShared(fd, 1, 16), 'EINVAL', 'mmap');
+    assertSystemError(() => native.mapShared(fd, 0, 0), 'EINVAL', 'mmap');
+    assertSystemError(() => native.mapShared(fd, -4096, 16), 'EINVAL', 'mmap');
+  } finally {
+    native.close(fd);
+  }
+  assertSystemError(() => native.mapShared(987654, 0, 4096), 'EBADF', 'fstat');
+  assertSystemError(() => native.revoke(new SharedArrayBuffer(4096)), 'EINVAL', 'revoke');
+});
+
+test('bad fds are errors, not crashes', () => {
+  assertSystemError(() => native.close(987654), 'EBADF', 'close');
+  assertSystemError(() => native.fstat(-1), 'EBADF', 'fstat');
+  assertSystemError(() => native.eventfdRead(987654), 'EBADF', 'read');
+  assertSystemError(() => native.eventfdWrite(987654), 'EBADF', 'write');
+  assertSystemError(() => native.dup(987654), 'EBADF', 'dup');
+  assertSystemError(() => native.recvmsg(987654, new Uint8Array(4), []), 'EBADF', 'recvmsg');
+  assertSystemError(() => native.sendmsg(987654, new Uint8Array(4), []), 'EBADF', 'sendmsg');
+  assertSystemError(() => native.accept(987654), 'EBADF', 'accept4');
+  assertSystemError(() => native.watch(987654, native.WATCH_READABLE, () => undefined), 'EBADF');
+  assertSystemError(() => native.connectUnix('/nonexistent/socket'), 'ENOENT', 'connect');
+  assertSystemError(() => native.connectUnix('x'.repeat(200)), 'ENAMETOOLONG', 'connect');
+  assertSystemError(() => native.memfdCreate('x', -1), 'EINVAL', 'memfd_create');
+  // poll with a bad fd reports POLLNVAL for it rather than failing
+  const revents = new Int32Array(1);
+  assert.equal(native.poll(Int32Array.of(987654), revents, 0), 1);
+  assert.equal(revents[0], native.POLLNVAL);
+});
+
+test('a SharedArrayBuffer over a memfd is shared with a worker; Atomics.wait/notify work across threads', async () => {
+  const fd = native.memfdCreate('shared', native.PAGE_SIZE);
+  const sab = native.mapShared(fd, 0, native.PAGE_SIZE);
+  native.close(fd); // the mapping keeps the memory alive
+  const worker = new Worker(workerUrl, { workerData: { mode: 'ping-pong', sab } });
+  const exited = new Promise((resolve) => worker.once('exit', resolve));
+  const words = new Int32Array(sab, 0, 2);
+  const bytes = new Uint8Array(sab);
+  bytes[8] = 41;
+  Atomics.store(words, 0, 1); // publishes bytes[8] (seq_cst store after a plain store)
+  Atomics.notify(words, 0);
+  // The worker answers by storing 2 and notifying; wait without blocking the event loop.
+  const result = Atomics.waitAsync(words, 0, 1, 5000);
+  assert.equal(result.async ? await result.value : result.value, 'ok');
+  assert.equal(bytes[16], 42);
+  await exited;
+});
+
+test('revoke while a worker keeps writing: no crash, the file stops changing, memory is released, then unmapped', async () => {
+  const baseline = native.mappingCount();
+  const size = 64 * 1024 * 1024;
+  const name = `revoke-${process.pid}`;
+  const fd = native.memfdCreate(name, size);
+  const control = new SharedArrayBuffer(8);
+  const controlWords = new Int32Array(control);
+  let sab: SharedArrayBuffer | undefined = native.mapShared(fd, 0, size);
+  new Uint8Array(sab).fill(0xaa, 0, size); // touch every page so the memfd really holds 64 MiB
+  const worker = new Worker(workerUrl, { workerData: { mode: 'write-loop', sab, control } });
+  const done = new Promise<{ done: number; last: number }>((resolve) => worker.once('message', resolve));
+  await until(() => Atomics.load(controlWords, 1) > 0, 'the worker to start writing');
+
+  assert.match(mappingLine(`/memfd:${name}`) ?? '', /rw-s/);
+  native.revoke(sab);
+  native.revoke(sab); // idempotent
+  assert.ok(native.isRevoked(sab));
+  assert.equal(mappingLine(`/memfd:${name}`), undefined, 'the memfd is no longer mapped');
+
+  // The file content is frozen: the worker's writes now land in private anonymous memory.
+  const read = (): number => {
+    const b = Buffer.alloc(4);
+    readSync(fd, b, 0, 4, 0);
+    return b.readInt32LE(0);
+  };
+  const first = read();
+  const itersAtFirst = Atomics.load(controlWords, 1);
+  await until(() => Atomics.load(controlWords, 1) > itersAtFirst + 100_000, 'the worker to keep writing');
+  assert.equal(read(), first, 'the memfd content changed after revoke');
+  // The stale view reads what the worker wrote after revoke (zero-filled pages, then its own writes), never the
+  // file's 0xaa filler.
+  assert.notEqual(new Uint8Array(sab)[100], 0xaa);
+
+  // After close, the file's memory goes back to the system: no mapping or fd references it.
+  native.close(fd);
+  assert.equal(mappingLine(`/memfd:${name}`), undefined);
+
+  Atomics.store(controlWords, 0, 1);
+  const summary = await done;
+  assert.ok(summary.done > 0);
+  await new Promise((resolve) => worker.once('exit', resolve));
+  sab = undefined;
+  await dropAllMappings(baseline);
+});
+
+test('the deleter unmaps only after every thread dropped the buffer', async () => {
+  const baseline = native.mappingCount();
+  const fd = native.memfdCreate('held', native.PAGE_SIZE);
+  let sab: SharedArrayBuffer | undefined = native.mapShared(fd, 0, native.PAGE_SIZE);
+  native.close(fd);
+  const worker = new Worker(workerUrl, { workerData: { mode: 'hold', sab } });
+  await new Promise((resolve) => worker.once('online', resolve));
+  sab = undefined;
+  collectGarbage();
+  await sleep(50);
+  collectGarbage();
+  assert.equal(native.mappingCount(), baseline + 1, 'unmapped while a worker still held the buffer');
+  worker.postMessage('drop');
+  await new Promise((resolve) => worker.once('exit', resolve));
+  await dropAllMappings(baseline);
+});
+
+test('eventfd: write adds, read returns and resets, an empty non-blocking read returns 0', () => {
+  const efd = native.eventfdCreate(0, true);
+  try {
+    assert.equal(native.eventfdRead(efd), 0);
+    native.eventfdWrite(efd);
+    native.eventfdWrite(efd, 4);
+    assert.equal(native.eventfdRead(efd), 5);
+    assert.equal(native.eventfdRead(efd), 0);
+    const revents = new Int32Array(1);
+    assert.equal(native.poll(Int32Array.of(efd), revents, 0), 0);
+    native.eventfdWrite(efd);
+    assert.equal(native.poll(Int32Array.of(efd), revents, 0), 1);
+    assert.equal(revents[0], native.POLLIN);
+  } finally {
+    native.close(efd);
+  }
+});
+
+test('a worker blocked in poll is woken by an eventfd write and can always be stopped', async () => {
+  const control = native.eventfdCreate(0, true);
+  const kick = native.eventfdCreate(0, false); // blocking, as a VMM's kick fd may be
+  const worker = new Worker(workerUrl, { workerData: { mode: 'poll', fds: [control, kick] } });
+  const messages: unknown[] = [];
+  const next = (): Promise<unknown> => new Promise((resolve) => worker.once('message', resolve));
+  try {
+    assert.deepEqual(await next(), { ready: true });
+    await sleep(20); // let it block in poll()
+    const got = next();
+    native.eventfdWrite(kick, 3);
+    messages.push(await got);
+    assert.deepEqual(messages[0], { fd: kick, value: 3 });
+    const stopped = next();
+    native.eventfdWrite(control);
+    assert.deepEqual(await stopped, { stopped: true });
+    await new Promise((resolve) => worker.once('exit', resolve));
+  } finally {
+    native.close(control);
+    native.close(kick);
+  }
+});
+
+test('sockets: fds pass between two sockets in one process, and coalesced messages keep their fds in order', async () => {
+  const [a, b] = native.socketPair();
+  const m1 = native.memfdCreate('m1', native.PAGE_SIZE);
+  const m2 = native.memfdCreate('m2', native.PAGE_SIZE);
+  const ev = native.eventfdCreate(0, true);
+  try {
+    // Three sends: no fds, two memfds, one eventfd. One recvmsg returns the first two together (the kernel merges
+    // fd-less bytes with the following fd-bearing message) and stops before the next fd-bearing one.
+    assert.equal(native.sendmsg(a, Buffer.from('0102', 'hex'), []), 2);
+    assert.equal(native.sendmsg(a, Buffer.from('030405', 'hex'), [m1, m2]), 3);
+    assert.equal(native.sendmsg(a, Buffer.from('06', 'hex'), [ev]), 1);
+    const buf = new Uint8Array(64);
+    const fds: number[] = [];
+    const n1 = native.recvmsg(b, buf, fds);
+    assert.equal(Buffer.from(buf.subarray(0, n1)).toString('hex'), '0102030405');
+    assert.equal(fds.length, 2);
+    const n2 = native.recvmsg(b, buf, fds);
+    assert.equal(Buffer.from(buf.subarray(0, n2)).toString('hex'), '06');
+    assert.equal(fds.length, 3);
+    assert.equal(native.recvmsg(b, buf, fds), -1, 'nothing more: -1, not a block');
+    // The received fds are the same files (dev/inode), as new fd numbers.
+    assert.deepEqual(
+      fds.map((fd) => native.fstat(fd).ino),
+      [m1, m2, ev].map((fd) => native.fstat(fd).ino),
+    );
+    for (const fd of fds) native.close(fd);
+    // A closed peer reads as 0; sending to it is EPIPE, never SIGPIPE.
+    native.close(a);
+    assert.equal(native.recvmsg(b, buf, fds), 0);
+    const [c, d] = native.socketPair();
+    native.close(d);
+    assertSystemError(() => native.sendmsg(c, Buffer.from('x')), 'EPIPE', 'sendmsg');
+    native.close(c);
+    await sleep(0);
+  } finally {
+    for (const fd of [b, m1, m2, ev]) native.close(fd);
+  }
+});
+
+test('sockets: listen, accept and receive memfds from a child process, driven by the event loop', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'vhost-user-native-'));
+  const path = join(dir, 'sock');
+  const listenFd = native.listenUnix(path);
+  let conn = -1;
+  let listenWatch = -1;
+  let connWatch = -1;
+  try {
+    const bytes: number[] = [];
+    const fds: number[] = [];
+    const finished = new Promise<void>((resolve, reject) => {
+      listenWatch = native.watch(listenFd, native.WATCH_READABLE, () => {
+        conn = native.accept(listenFd);
+        if (conn < 0) return;
+        native.unwatch(listenWatch);
+        const buf = new Uint8Array(4096);
+        connWatch = native.watch(conn, native.WATCH_READABLE, () => {
+          try {
+            for (;;) {
+              const n = native.recvmsg(conn, buf, fds);
+              if (n < 0) return;
+              if (n === 0) return resolve();
+              bytes.push(...buf.subarray(0, n));
+            }
+          } catch (err) {
+            reject(err as Error);
+          }
+        });
+      });
+    });
+    const script = new URL('./fixtures/fd-sender.js', import.meta.url).pathname;
+    const child = spawn(process.execPath, [script, path], { stdio: 'inherit' });
+    const exitCode = await new Promise((resolve) => child.once('exit', resolve));
+    assert.equal(exitCode, 0);
+    await finished;
+    assert.equal(Buffer.from(bytes).toString(), 'one;two;three-with-fds;');
+    assert.equal(fds.length, 2);
+    const text = fds.map((fd) => {
+      const b = Buffer.alloc(12);
+      readSync(fd, b, 0, 12, 0);
+      return b.toString();
+    });
+    assert.deepEqual(text, ['from child a', 'from child b']);
+    assert.deepEqual(
+      fds.map((fd) => native.fstat(fd).size),
+      [4096, 8192],
+    );
+    for (const fd of fds) native.close(fd);
+  } finally {
+    native.unwatch(listenWatch);
+    native.unwatch(connWatch);
+    native.unwatch(connWatch); // idempotent
+    if (conn >= 0) native.close(conn);
+    native.close(listenFd);
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('watch: writable events, rewatch, unwatch', async () => {
+  const [a, b] = native.socketPair();
+  let id = -1;
+  try {
+    const events = await new Promise<number>((resolve) => {
+      id = native.watch(a, native.WATCH_WRITABLE, (ev) => {
+        native.rewatch(id, native.WATCH_READABLE);
+        resolve(ev);
+      });
+    });
+    assert.equal(events & native.WATCH_WRITABLE, native.WATCH_WRITABLE);
+    const readable = new Promise<number>((resolve) => {
+      native.unwatch(id);
+      id = native.watch(a, native.WATCH_READABLE, resolve);
+    });
+    native.sendmsg(b, Buffer.from('x'));
+    assert.equal((await readable) & native.WATCH_READABLE, native.WATCH_READABLE);
+    const buf = new Uint8Array(4);
+    assert.equal(native.recvmsg(a, buf, []), 1);
+  } finally {
+    native.unwatch(id);
+    native.close(a);
+    native.close(b);
+  }
+});
+
+test('a worker that exits with watchers still open does not take the process down', async () => {
+  const code = `
+    const { createRequire } = require('node:module');
+    const native = require(${JSON.stringify(new URL('../../../build/Release/vhost_user.node', import.meta.url).pathname)});
+    const [a, b] = native.socketPair();
+    native.watch(a, 1, () => {});
+    native.watch(b, 1, () => {});
+    require('node:worker_threads').parentPort.postMessage([a, b]);
+    setTimeout(() => process.exit(0), 10);
+  `;
+  const worker = new Worker(code, { eval: true });
+  const fds = (await new Promise((resolve) => worker.once('message', resolve))) as number[];
+  const exitCode = await new Promise((resolve) => worker.once('exit', resolve));
+  assert.equal(exitCode, 0);
+  for (const fd of fds) native.close(fd);
+});
+
+test('regions over 4 GiB are mapped and reachable through windowed views', async () => {
+  const baseline = native.mappingCount();
+  const size = 5 * 1024 * 1024 * 1024; // sparse: only touched pages use memory
+  const fd = native.memfdCreate('big', size);
+  try {
+    ((): void => {
+      const sab = native.mapShared(fd, 0, size);
+      assert.equal(sab.byteLength, size);
+      const high = new Uint8Array(sab, size - native.PAGE_SIZE, native.PAGE_SIZE);
+      high[0] = 7;
+      const b = Buffer.alloc(1);
+      readSync(fd, b, 0, 1, size - native.PAGE_SIZE);
+      assert.equal(b[0], 7);
+    })();
+  } finally {
+    native.close(fd);
+  }
+  await dropAllMappings(baseline);
+});
