@@ -177,6 +177,7 @@ test('revoke while a worker keeps writing: no crash, the file stops changing, me
   const summary = await done;
   assert.ok(summary.done > 0);
   await new Promise((resolve) => worker.once('exit', resolve));
+  // eslint-disable-next-line no-useless-assignment -- drops the last reference so the mapping can be collected
   sab = undefined;
   await dropAllMappings(baseline);
 });
@@ -188,6 +189,7 @@ test('the deleter unmaps only after every thread dropped the buffer', async () =
   native.close(fd);
   const worker = new Worker(workerUrl, { workerData: { mode: 'hold', sab } });
   await new Promise((resolve) => worker.once('online', resolve));
+  // eslint-disable-next-line no-useless-assignment -- drops the last reference so the mapping can be collected
   sab = undefined;
   collectGarbage();
   await sleep(50);
@@ -373,7 +375,7 @@ test('a worker that exits with watchers still open does not take the process dow
     setTimeout(() => process.exit(0), 10);
   `;
   const worker = new Worker(code, { eval: true });
-  const fds = (await new Promise((resolve) => worker.once('message', resolve))) as number[];
+  const fds = await new Promise<number[]>((resolve) => worker.once('message', resolve));
   const exitCode = await new Promise((resolve) => worker.once('exit', resolve));
   assert.equal(exitCode, 0);
   for (const fd of fds) native.close(fd);

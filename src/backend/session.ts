@@ -1,0 +1,514 @@
+/**
+ * The backend's side of one vhost-user connection: the protocol state machine (features, memory table, vrings,
+ * status) and the dispatch of each frontend message. Runs on the main thread; queue processing is delegated to
+ * worker threads (worker-pool.ts), which this session commands and awaits.
+ *
+ * Messages are handled strictly one at a time (the connection awaits `handle`), so a handler that waits for
+ * workers (a memory-table change, a ring stop) holds back the next message, and the reply is sent only once the
+ * change has taken effect in every worker.
+ */
+import type { Logger } from 'pino';
+import { ProtocolError } from '../errors.js';
+import { MemoryTable } from '../memory/memory-table.js';
+import { mapRegion, regionMatches, type MappedRegion } from '../memory/region.js';
+import * as native from '../native/index.js';
+import { FrontendRequest, HeaderFlag, ProtocolFeature, VirtioFeature, requestName } from '../protocol/constants.js';
+import { encodeHeaderInto } from '../protocol/header.js';
+import type { Message } from '../protocol/message-reader.js';
+import {
+  deviceConfigPayload,
+  memoryTablePayload,
+  singleMemoryRegionPayload,
+  splitVringBase,
+  u64Payload,
+  vringAddrPayload,
+  vringFilePayload,
+  vringStatePayload,
+  type MemoryRegion,
+} from '../protocol/payloads.js';
+import { isValidQueueSize } from '../queue/split-queue.js';
+import { availRingSize, descTableSize, usedRingSize } from '../queue/constants.js';
+import type { VirtioDevice } from '../devices/device.js';
+import type { WorkerEvent, WorkerRegion } from './worker-messages.js';
+import { WorkerPool } from './worker-pool.js';
+
+export interface SessionOptions {
+  device: VirtioDevice;
+  /** Worker threads for the queues (default: one per queue). */
+  workers?: number;
+}
+
+/** Memory slots offered with CONFIGURE_MEM_SLOTS (as rust-vmm; QEMU's own limit for vhost-user is 509 too). */
+export const MAX_MEM_SLOTS = 509;
+
+/** virtio device status bits (VIRTIO 1.2 §2.1). */
+const STATUS_NEEDS_RESET = 0x40;
+
+const bit = (n: number): bigint => 1n << BigInt(n);
+
+/** Transport features every device gets. */
+const TRANSPORT_FEATURES =
+  bit(VirtioFeature.VERSION_1) |
+  bit(VirtioFeature.RING_INDIRECT_DESC) |
+  bit(VirtioFeature.RING_EVENT_IDX) |
+  bit(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES);
+
+export const OFFERED_PROTOCOL_FEATURES =
+  bit(ProtocolFeature.MQ) |
+  bit(ProtocolFeature.REPLY_ACK) |
+  bit(ProtocolFeature.CONFIG) |
+  bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
+  bit(ProtocolFeature.STATUS) |
+  bit(ProtocolFeature.RESET_DEVICE);
+
+/** Requests whose reply is part of the message (sent whether or not REPLY_ACK asked for one). */
+const REPLYING_REQUESTS = new Set<number>([
+  FrontendRequest.GET_FEATURES,
+  FrontendRequest.GET_PROTOCOL_FEATURES,
+  FrontendRequest.GET_QUEUE_NUM,
+  FrontendRequest.GET_VRING_BASE,
+  FrontendRequest.GET_CONFIG,
+  FrontendRequest.GET_MAX_MEM_SLOTS,
+  FrontendRequest.GET_STATUS,
+]);
+
+/** A region the session mapped; the fd is closed once mapped (the mapping keeps the memory). */
+interface Vring {
+  num: number;
+  /** Frontend virtual addresses from SET_VRING_ADDR, or undefined before it. */
+  addr: { desc: number; used: number; avail: number } | undefined;
+  base: number;
+  kickFd: number;
+  callFd: number;
+  errFd: number;
+  enabled: boolean;
+  /** Running in a worker. */
+  started: boolean;
+  /** Stopped for good by a guest error until the device is reset. */
+  failed: boolean;
+}
+
+function newVring(): Vring {
+  return { num: 0, addr: undefined, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false, failed: false };
+}
+
+function addressOf(value: bigint, what: string): number {
+  if (value > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new ProtocolError('VHOST_PROTOCOL_BAD_RING_ADDRESS', `${what} address 0x${value.toString(16)} is out of range`);
+  }
+  return Number(value);
+}
+
+export class BackendSession {
+  readonly device: VirtioDevice;
+  readonly #send: (bytes: Uint8Array, fds: readonly number[]) => void;
+  readonly #log: Logger;
+  readonly #workerCount: number;
+  readonly #offeredFeatures: bigint;
+  #features = 0n;
+  #protocolFeatures = 0n;
+  #memory: MemoryTable = MemoryTable.EMPTY;
+  #vrings: Vring[];
+  #status = 0;
+  #needsReset = false;
+  #pool: WorkerPool | undefined;
+  #closed = false;
+
+  constructor(options: SessionOptions, send: (bytes: Uint8Array, fds: readonly number[]) => void, log: Logger) {
+    this.device = options.device;
+    this.#send = send;
+    this.#log = log;
+    this.#workerCount = options.workers ?? options.device.numQueues;
+    this.#offeredFeatures = options.device.features | TRANSPORT_FEATURES;
+    this.#vrings = Array.from({ length: options.device.numQueues }, newVring);
+  }
+
+  /** The memory table in use (for tests and diagnostics). */
+  get memory(): MemoryTable {
+    return this.#memory;
+  }
+
+  /** True when a guest error stopped a queue: the device needs a reset (reported in GET_STATUS). */
+  get needsReset(): boolean {
+    return this.#needsReset;
+  }
+
+  /**
+   * Handles one message and sends its reply. Returns false when the connection must be dropped (a protocol error
+   * the frontend cannot be told about through a reply).
+   */
+  async handle(msg: Message): Promise<boolean> {
+    const name = requestName(msg.request);
+    const ackWanted =
+      (msg.flags & HeaderFlag.NEED_REPLY) !== 0 && (this.#protocolFeatures & bit(ProtocolFeature.REPLY_ACK)) !== 0n;
+    this.#log.debug({ request: name, size: msg.payload.length, fds: msg.fds.length }, 'message');
+    let reply: Uint8Array | undefined;
+    try {
+      reply = await this.#dispatch(msg);
+    } catch (err) {
+      for (const fd of msg.fds) native.close(fd); // handlers take ownership only on success
+      this.#log.warn({ err, request: name }, 'request failed');
+      if (ackWanted && !REPLYING_REQUESTS.has(msg.request)) {
+        this.#reply(msg.request, u64Payload.encode(1n));
+        return true;
+      }
+      return false;
+    }
+    if (reply !== undefined) this.#reply(msg.request, reply);
+    else if (ackWanted) this.#reply(msg.request, u64Payload.encode(0n));
+    return true;
+  }
+
+  #reply(request: number, payload: Uint8Array): void {
+    const bytes = new Uint8Array(12 + payload.length);
+    encodeHeaderInto({ request, flags: HeaderFlag.VERSION | HeaderFlag.REPLY, size: payload.length }, bytes, 0);
+    bytes.set(payload, 12);
+    this.#send(bytes, []);
+  }
+
+  #vring(index: number): Vring {
+    const vring = this.#vrings[index];
+    if (vring === undefined) {
+      throw new ProtocolError('VHOST_PROTOCOL_BAD_VRING_INDEX', `vring index ${index} is not below ${this.#vrings.length}`);
+    }
+    return vring;
+  }
+
+  #expectNoFds(msg: Message): void {
+    if (msg.fds.length !== 0) throw new ProtocolError('VHOST_PROTOCOL_UNEXPECTED_FDS', `${requestName(msg.request)} carries no fds`);
+  }
+
+  async #dispatch(msg: Message): Promise<Uint8Array | undefined> {
+    const R = FrontendRequest;
+    const p = msg.payload;
+    switch (msg.request) {
+      case R.GET_FEATURES:
+        return u64Payload.encode(this.#offeredFeatures);
+      case R.SET_FEATURES: {
+        const features = u64Payload.decode(p);
+        if ((features & ~this.#offeredFeatures) !== 0n) {
+          throw new ProtocolError('VHOST_PROTOCOL_BAD_FEATURES', `features 0x${features.toString(16)} were not offered`);
+        }
+        this.#features = features;
+        // Without protocol features, rings are enabled as soon as they are started (spec "Ring states").
+        return undefined;
+      }
+      case R.GET_PROTOCOL_FEATURES:
+        return u64Payload.encode(OFFERED_PROTOCOL_FEATURES);
+      case R.SET_PROTOCOL_FEATURES: {
+        const features = u64Payload.decode(p);
+        if ((features & ~OFFERED_PROTOCOL_FEATURES) !== 0n) {
+          throw new ProtocolError('VHOST_PROTOCOL_BAD_FEATURES', `protocol features 0x${features.toString(16)} were not offered`);
+        }
+        this.#protocolFeatures = features;
+        return undefined;
+      }
+      case R.SET_OWNER:
+        return undefined;
+      case R.RESET_OWNER:
+      case R.RESET_DEVICE:
+        await this.#resetDevice();
+        return undefined;
+      case R.GET_QUEUE_NUM:
+        return u64Payload.encode(BigInt(this.device.numQueues));
+      case R.GET_MAX_MEM_SLOTS:
+        return u64Payload.encode(BigInt(MAX_MEM_SLOTS));
+      case R.SET_MEM_TABLE:
+        await this.#setMemTable(memoryTablePayload.decode(p).regions, msg.fds);
+        return undefined;
+      case R.ADD_MEM_REG: {
+        const region = singleMemoryRegionPayload.decode(p);
+        const fd = msg.fds[0];
+        if (fd === undefined || msg.fds.length !== 1) throw new ProtocolError('VHOST_PROTOCOL_MISSING_FDS', 'ADD_MEM_REG needs one fd');
+        await this.#addRegion(region, fd);
+        return undefined;
+      }
+      case R.REM_MEM_REG:
+        await this.#removeRegion(singleMemoryRegionPayload.decode(p));
+        for (const fd of msg.fds) native.close(fd); // a stray fd (old QEMU) is accepted and dropped
+        return undefined;
+      case R.SET_VRING_NUM: {
+        this.#expectNoFds(msg);
+        const { index, num } = vringStatePayload.decode(p);
+        const vring = this.#vring(index);
+        if (!isValidQueueSize(num) || num > this.device.maxQueueSize) {
+          throw new ProtocolError('VHOST_PROTOCOL_BAD_QUEUE_SIZE', `queue size ${num} is not a power of two up to ${this.device.maxQueueSize}`);
+        }
+        await this.#changeRunningRing(index, () => (vring.num = num));
+        return undefined;
+      }
+      case R.SET_VRING_ADDR: {
+        this.#expectNoFds(msg);
+        const a = vringAddrPayload.decode(p);
+        const vring = this.#vring(a.index);
+        const addr = { desc: addressOf(a.desc, 'descriptor table'), used: addressOf(a.used, 'used ring'), avail: addressOf(a.avail, 'available ring') };
+        await this.#changeRunningRing(a.index, () => (vring.addr = addr));
+        return undefined;
+      }
+      case R.SET_VRING_BASE: {
+        this.#expectNoFds(msg);
+        const { index, num } = vringStatePayload.decode(p);
+        const vring = this.#vring(index);
+        const base = splitVringBase(num);
+        await this.#changeRunningRing(index, () => (vring.base = base));
+        return undefined;
+      }
+      case R.GET_VRING_BASE: {
+        this.#expectNoFds(msg);
+        const { index } = vringStatePayload.decode(p);
+        const vring = this.#vring(index);
+        await this.#stopRing(index);
+        vring.failed = false; // the frontend knows the ring stopped; a new setup may start it again
+        // The ring is stopped: its kick and call fds are released; the frontend sends new ones to start it again.
+        for (const key of ['kickFd', 'callFd'] as const) {
+          if (vring[key] >= 0) native.close(vring[key]);
+          vring[key] = -1;
+        }
+        return vringStatePayload.encode({ index, num: vring.base });
+      }
+      case R.SET_VRING_KICK:
+      case R.SET_VRING_CALL:
+      case R.SET_VRING_ERR:
+        await this.#setVringFd(msg);
+        return undefined;
+      case R.SET_VRING_ENABLE: {
+        this.#expectNoFds(msg);
+        const { index, num } = vringStatePayload.decode(p);
+        const vring = this.#vring(index);
+        if (num > 1) throw new ProtocolError('VHOST_PROTOCOL_BAD_PAYLOAD', `SET_VRING_ENABLE num ${num} is not 0 or 1`);
+        vring.enabled = num === 1;
+        if (vring.enabled) await this.#maybeStartRing(index);
+        else await this.#stopRing(index);
+        return undefined;
+      }
+      case R.GET_CONFIG: {
+        const req = deviceConfigPayload.decode(p);
+        const space = this.device.configSpace();
+        const data = new Uint8Array(req.data.length); // bytes past the device's config space read as zero
+        if (req.offset < space.length) data.set(space.subarray(req.offset, req.offset + data.length));
+        return deviceConfigPayload.encode({ offset: req.offset, size: data.length, flags: req.flags, data });
+      }
+      case R.SET_CONFIG: {
+        const req = deviceConfigPayload.decode(p);
+        this.device.writeConfig(req.offset, req.data);
+        return undefined;
+      }
+      case R.SET_STATUS: {
+        // QEMU sends SET_STATUS 0 when it stops the device, *before* GET_VRING_BASE: the rings keep their state
+        // (a reset of the rings is RESET_DEVICE's job). A driver reset does clear NEEDS_RESET.
+        this.#status = Number(u64Payload.decode(p) & 0xffn);
+        if (this.#status === 0) this.#needsReset = false;
+        return undefined;
+      }
+      case R.GET_STATUS:
+        return u64Payload.encode(BigInt(this.#status | (this.#needsReset ? STATUS_NEEDS_RESET : 0)));
+      default:
+        throw new ProtocolError('VHOST_PROTOCOL_UNSUPPORTED_REQUEST', `${requestName(msg.request)} is not supported`);
+    }
+  }
+
+  // ---- memory ----------------------------------------------------------------------------------------------------
+
+  /** SET_MEM_TABLE: regions that did not change keep their mapping; new ones are mapped; gone ones are released. */
+  async #setMemTable(regions: readonly MemoryRegion[], fds: readonly number[]): Promise<void> {
+    if (fds.length !== regions.length) throw new ProtocolError('VHOST_PROTOCOL_MISSING_FDS', `${regions.length} regions with ${fds.length} fds`);
+    const kept: MappedRegion[] = [];
+    const added: MappedRegion[] = [];
+    try {
+      regions.forEach((desc, i) => {
+        const fd = fds[i] as number;
+        const stat = native.fstat(fd);
+        const same = this.#memory.regions.find((r) => regionMatches(r, desc, stat));
+        if (same !== undefined) kept.push(same);
+        else added.push(mapRegion(desc, fd));
+      });
+      await this.#publish(new MemoryTable([...kept, ...added]));
+    } catch (err) {
+      for (const r of added) native.revoke(r.buffer);
+      throw err;
+    } finally {
+      for (const fd of fds) native.close(fd);
+    }
+  }
+
+  async #addRegion(desc: MemoryRegion, fd: number): Promise<void> {
+    let region: MappedRegion;
+    try {
+      if (this.#memory.regions.length >= MAX_MEM_SLOTS) {
+        throw new ProtocolError('VHOST_PROTOCOL_TOO_MANY_REGIONS', `all ${MAX_MEM_SLOTS} memory slots are in use`);
+      }
+      region = mapRegion(desc, fd);
+    } finally {
+      native.close(fd);
+    }
+    try {
+      await this.#publish(this.#memory.with([region]));
+    } catch (err) {
+      native.revoke(region.buffer);
+      throw err;
+    }
+  }
+
+  async #removeRegion(desc: MemoryRegion): Promise<void> {
+    const region = this.#memory.regions.find(
+      (r) => BigInt(r.gpa) === desc.guestPhysAddr && BigInt(r.size) === desc.memorySize && BigInt(r.uva) === desc.userspaceAddr,
+    );
+    if (region === undefined) {
+      throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', `no region at guest address 0x${desc.guestPhysAddr.toString(16)} to remove`);
+    }
+    await this.#publish(this.#memory.with([], [region]));
+  }
+
+  /**
+   * Makes `next` the memory table: every worker switches to it (and re-resolves its rings) before this resolves;
+   * only then are the regions that are no longer in it revoked, since no worker can still be using them.
+   */
+  async #publish(next: MemoryTable): Promise<void> {
+    const previous = this.#memory;
+    await this.#pool?.setMemory(toWorkerRegions(next));
+    this.#memory = next;
+    for (const r of previous.regions) if (!next.regions.includes(r)) native.revoke(r.buffer);
+    this.#log.info({ regions: next.regions.map((r) => ({ gpa: r.gpa, size: r.size })) }, 'memory table');
+  }
+
+  // ---- vrings ----------------------------------------------------------------------------------------------------
+
+  async #setVringFd(msg: Message): Promise<void> {
+    const { index, noFd } = vringFilePayload.decode(msg.payload);
+    const vring = this.#vring(index);
+    const fd = noFd ? -1 : msg.fds[0];
+    if (fd === undefined || msg.fds.length !== (noFd ? 0 : 1)) {
+      throw new ProtocolError('VHOST_PROTOCOL_MISSING_FDS', `${requestName(msg.request)} fd count does not match its payload`);
+    }
+    switch (msg.request) {
+      case FrontendRequest.SET_VRING_KICK: {
+        if (noFd) {
+          throw new ProtocolError('VHOST_PROTOCOL_UNSUPPORTED_REQUEST', 'polling mode (SET_VRING_KICK without fd) is not supported');
+        }
+        await this.#changeRunningRing(index, () => {
+          if (vring.kickFd >= 0) native.close(vring.kickFd);
+          vring.kickFd = fd;
+          // Without protocol features a ring starts enabled once it has a kick fd (spec "Ring states").
+          if (!this.#hasFeature(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES)) vring.enabled = true;
+        });
+        await this.#maybeStartRing(index);
+        return;
+      }
+      case FrontendRequest.SET_VRING_CALL:
+      case FrontendRequest.SET_VRING_ERR: {
+        const key = msg.request === FrontendRequest.SET_VRING_CALL ? 'callFd' : 'errFd';
+        const old = vring[key];
+        vring[key] = fd;
+        // The worker switches before the old fd is closed, so it never writes to a closed (or reused) fd number.
+        if (vring.started && this.#pool !== undefined) {
+          if (key === 'callFd') await this.#pool.setCall(index, fd);
+          else await this.#pool.setErr(index, fd);
+        }
+        if (old >= 0) native.close(old);
+        return;
+      }
+    }
+  }
+
+  #hasFeature(feature: number): boolean {
+    return (this.#features & bit(feature)) !== 0n;
+  }
+
+  /** Applies a change to a ring's setup; a running ring is stopped first and started again with the change. */
+  async #changeRunningRing(index: number, change: () => void): Promise<void> {
+    const wasRunning = this.#vring(index).started;
+    if (wasRunning) await this.#stopRing(index);
+    change();
+    if (wasRunning) await this.#maybeStartRing(index);
+  }
+
+  /** Starts a ring in its worker once it has everything: size, addresses, kick fd, enabled, memory. */
+  async #maybeStartRing(index: number): Promise<void> {
+    const vring = this.#vring(index);
+    if (vring.started || vring.failed || !vring.enabled || vring.kickFd < 0 || vring.addr === undefined || vring.num === 0) return;
+    if (this.#memory.regions.length === 0) return;
+    const n = vring.num;
+    const start = {
+      index,
+      size: n,
+      descAddr: this.#memory.uvaToGpa(vring.addr.desc, descTableSize(n)),
+      availAddr: this.#memory.uvaToGpa(vring.addr.avail, availRingSize(n)),
+      usedAddr: this.#memory.uvaToGpa(vring.addr.used, usedRingSize(n)),
+      lastAvailIdx: vring.base,
+      kickFd: vring.kickFd,
+      callFd: vring.callFd,
+      errFd: vring.errFd,
+      eventIdx: this.#hasFeature(VirtioFeature.RING_EVENT_IDX),
+      indirect: this.#hasFeature(VirtioFeature.RING_INDIRECT_DESC),
+      features: this.#features,
+    };
+    const pool = await this.#ensurePool();
+    await pool.startQueue(start);
+    vring.started = true;
+    this.#log.info({ queue: index, size: n, base: vring.base }, 'ring started');
+  }
+
+  /** Stops a running ring; its base becomes where the worker stopped. */
+  async #stopRing(index: number): Promise<void> {
+    const vring = this.#vring(index);
+    if (!vring.started || this.#pool === undefined) return;
+    const last = await this.#pool.stopQueue(index);
+    vring.started = false;
+    if (last >= 0) vring.base = last;
+    this.#log.info({ queue: index, base: vring.base }, 'ring stopped');
+  }
+
+  async #ensurePool(): Promise<WorkerPool> {
+    if (this.#pool === undefined) {
+      const pool = new WorkerPool(this.#workerCount, this.device.worker, (ev) => this.#onWorkerEvent(ev));
+      this.#pool = pool;
+      await pool.setMemory(toWorkerRegions(this.#memory));
+    }
+    return this.#pool;
+  }
+
+  #onWorkerEvent(ev: WorkerEvent): void {
+    if (ev.type !== 'queue-error') return;
+    this.#log.error({ queue: ev.index, code: ev.code, message: ev.message }, 'queue stopped by an error: device needs reset');
+    this.#needsReset = true;
+    const vring = this.#vrings[ev.index];
+    if (vring !== undefined) {
+      vring.started = false;
+      vring.failed = true;
+    }
+  }
+
+  async #resetDevice(): Promise<void> {
+    for (let i = 0; i < this.#vrings.length; i++) await this.#stopRing(i);
+    for (const vring of this.#vrings) this.#closeVringFds(vring);
+    this.#vrings = this.#vrings.map(newVring);
+    this.#features = 0n;
+    this.#status = 0;
+    this.#needsReset = false;
+  }
+
+  #closeVringFds(vring: Vring): void {
+    for (const fd of [vring.kickFd, vring.callFd, vring.errFd]) if (fd >= 0) native.close(fd);
+    vring.kickFd = vring.callFd = vring.errFd = -1;
+  }
+
+  /** Releases everything: workers first (nothing touches guest memory after that), then fds and mappings. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      await this.#pool?.stop();
+    } finally {
+      this.#pool = undefined;
+      for (const vring of this.#vrings) this.#closeVringFds(vring);
+      for (const r of this.#memory.regions) native.revoke(r.buffer);
+      this.#memory = MemoryTable.EMPTY;
+    }
+  }
+}
+
+function toWorkerRegions(table: MemoryTable): WorkerRegion[] {
+  return table.regions.map((r) => ({ gpa: r.gpa, size: r.size, buffer: r.buffer, bufferOffset: r.bufferOffset }));
+}
+
+

@@ -1,0 +1,65 @@
+/**
+ * Messages between the control thread and the queue workers.
+ *
+ * A busy worker does not run its event loop, so every command travels as a message on the worker's MessagePort
+ * plus a write to the worker's control eventfd; the worker, blocked in poll() or between batches, sees the eventfd
+ * and drains its port synchronously (receiveMessageOnPort). Every command carries an `id` and is acknowledged
+ * with a `WorkerReply` of the same id once it has taken effect.
+ */
+import type { MessagePort } from 'node:worker_threads';
+
+/** A region as a worker needs it: the mapping is shared (SharedArrayBuffer), not copied. */
+export interface WorkerRegion {
+  gpa: number;
+  size: number;
+  buffer: SharedArrayBuffer;
+  bufferOffset: number;
+}
+
+/** Everything a worker needs to run one virtqueue. Ring addresses are guest-physical. */
+export interface QueueStart {
+  index: number;
+  size: number;
+  descAddr: number;
+  availAddr: number;
+  usedAddr: number;
+  /** Where to resume: the avail index of the next request (SET_VRING_BASE). */
+  lastAvailIdx: number;
+  kickFd: number;
+  /** -1: no call eventfd (the driver polls). */
+  callFd: number;
+  /** -1: no error eventfd. */
+  errFd: number;
+  eventIdx: boolean;
+  indirect: boolean;
+  features: bigint;
+}
+
+export type WorkerCommand =
+  | { type: 'memory'; id: number; regions: WorkerRegion[] }
+  | { type: 'start-queue'; id: number; queue: QueueStart }
+  | { type: 'set-call'; id: number; index: number; callFd: number }
+  | { type: 'set-err'; id: number; index: number; errFd: number }
+  | { type: 'stop-queue'; id: number; index: number }
+  | { type: 'exit'; id: number };
+
+export type WorkerReply =
+  | { type: 'ack'; id: number }
+  | { type: 'queue-stopped'; id: number; index: number; lastAvailIdx: number }
+  | { type: 'failed'; id: number; code: string; message: string };
+
+/** Unsolicited events from a worker. */
+export type WorkerEvent =
+  | { type: 'ready' }
+  | { type: 'queue-error'; index: number; code: string; message: string };
+
+export type WorkerToControl = WorkerReply | WorkerEvent;
+
+/** Options the worker is started with (`workerData`). */
+export interface WorkerInit {
+  workerId: number;
+  controlFd: number;
+  port: MessagePort;
+  deviceModule: string;
+  deviceOptions: unknown;
+}

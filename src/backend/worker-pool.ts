@@ -1,0 +1,146 @@
+/**
+ * The control thread's side of the queue workers: starts them, sends them commands and awaits the
+ * acknowledgements, stops them. Queue `i` runs on worker `i % workers`.
+ */
+import { MessageChannel, Worker } from 'node:worker_threads';
+import { VhostError } from '../errors.js';
+import * as native from '../native/index.js';
+import type { QueueStart, WorkerCommand, WorkerEvent, WorkerRegion, WorkerReply, WorkerToControl } from './worker-messages.js';
+
+/** How long a worker may take to acknowledge a command before it is declared stuck. */
+const COMMAND_TIMEOUT_MS = 10_000;
+
+type DistributiveOmit<T, K extends keyof T> = T extends unknown ? Omit<T, K> : never;
+export type CommandBody = DistributiveOmit<WorkerCommand, 'id'>;
+
+interface Pending {
+  resolve: (reply: WorkerReply) => void;
+  reject: (err: Error) => void;
+  timer: NodeJS.Timeout;
+}
+
+class QueueWorker {
+  readonly id: number;
+  readonly #worker: Worker;
+  readonly #port: import('node:worker_threads').MessagePort;
+  readonly #controlFd: number;
+  readonly #pending = new Map<number, Pending>();
+  readonly ready: Promise<void>;
+  readonly exited: Promise<number>;
+  #nextId = 1;
+  #closed = false;
+
+  constructor(id: number, device: { module: string; options: unknown }, onEvent: (ev: WorkerEvent) => void) {
+    this.id = id;
+    this.#controlFd = native.eventfdCreate(0, true);
+    const { port1, port2 } = new MessageChannel();
+    this.#port = port1;
+    this.#worker = new Worker(new URL('./queue-worker.js', import.meta.url), {
+      workerData: {
+        workerId: id,
+        controlFd: this.#controlFd,
+        port: port2,
+        deviceModule: device.module,
+        deviceOptions: device.options,
+      },
+      transferList: [port2],
+    });
+    let markReady: () => void = () => undefined;
+    this.ready = new Promise((resolve) => (markReady = resolve));
+    this.exited = new Promise((resolve) => this.#worker.once('exit', resolve));
+    this.#worker.on('error', (err) => {
+      // An exception that escaped the worker (a bug): fail whatever waits on it.
+      for (const p of this.#pending.values()) p.reject(err);
+      this.#pending.clear();
+      onEvent({ type: 'queue-error', index: -1, code: 'VHOST_WORKER_CRASHED', message: err.message });
+    });
+    this.#port.on('message', (msg: WorkerToControl) => {
+      if (msg.type === 'ready') return markReady();
+      if (msg.type === 'queue-error') return onEvent(msg);
+      const p = this.#pending.get(msg.id);
+      if (p === undefined) return;
+      this.#pending.delete(msg.id);
+      clearTimeout(p.timer);
+      p.resolve(msg);
+    });
+  }
+
+  /** Sends a command and resolves with the worker's reply once it has taken effect. */
+  async request(body: CommandBody): Promise<WorkerReply> {
+    if (this.#closed) throw new VhostError('VHOST_WORKER_CLOSED', `worker ${this.id} is stopped`);
+    await this.ready;
+    const id = this.#nextId++;
+    const cmd = { ...body, id };
+    const reply = await new Promise<WorkerReply>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#pending.delete(id);
+        reject(new VhostError('VHOST_WORKER_STUCK', `worker ${this.id} did not answer '${body.type}' within ${COMMAND_TIMEOUT_MS} ms`));
+      }, COMMAND_TIMEOUT_MS);
+      this.#pending.set(id, { resolve, reject, timer });
+      this.#port.postMessage(cmd);
+      // The worker may be blocked in poll(): the eventfd wakes it; it then drains its port.
+      native.eventfdWrite(this.#controlFd);
+    });
+    if (reply.type === 'failed') throw new VhostError(reply.code, `worker ${this.id}: ${reply.message}`);
+    return reply;
+  }
+
+  /** Asks the worker to exit; terminates it if it does not. Always releases the control eventfd. */
+  async stop(): Promise<void> {
+    if (this.#closed) return;
+    try {
+      await Promise.race([this.request({ type: 'exit' }), this.exited]);
+    } catch {
+      // stuck or crashed: fall through to terminate
+    }
+    this.#closed = true;
+    // A worker blocked in poll() cannot be terminated: wake it first (it polls the control eventfd).
+    native.eventfdWrite(this.#controlFd);
+    await this.#worker.terminate();
+    this.#port.close();
+    native.close(this.#controlFd);
+  }
+}
+
+export class WorkerPool {
+  readonly #workers: QueueWorker[] = [];
+
+  constructor(count: number, device: { module: string; options: unknown }, onEvent: (ev: WorkerEvent) => void) {
+    for (let i = 0; i < count; i++) this.#workers.push(new QueueWorker(i, device, onEvent));
+  }
+
+  get size(): number {
+    return this.#workers.length;
+  }
+
+  #workerFor(queueIndex: number): QueueWorker {
+    return this.#workers[queueIndex % this.#workers.length] as QueueWorker;
+  }
+
+  /** Publishes a new memory table to every worker; resolves when all of them use it (and none the old one). */
+  async setMemory(regions: WorkerRegion[]): Promise<void> {
+    await Promise.all(this.#workers.map((w) => w.request({ type: 'memory', regions })));
+  }
+
+  async startQueue(queue: QueueStart): Promise<void> {
+    await this.#workerFor(queue.index).request({ type: 'start-queue', queue });
+  }
+
+  /** Stops a queue; resolves with its last avail index (-1 if it was not running). */
+  async stopQueue(index: number): Promise<number> {
+    const reply = await this.#workerFor(index).request({ type: 'stop-queue', index });
+    return reply.type === 'queue-stopped' ? reply.lastAvailIdx : -1;
+  }
+
+  async setCall(index: number, callFd: number): Promise<void> {
+    await this.#workerFor(index).request({ type: 'set-call', index, callFd });
+  }
+
+  async setErr(index: number, errFd: number): Promise<void> {
+    await this.#workerFor(index).request({ type: 'set-err', index, errFd });
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all(this.#workers.map((w) => w.stop()));
+  }
+}

@@ -1,0 +1,17 @@
+/** The `vhost-user` command line. */
+import { Command } from 'commander';
+import { blkCommand } from './blk-command.js';
+import { demoCommand } from './demo-command.js';
+
+const program = new Command('vhost-user')
+  .description('vhost-user device backends (and a frontend) in TypeScript')
+  .showHelpAfterError()
+  .addCommand(blkCommand())
+  .addCommand(demoCommand());
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  process.stderr.write(`vhost-user: ${err instanceof Error ? err.message : String(err)}\n`);
+  process.exitCode = 1;
+}

@@ -1,0 +1,188 @@
+/**
+ * virtio-blk, queue half (runs in worker threads): turns a descriptor chain into a block request (VIRTIO 1.2
+ * §5.2.6) and completes it. Data moves directly between the backend file and guest memory views.
+ *
+ * Chain layout (any layout is accepted, descriptors may split or merge parts):
+ *   readable:  header (type u32, reserved u32, sector u64) | data for OUT, or segments for DISCARD/WRITE_ZEROES
+ *   writable:  data for IN / GET_ID | status u8 (the last writable byte)
+ */
+import { VirtioError } from '../../errors.js';
+import type { GuestMemory } from '../../memory/guest-memory.js';
+import { ChainReader, type DescriptorChain } from '../../queue/descriptor-chain.js';
+import type { QueueContext, QueueHandler } from '../device.js';
+import { openBlockBackend, type BlockBackend, type BlockBackendOptions } from './block-backend.js';
+import {
+  BLK_ID_BYTES,
+  BlkRequestType,
+  BlkStatus,
+  DISCARD_SEGMENT_SIZE,
+  REQUEST_HEADER_SIZE,
+  SECTOR_SIZE,
+} from './constants.js';
+
+export interface BlkQueueOptions {
+  backend: BlockBackendOptions;
+  serial: string;
+  capacityBytes: number;
+}
+
+/** Calls `fn(view, dataOffset)` for each piece of guest memory in bytes [start, start + length) of one chain part. */
+function forEachSpan(
+  mem: GuestMemory,
+  chain: DescriptorChain,
+  writablePart: boolean,
+  start: number,
+  length: number,
+  fn: (view: Uint8Array, dataOffset: number) => void,
+): void {
+  const first = writablePart ? chain.readableCount : 0;
+  const end = writablePart ? chain.count : chain.readableCount;
+  let skip = start;
+  let done = 0;
+  for (let i = first; i < end && done < length; i++) {
+    const segLen = chain.len[i] as number;
+    if (skip >= segLen) {
+      skip -= segLen;
+      continue;
+    }
+    let gpa = (chain.addr[i] as number) + skip;
+    let want = Math.min(segLen - skip, length - done);
+    skip = 0;
+    while (want > 0) {
+      const view = mem.view(gpa, want); // shorter than `want` where a region ends: continue in the next one
+      if (view.length === 0) throw new VirtioError('GUEST_MEMORY_UNMAPPED', `guest address 0x${gpa.toString(16)} is not mapped`);
+      fn(view, done);
+      gpa += view.length;
+      want -= view.length;
+      done += view.length;
+    }
+  }
+}
+
+export class BlkQueueHandler implements QueueHandler {
+  readonly #backend: BlockBackend;
+  readonly #capacity: number;
+  readonly #id: Uint8Array;
+  readonly #reader = new ChainReader();
+  readonly #header = new Uint8Array(REQUEST_HEADER_SIZE);
+  readonly #headerView = new DataView(this.#header.buffer);
+  readonly #segment = new Uint8Array(DISCARD_SEGMENT_SIZE);
+  readonly #segmentView = new DataView(this.#segment.buffer);
+
+  constructor(options: BlkQueueOptions) {
+    this.#backend = openBlockBackend(options.backend);
+    this.#capacity = Math.min(options.capacityBytes, this.#backend.size);
+    this.#id = new Uint8Array(BLK_ID_BYTES);
+    this.#id.set(Buffer.from(options.serial).subarray(0, BLK_ID_BYTES));
+  }
+
+  process(mem: GuestMemory, chain: DescriptorChain): number {
+    if (chain.writableBytes < 1) {
+      throw new VirtioError('VIRTIO_BLK_NO_STATUS', `request ${chain.head} has no writable status byte`);
+    }
+    if (chain.readableBytes < REQUEST_HEADER_SIZE) {
+      throw new VirtioError('VIRTIO_BLK_SHORT_HEADER', `request ${chain.head} has a ${chain.readableBytes}-byte header`);
+    }
+    this.#reader.reset(mem, chain).readExact(this.#header);
+    const type = this.#headerView.getUint32(0, true);
+    const sectorLo = this.#headerView.getUint32(8, true);
+    const sectorHi = this.#headerView.getUint32(12, true);
+    const inLen = chain.writableBytes - 1; // device-writable data before the status byte
+    const outLen = chain.readableBytes - REQUEST_HEADER_SIZE; // driver data after the header
+
+    let status: number = BlkStatus.OK;
+    let written = 0;
+    switch (type) {
+      case BlkRequestType.IN:
+      case BlkRequestType.OUT: {
+        const isRead = type === BlkRequestType.IN;
+        const len = isRead ? inLen : outLen;
+        const pos = this.#byteRange(sectorLo, sectorHi, len);
+        if (pos < 0 || len % SECTOR_SIZE !== 0 || (!isRead && this.#backend.readOnly)) {
+          status = BlkStatus.IOERR;
+          break;
+        }
+        try {
+          if (isRead) {
+            forEachSpan(mem, chain, true, 0, len, (view, off) => this.#backend.read(view, pos + off));
+            written = len;
+          } else {
+            forEachSpan(mem, chain, false, REQUEST_HEADER_SIZE, len, (view, off) => this.#backend.write(view, pos + off));
+          }
+        } catch (err) {
+          if (err instanceof VirtioError) throw err;
+          status = BlkStatus.IOERR;
+        }
+        break;
+      }
+      case BlkRequestType.FLUSH:
+        try {
+          this.#backend.flush();
+        } catch {
+          status = BlkStatus.IOERR;
+        }
+        break;
+      case BlkRequestType.GET_ID: {
+        const n = Math.min(BLK_ID_BYTES, inLen);
+        forEachSpan(mem, chain, true, 0, n, (view, off) => view.set(this.#id.subarray(off, off + view.length)));
+        written = n;
+        break;
+      }
+      case BlkRequestType.DISCARD:
+      case BlkRequestType.WRITE_ZEROES:
+        status = this.#discardOrZero(type === BlkRequestType.WRITE_ZEROES, outLen);
+        break;
+      default:
+        status = BlkStatus.UNSUPP;
+    }
+    this.#writeStatus(mem, chain, status);
+    return written + 1;
+  }
+
+  close(): void {
+    this.#backend.close();
+  }
+
+  /** The byte offset of `len` bytes at the given sector, or -1 when the range is not inside the device. */
+  #byteRange(sectorLo: number, sectorHi: number, len: number): number {
+    if (sectorHi >= 0x200000 / SECTOR_SIZE) return -1; // sector * 512 would not be exact below 2^53
+    const pos = (sectorHi * 0x1_0000_0000 + sectorLo) * SECTOR_SIZE;
+    return pos + len <= this.#capacity ? pos : -1;
+  }
+
+  #discardOrZero(zero: boolean, outLen: number): number {
+    // One segment per request (config max_discard_seg / max_write_zeroes_seg = 1).
+    if (outLen !== DISCARD_SEGMENT_SIZE) return BlkStatus.IOERR;
+    this.#reader.readExact(this.#segment);
+    const v = this.#segmentView;
+    const sectors = v.getUint32(8, true);
+    const flags = v.getUint32(12, true);
+    if ((flags & ~1) !== 0) return BlkStatus.UNSUPP;
+    const pos = this.#byteRange(v.getUint32(0, true), v.getUint32(4, true), sectors * SECTOR_SIZE);
+    if (pos < 0 || this.#backend.readOnly) return BlkStatus.IOERR;
+    if (!zero) return BlkStatus.OK; // discard is a hint; a file without hole punching keeps its data
+    try {
+      this.#backend.writeZeroes(pos, sectors * SECTOR_SIZE);
+    } catch {
+      return BlkStatus.IOERR;
+    }
+    return BlkStatus.OK;
+  }
+
+  /** Writes the status into the last writable byte of the chain. */
+  #writeStatus(mem: GuestMemory, chain: DescriptorChain, status: number): void {
+    for (let i = chain.count - 1; i >= chain.readableCount; i--) {
+      const len = chain.len[i] as number;
+      if (len === 0) continue;
+      const view = mem.view((chain.addr[i] as number) + len - 1, 1);
+      if (view.length !== 1) throw new VirtioError('GUEST_MEMORY_UNMAPPED', 'status byte is not mapped');
+      view[0] = status;
+      return;
+    }
+  }
+}
+
+/** The worker-module entry point (see devices/device.ts `DeviceWorkerModule`). */
+export function createQueueHandler(options: unknown, _context: QueueContext): QueueHandler {
+  return new BlkQueueHandler(options as BlkQueueOptions);
+}

@@ -1,0 +1,53 @@
+/**
+ * What a device implements to be served by the vhost-user backend. A device has two halves:
+ * - the control half (`VirtioDevice`), on the main thread: features, config space, queue count;
+ * - the queue half (`QueueHandler`), in worker threads: it turns descriptor chains into completed requests.
+ *
+ * Worker threads cannot share JS objects with the main thread, so the queue half is named by a module URL and
+ * created in each worker from plain (structured-cloneable) options: see `DeviceWorkerModule`.
+ */
+import type { GuestMemory } from '../memory/guest-memory.js';
+import type { DescriptorChain } from '../queue/descriptor-chain.js';
+
+export interface VirtioDevice {
+  /** A short name for logs ("blk"). */
+  readonly name: string;
+  /** The virtio device ID (2 for block). */
+  readonly deviceId: number;
+  /** Number of virtqueues the device offers (vhost-user GET_QUEUE_NUM). */
+  readonly numQueues: number;
+  /** Largest queue size accepted (SET_VRING_NUM above it is refused). */
+  readonly maxQueueSize: number;
+  /** Device-specific feature bits offered (the backend adds the transport bits it supports). */
+  readonly features: bigint;
+  /** The device's configuration space (read by GET_CONFIG). */
+  configSpace(): Uint8Array;
+  /** A driver write to the configuration space (SET_CONFIG); throw a ProtocolError to refuse it. */
+  writeConfig(offset: number, data: Uint8Array): void;
+  /** The module that every worker loads to process this device's queues, and the options it gets. */
+  readonly worker: { readonly module: string; readonly options: unknown };
+}
+
+/** Per-queue context handed to `createQueueHandler`. */
+export interface QueueContext {
+  readonly queueIndex: number;
+  /** Features the driver acknowledged (SET_FEATURES). */
+  readonly features: bigint;
+}
+
+/** The queue half of a device: runs in a worker thread, one per virtqueue. */
+export interface QueueHandler {
+  /**
+   * Handles one request. Returns the number of bytes written into the chain's writable part (the used length).
+   * A malformed request that the device can still answer gets an error status from the device itself; a chain the
+   * device cannot answer at all throws a `VirtioError` (the queue stops and the device needs reset).
+   */
+  process(mem: GuestMemory, chain: DescriptorChain): number;
+  /** Releases what the handler holds (files, buffers). */
+  close(): void;
+}
+
+/** The shape of a device's worker module (`VirtioDevice.worker.module`). */
+export interface DeviceWorkerModule {
+  createQueueHandler(options: unknown, context: QueueContext): QueueHandler;
+}

@@ -1,0 +1,17 @@
+/**
+ * vhost-user: virtio device backends for Node.js, and a vhost-user frontend, in TypeScript.
+ *
+ * - `VhostUserServer` + a device (`BlkDevice`) serve a VMM such as QEMU over a unix socket.
+ * - `VhostUserFrontend` + `BlkDriver` drive any vhost-user-blk backend (ours, qemu-storage-daemon) from Node.
+ * - `SplitQueue`, `DescriptorChain`, `MemoryTable` are the building blocks for devices of your own.
+ */
+export { VhostError, ProtocolError, VirtioError, type SystemError } from './errors.js';
+export { VhostUserServer, type ServerOptions } from './backend/server.js';
+export { BackendSession, MAX_MEM_SLOTS, OFFERED_PROTOCOL_FEATURES } from './backend/session.js';
+export type { VirtioDevice, QueueHandler, QueueContext, DeviceWorkerModule } from './devices/device.js';
+export { BlkDevice, type BlkDeviceOptions } from './devices/blk/blk-device.js';
+export type { GuestMemory } from './memory/guest-memory.js';
+export { MemoryTable } from './memory/memory-table.js';
+export type { MappedRegion } from './memory/region.js';
+export { SplitQueue } from './queue/split-queue.js';
+export { DescriptorChain, ChainReader, ChainWriter } from './queue/descriptor-chain.js';

@@ -1,0 +1,108 @@
+/**
+ * A connected unix stream socket that carries bytes and fds (SCM_RIGHTS), driven by this thread's event loop.
+ * Node's net.Socket cannot be used: libuv reads with read(), which silently drops attached fds.
+ *
+ * Incoming bytes and fds are handed on as they arrive (`onData(bytes, fds)`); framing is the caller's business
+ * (protocol/message-reader.ts), because the kernel merges fd-less bytes with the next fd-bearing send.
+ * Outgoing data is sent at once when the socket buffer has room, else queued and flushed when it is writable.
+ */
+import * as native from '../native/index.js';
+
+export interface FdSocketHandlers {
+  /** Bytes (a view valid only during the call) and the fds that arrived with them (now owned by the callee). */
+  onData(bytes: Uint8Array, fds: number[]): void;
+  /** The peer closed the connection or the socket failed. Called once; the socket is closed afterwards. */
+  onClose(error?: Error): void;
+}
+
+const RECV_BUFFER_SIZE = 64 * 1024;
+
+export class FdSocket {
+  readonly fd: number;
+  readonly #handlers: FdSocketHandlers;
+  readonly #buffer = new Uint8Array(RECV_BUFFER_SIZE);
+  readonly #watchId: number;
+  readonly #outbox: { bytes: Uint8Array; fds: readonly number[] }[] = [];
+  #closed = false;
+  #waitingWritable = false;
+
+  constructor(fd: number, handlers: FdSocketHandlers) {
+    this.fd = fd;
+    this.#handlers = handlers;
+    this.#watchId = native.watch(fd, native.WATCH_READABLE, (events) => this.#onEvents(events));
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Sends bytes with fds (the fds stay owned by the caller; the kernel duplicates them into the message). */
+  send(bytes: Uint8Array, fds: readonly number[] = []): void {
+    if (this.#closed) return;
+    this.#outbox.push({ bytes, fds });
+    if (this.#outbox.length === 1) this.#flush();
+  }
+
+  /** Closes the socket without calling onClose. Idempotent. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    native.unwatch(this.#watchId);
+    native.close(this.fd);
+  }
+
+  /** Sends what the outbox holds; when the socket buffer is full, waits for writability to continue. */
+  #flush(): void {
+    while (this.#outbox.length > 0 && !this.#closed) {
+      const next = this.#outbox[0] as { bytes: Uint8Array; fds: readonly number[] };
+      let n: number;
+      try {
+        n = native.sendmsg(this.fd, next.bytes, next.fds);
+      } catch (err) {
+        return this.#fail(err as Error);
+      }
+      if (n === next.bytes.length) {
+        this.#outbox.shift();
+        continue;
+      }
+      // Partly sent (the fds went with the first byte) or not at all: continue when the socket is writable.
+      if (n > 0) this.#outbox[0] = { bytes: next.bytes.subarray(n), fds: [] };
+      native.rewatch(this.#watchId, native.WATCH_READABLE | native.WATCH_WRITABLE);
+      this.#waitingWritable = true;
+      return;
+    }
+    if (this.#waitingWritable && !this.#closed) {
+      this.#waitingWritable = false;
+      native.rewatch(this.#watchId, native.WATCH_READABLE);
+    }
+  }
+
+  #onEvents(events: number): void {
+    if (this.#closed) return;
+    if (events < 0) return this.#fail(new Error(`socket poll failed (libuv status ${events})`));
+    if (events & native.WATCH_WRITABLE) this.#flush();
+    if (!(events & native.WATCH_READABLE)) return;
+    for (;;) {
+      const fds: number[] = [];
+      let n: number;
+      try {
+        n = native.recvmsg(this.fd, this.#buffer, fds);
+      } catch (err) {
+        return this.#fail(err as Error);
+      }
+      if (n < 0) return; // drained
+      if (n === 0) {
+        for (const fd of fds) native.close(fd);
+        return this.#fail();
+      }
+      this.#handlers.onData(this.#buffer.subarray(0, n), fds);
+      if (this.#closed) return;
+    }
+  }
+
+  #fail(error?: Error): void {
+    if (this.#closed) return;
+    this.close();
+    this.#handlers.onClose(error);
+  }
+}
