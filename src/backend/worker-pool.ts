@@ -29,6 +29,7 @@ class QueueWorker {
   readonly exited: Promise<number>;
   #nextId = 1;
   #closed = false;
+  #exited = false;
 
   constructor(id: number, device: { module: string; options: unknown }, onEvent: (ev: WorkerEvent) => void) {
     this.id = id;
@@ -50,9 +51,12 @@ class QueueWorker {
     this.exited = new Promise((resolve) => this.#worker.once('exit', resolve));
     this.#worker.on('error', (err) => {
       // An exception that escaped the worker (a bug): fail whatever waits on it.
-      for (const p of this.#pending.values()) p.reject(err);
-      this.#pending.clear();
+      this.#failPending(err);
       onEvent({ type: 'queue-error', index: -1, code: 'VHOST_WORKER_CRASHED', message: err.message });
+    });
+    this.#worker.once('exit', () => {
+      this.#exited = true;
+      this.#failPending(new VhostError('VHOST_WORKER_EXITED', `worker ${id} exited`));
     });
     this.#port.on('message', (msg: WorkerToControl) => {
       if (msg.type === 'ready') return markReady();
@@ -65,10 +69,19 @@ class QueueWorker {
     });
   }
 
+  #failPending(err: Error): void {
+    for (const p of this.#pending.values()) {
+      clearTimeout(p.timer);
+      p.reject(err);
+    }
+    this.#pending.clear();
+  }
+
   /** Sends a command and resolves with the worker's reply once it has taken effect. */
   async request(body: CommandBody): Promise<WorkerReply> {
-    if (this.#closed) throw new VhostError('VHOST_WORKER_CLOSED', `worker ${this.id} is stopped`);
-    await this.ready;
+    if (this.#closed || this.#exited) throw new VhostError('VHOST_WORKER_CLOSED', `worker ${this.id} is stopped`);
+    await Promise.race([this.ready, this.exited]);
+    if (this.#exited) throw new VhostError('VHOST_WORKER_CLOSED', `worker ${this.id} exited`);
     const id = this.#nextId++;
     const cmd = { ...body, id };
     const reply = await new Promise<WorkerReply>((resolve, reject) => {
@@ -89,9 +102,9 @@ class QueueWorker {
   async stop(): Promise<void> {
     if (this.#closed) return;
     try {
-      await Promise.race([this.request({ type: 'exit' }), this.exited]);
+      await this.request({ type: 'exit' }); // settles on the ack, on the worker's exit, or on the timeout
     } catch {
-      // stuck or crashed: fall through to terminate
+      // exited before acknowledging, stuck or crashed: terminate below
     }
     this.#closed = true;
     // A worker blocked in poll() cannot be terminated: wake it first (it polls the control eventfd).

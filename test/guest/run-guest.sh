@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# run-guest.sh - boot the test guest in QEMU (TCG) with vhost-user-blk disks served by an external backend.
+#
+# Needs the Debian packages qemu-system-x86, busybox-static and linux-image-amd64; downloads nothing.
+# The backend must already listen on each socket (QEMU fails if it cannot connect).
+#
+# Usage: run-guest.sh [options] [-- extra qemu arguments...]
+#   --script FILE           guest script, run in the guest as /guest/test.sh
+#   --guest-file FILE       extra file for /guest/<basename> (repeatable)
+#   --vhost-user-blk SOCK   add a vhost-user-blk-pci disk (repeatable; /dev/vda, /dev/vdb, ...)
+#   --blk-queues N          num-queues of the disks added after this option (default 1; it must not
+#                           exceed the backend's number of queues)
+#   --mem SIZE              guest RAM (default 512M), always a shared memfd (share=on), as vhost-user needs
+#   --maxmem SIZE           allow memory hotplug up to SIZE: -m SIZE,slots=N,maxmem=SIZE (QMP object-add
+#   --slots N               memory-backend-memfd + device_add pc-dimm); slots default 4
+#   --smp N                 vCPUs (default 1)
+#   --accel tcg|kvm         default tcg. Do not use kvm where /dev/kvm is a software PVM (it hangs).
+#   --qmp SOCK              QMP unix socket (default RUN_DIR/qmp.sock)
+#   --append ARGS           more kernel arguments (guest.shell=1: shell before the poweroff)
+#   --kernel FILE --initrd FILE   default: build them into $GUEST_BUILD_DIR (default
+#                           ${TMPDIR:-/tmp}/vhost-user-guest-build) with build-initramfs.sh
+#   --run-dir DIR           where the combined initrd, qemu.pid and qmp.sock go (default: a temp dir)
+#   --exec                  replace this script with QEMU: QEMU gets this script's PID, the serial
+#                           console is stdout, and the caller owns --run-dir (test/helpers/guest.ts)
+#   --print-cmd             print the QEMU command on stderr
+# Without --exec, the console goes to stdout and to RUN_DIR/serial.log, and the exit status is the
+# guest script's ("GUEST-EXIT: <rc>"), or 126 when the guest did not get that far.
+set -euo pipefail
+die() { echo "run-guest.sh: ERROR: $*" >&2; exit 125; }
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+GUEST_SCRIPT=""; GUEST_FILES=(); BLK=(); QUEUES=1; MEM=512M; MAXMEM=""; SLOTS=4; SMP=1; ACCEL=tcg
+QMP=""; APPEND=""; KERNEL=""; INITRD=""; RUN_DIR=""; EXEC=0; PRINT_CMD=0; EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --script) GUEST_SCRIPT=$2; shift 2 ;;
+    --guest-file) GUEST_FILES+=("$2"); shift 2 ;;
+    --vhost-user-blk) BLK+=("$QUEUES:$2"); shift 2 ;;
+    --blk-queues) QUEUES=$2; shift 2 ;;
+    --mem) MEM=$2; shift 2 ;;
+    --maxmem) MAXMEM=$2; shift 2 ;;
+    --slots) SLOTS=$2; shift 2 ;;
+    --smp) SMP=$2; shift 2 ;;
+    --accel) ACCEL=$2; shift 2 ;;
+    --qmp) QMP=$2; shift 2 ;;
+    --append) APPEND="$APPEND $2"; shift 2 ;;
+    --kernel) KERNEL=$2; shift 2 ;;
+    --initrd) INITRD=$2; shift 2 ;;
+    --run-dir) RUN_DIR=$2; shift 2 ;;
+    --exec) EXEC=1; shift ;;
+    --print-cmd) PRINT_CMD=1; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,/^set -e/{/^set -e/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+  esac
+done
+case "$ACCEL" in tcg|kvm) ;; *) die "--accel must be tcg or kvm" ;; esac
+QEMU=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not found: apt-get install -y qemu-system-x86"
+BUSYBOX=""
+for b in /bin/busybox /usr/bin/busybox; do [ -x "$b" ] && { BUSYBOX=$b; break; }; done
+[ -n "$BUSYBOX" ] || die "busybox not found: apt-get install -y busybox-static"
+
+if [ -z "$KERNEL" ] || [ -z "$INITRD" ]; then
+  [ -z "$KERNEL" ] && [ -z "$INITRD" ] || die "give both --kernel and --initrd, or neither"
+  BUILD_DIR=${GUEST_BUILD_DIR:-${TMPDIR:-/tmp}/vhost-user-guest-build}
+  KERNEL=$BUILD_DIR/vmlinux INITRD=$BUILD_DIR/initramfs.cpio.gz
+  if [ ! -s "$KERNEL" ] || [ ! -s "$INITRD" ] || [ "$SCRIPT_DIR/build-initramfs.sh" -nt "$INITRD" ] \
+     || [ "$SCRIPT_DIR/init" -nt "$INITRD" ]; then
+    bash "$SCRIPT_DIR/build-initramfs.sh" -o "$INITRD" --vmlinux "$KERNEL" >/dev/null
+  fi
+fi
+[ -r "$KERNEL" ] || die "kernel $KERNEL not readable"
+[ -r "$INITRD" ] || die "initrd $INITRD not readable"
+[ -z "$GUEST_SCRIPT" ] || [ -r "$GUEST_SCRIPT" ] || die "guest script $GUEST_SCRIPT not readable"
+for d in "${BLK[@]}"; do
+  [ -S "${d#*:}" ] || die "vhost-user socket ${d#*:} does not exist (start the backend first)"
+done
+
+if [ -z "$RUN_DIR" ]; then
+  [ "$EXEC" = 0 ] || die "--exec needs --run-dir"
+  RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/run-guest.XXXXXX")
+  trap 'rm -rf "$RUN_DIR"' EXIT
+fi
+mkdir -p "$RUN_DIR"
+[ -n "$QMP" ] || QMP=$RUN_DIR/qmp.sock
+rm -f "$QMP" "$RUN_DIR/qemu.pid"
+
+# The guest files go into a second cpio appended to the initrd: the kernel unpacks concatenated archives.
+COMBINED=$INITRD
+if [ -n "$GUEST_SCRIPT" ] || [ ${#GUEST_FILES[@]} -gt 0 ]; then
+  OV=$RUN_DIR/overlay
+  rm -rf "$OV"; mkdir -p "$OV/guest"
+  [ -z "$GUEST_SCRIPT" ] || cp "$GUEST_SCRIPT" "$OV/guest/test.sh"
+  for f in "${GUEST_FILES[@]}"; do cp "$f" "$OV/guest/"; done
+  chmod -R a+rX "$OV"
+  COMBINED=$RUN_DIR/initrd.img
+  cp "$INITRD" "$COMBINED"
+  ( cd "$OV" && find guest | LC_ALL=C sort | "$BUSYBOX" cpio -o -H newc -R 0:0 2>/dev/null ) \
+    | "$BUSYBOX" gzip -c >> "$COMBINED"
+  rm -rf "$OV"
+fi
+
+MEMOPT=$MEM
+[ -z "$MAXMEM" ] || MEMOPT="$MEM,slots=$SLOTS,maxmem=$MAXMEM"
+CMD=("$QEMU" -name vhost-user-test -nodefaults -no-user-config -display none -no-reboot
+     -machine q35 -accel "$ACCEL" -smp "$SMP" -m "$MEMOPT"
+     -object "memory-backend-memfd,id=mem,size=$MEM,share=on" -numa node,memdev=mem
+     -kernel "$KERNEL" -initrd "$COMBINED"
+     -append "console=ttyS0 panic=-1 loglevel=4$APPEND"
+     -serial stdio
+     -qmp "unix:$QMP,server=on,wait=off"
+     -pidfile "$RUN_DIR/qemu.pid")
+[ "$ACCEL" = tcg ] || CMD+=(-cpu host)
+i=0
+for d in "${BLK[@]}"; do
+  p=${d#*:}
+  CMD+=(-chardev "socket,id=vublk$i,path=${p//,/,,}"
+        -device "vhost-user-blk-pci,id=vublk$i,chardev=vublk$i,num-queues=${d%%:*}")
+  i=$((i + 1))
+done
+CMD+=("${EXTRA[@]}")
+[ "$PRINT_CMD" = 0 ] || { printf '%q ' "${CMD[@]}" >&2; echo >&2; }
+
+if [ "$EXEC" = 1 ]; then exec "${CMD[@]}" </dev/null; fi
+set +e
+"${CMD[@]}" </dev/null 2>&1 | tee "$RUN_DIR/serial.log"
+set -e
+rc=$(tr -d '\r' < "$RUN_DIR/serial.log" | sed -n 's/^GUEST-EXIT: \([0-9]*\).*/\1/p' | tail -n 1)
+[ -n "$rc" ] || { echo "run-guest.sh: no GUEST-EXIT line: the guest did not finish" >&2; exit 126; }
+exit "$rc"

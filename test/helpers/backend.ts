@@ -1,0 +1,53 @@
+/**
+ * Our own backend as a separate process, started through the real CLI (`bin/vhost-user.js blk`), as a user would.
+ * Its JSON log lines (stderr) are collected so tests can check what it saw.
+ */
+import type { ChildProcess } from 'node:child_process';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { repoRoot } from './guest.js';
+import { hasExited, spawnOwned, stopProcess } from './tmp.js';
+
+export interface BackendProcess {
+  readonly socketPath: string;
+  readonly pid: number;
+  /** Parsed JSON log lines so far. */
+  logs(): Record<string, unknown>[];
+  /** SIGTERM; resolves with the exit code (SIGKILL after 5 s, which fails the caller's assertion). */
+  stop(): Promise<number | null>;
+}
+
+export async function startBackend(args: { socketPath: string; args: readonly string[] }): Promise<BackendProcess> {
+  const bin = join(repoRoot(), 'bin', 'vhost-user.js');
+  const child: ChildProcess = spawnOwned(process.execPath, [bin, 'blk', '--socket', args.socketPath, '--log-level', 'debug', ...args.args]);
+  let text = '';
+  child.stderr?.setEncoding('utf8');
+  child.stderr?.on('data', (chunk: string) => (text += chunk));
+  child.stdout?.resume();
+  const logs = (): Record<string, unknown>[] =>
+    text
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const deadline = Date.now() + 15_000;
+  while (!logs().some((l) => l.msg === 'listening')) {
+    if (hasExited(child) || Date.now() > deadline) {
+      await stopProcess(child);
+      throw new Error(`backend did not start:\n${text}`);
+    }
+    await sleep(20);
+  }
+  return {
+    socketPath: args.socketPath,
+    pid: child.pid ?? -1,
+    logs,
+    stop: async () => {
+      if (!hasExited(child)) child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+      const code = await exited;
+      clearTimeout(timer);
+      return code;
+    },
+  };
+}

@@ -1,0 +1,98 @@
+/**
+ * qemu-storage-daemon as a reference vhost-user-blk backend: exports an image file on a unix socket.
+ * It serves one frontend at a time and listens again after a disconnect, so one daemon can serve
+ * several guest boots in a row.
+ */
+import type { ChildProcess } from 'node:child_process';
+import { connect } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { findBinary, type ToolRequirement } from './require-tool.js';
+import { hasExited, spawnOwned, stopProcess } from './tmp.js';
+
+/** qemu-storage-daemon is in qemu-system-common, which qemu-system-x86 depends on. */
+export const QSD_TOOLS: readonly ToolRequirement[] = [{ bin: 'qemu-storage-daemon', pkg: 'qemu-system-x86' }];
+
+export interface QsdOptions {
+  /** The disk image (raw). It must exist; its size is the disk's size. */
+  readonly image: string;
+  /** Where the vhost-user socket is created (under 108 bytes). */
+  readonly socketPath: string;
+  /** Queues the export offers (default 1). The device's num-queues must not exceed it. */
+  readonly numQueues?: number;
+  /** Default true. */
+  readonly writable?: boolean;
+  /** How long to wait for the socket to accept connections (default 15 s). */
+  readonly startTimeoutMs?: number;
+  /** More qemu-storage-daemon arguments (for example --trace). */
+  readonly extraArgs?: readonly string[];
+}
+
+export interface Qsd {
+  readonly socketPath: string;
+  readonly pid: number;
+  /** What the daemon printed so far (stdout and stderr; the last 64 KiB). */
+  output(): string;
+  /** SIGTERM, SIGKILL after 5 s; resolves when the daemon has exited. Safe to call twice. */
+  stop(): Promise<void>;
+}
+
+const OUTPUT_LIMIT = 64 * 1024;
+
+function tryConnect(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const sock = connect(path);
+    sock.once('connect', () => {
+      sock.destroy();
+      resolve(true);
+    });
+    sock.once('error', () => {
+      sock.destroy();
+      resolve(false);
+    });
+  });
+}
+
+/** Starts the daemon and resolves once its socket accepts a connection (a probe that is closed at once). */
+export async function startQsd(opts: QsdOptions): Promise<Qsd> {
+  const bin = findBinary('qemu-storage-daemon');
+  if (bin === undefined) throw new Error('qemu-storage-daemon not found: apt-get install -y qemu-system-x86');
+  // JSON option syntax: no escaping of commas in paths.
+  const blockdev = { driver: 'file', 'node-name': 'disk0', filename: opts.image, cache: { direct: false } };
+  const exp = {
+    type: 'vhost-user-blk',
+    id: 'exp0',
+    'node-name': 'disk0',
+    addr: { type: 'unix', path: opts.socketPath },
+    writable: opts.writable ?? true,
+    'num-queues': opts.numQueues ?? 1,
+  };
+  const args = ['--blockdev', JSON.stringify(blockdev), '--export', JSON.stringify(exp), ...(opts.extraArgs ?? [])];
+  const child: ChildProcess = spawnOwned(bin, args);
+  let out = '';
+  const collect = (chunk: Buffer): void => {
+    out += chunk.toString('utf8');
+    if (out.length > OUTPUT_LIMIT) out = out.slice(-OUTPUT_LIMIT);
+  };
+  child.stdout?.on('data', collect);
+  child.stderr?.on('data', collect);
+  let spawnError: Error | undefined;
+  child.on('error', (err) => (spawnError ??= err));
+
+  const stop = (): Promise<void> => stopProcess(child);
+  const deadline = Date.now() + (opts.startTimeoutMs ?? 15_000);
+  for (;;) {
+    if (spawnError !== undefined) throw spawnError;
+    if (hasExited(child)) {
+      throw new Error(`qemu-storage-daemon exited (code ${child.exitCode}, signal ${child.signalCode}):\n${out}`);
+    }
+    if (await tryConnect(opts.socketPath)) break;
+    if (Date.now() >= deadline) {
+      await stop();
+      throw new Error(`qemu-storage-daemon: ${opts.socketPath} did not accept connections in time:\n${out}`);
+    }
+    await sleep(25);
+  }
+  const pid = child.pid;
+  if (pid === undefined) throw new Error('qemu-storage-daemon did not start');
+  return { socketPath: opts.socketPath, pid, output: () => out, stop };
+}
