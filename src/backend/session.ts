@@ -13,7 +13,7 @@ import { MemoryTable } from '../memory/memory-table.js';
 import { mapRegion, regionMatches, type MappedRegion } from '../memory/region.js';
 import * as native from '../native/index.js';
 import { FrontendRequest, HeaderFlag, ProtocolFeature, VirtioFeature, requestName } from '../protocol/constants.js';
-import { encodeHeaderInto } from '../protocol/header.js';
+import { encodeReply } from '../protocol/message-writer.js';
 import type { Message } from '../protocol/message-reader.js';
 import {
   deviceConfigPayload,
@@ -146,13 +146,15 @@ export class BackendSession {
     try {
       reply = await this.#dispatch(msg);
     } catch (err) {
-      for (const fd of msg.fds) native.close(fd); // handlers take ownership only on success
       this.#log.warn({ err, request: name }, 'request failed');
       if (ackWanted && !REPLYING_REQUESTS.has(msg.request)) {
         this.#reply(msg.request, u64Payload.encode(1n));
         return true;
       }
       return false;
+    } finally {
+      // A handler that keeps an fd shifts it out of msg.fds; whatever is left is closed here.
+      for (const fd of msg.fds.splice(0)) native.close(fd);
     }
     if (reply !== undefined) this.#reply(msg.request, reply);
     else if (ackWanted) this.#reply(msg.request, u64Payload.encode(0n));
@@ -160,10 +162,7 @@ export class BackendSession {
   }
 
   #reply(request: number, payload: Uint8Array): void {
-    const bytes = new Uint8Array(12 + payload.length);
-    encodeHeaderInto({ request, flags: HeaderFlag.VERSION | HeaderFlag.REPLY, size: payload.length }, bytes, 0);
-    bytes.set(payload, 12);
-    this.#send(bytes, []);
+    this.#send(encodeReply(request, payload), []);
   }
 
   #vring(index: number): Vring {
@@ -224,8 +223,7 @@ export class BackendSession {
         return undefined;
       }
       case R.REM_MEM_REG:
-        await this.#removeRegion(singleMemoryRegionPayload.decode(p));
-        for (const fd of msg.fds) native.close(fd); // a stray fd (old QEMU) is accepted and dropped
+        await this.#removeRegion(singleMemoryRegionPayload.decode(p)); // a stray fd (old QEMU) is closed unused
         return undefined;
       case R.SET_VRING_NUM: {
         this.#expectNoFds(msg);
@@ -326,21 +324,14 @@ export class BackendSession {
     } catch (err) {
       for (const r of added) native.revoke(r.buffer);
       throw err;
-    } finally {
-      for (const fd of fds) native.close(fd);
     }
   }
 
   async #addRegion(desc: MemoryRegion, fd: number): Promise<void> {
-    let region: MappedRegion;
-    try {
-      if (this.#memory.regions.length >= MAX_MEM_SLOTS) {
-        throw new ProtocolError('VHOST_PROTOCOL_TOO_MANY_REGIONS', `all ${MAX_MEM_SLOTS} memory slots are in use`);
-      }
-      region = mapRegion(desc, fd);
-    } finally {
-      native.close(fd);
+    if (this.#memory.regions.length >= MAX_MEM_SLOTS) {
+      throw new ProtocolError('VHOST_PROTOCOL_TOO_MANY_REGIONS', `all ${MAX_MEM_SLOTS} memory slots are in use`);
     }
+    const region = mapRegion(desc, fd);
     try {
       await this.#publish(this.#memory.with([region]));
     } catch (err) {
@@ -376,21 +367,27 @@ export class BackendSession {
   async #setVringFd(msg: Message): Promise<void> {
     const { index, noFd } = vringFilePayload.decode(msg.payload);
     const vring = this.#vring(index);
-    const fd = noFd ? -1 : msg.fds[0];
-    if (fd === undefined || msg.fds.length !== (noFd ? 0 : 1)) {
+    if (msg.fds.length !== (noFd ? 0 : 1)) {
       throw new ProtocolError('VHOST_PROTOCOL_MISSING_FDS', `${requestName(msg.request)} fd count does not match its payload`);
     }
+    if (noFd && msg.request === FrontendRequest.SET_VRING_KICK) {
+      throw new ProtocolError('VHOST_PROTOCOL_UNSUPPORTED_REQUEST', 'polling mode (SET_VRING_KICK without fd) is not supported');
+    }
+    const fd = noFd ? -1 : (msg.fds.shift() as number); // this session owns the fd from here on
     switch (msg.request) {
       case FrontendRequest.SET_VRING_KICK: {
-        if (noFd) {
-          throw new ProtocolError('VHOST_PROTOCOL_UNSUPPORTED_REQUEST', 'polling mode (SET_VRING_KICK without fd) is not supported');
+        let taken = false;
+        try {
+          await this.#changeRunningRing(index, () => {
+            if (vring.kickFd >= 0) native.close(vring.kickFd);
+            vring.kickFd = fd;
+            taken = true;
+            // Without protocol features a ring starts enabled once it has a kick fd (spec "Ring states").
+            if (!this.#hasFeature(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES)) vring.enabled = true;
+          });
+        } finally {
+          if (!taken) native.close(fd);
         }
-        await this.#changeRunningRing(index, () => {
-          if (vring.kickFd >= 0) native.close(vring.kickFd);
-          vring.kickFd = fd;
-          // Without protocol features a ring starts enabled once it has a kick fd (spec "Ring states").
-          if (!this.#hasFeature(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES)) vring.enabled = true;
-        });
         await this.#maybeStartRing(index);
         return;
       }

@@ -305,7 +305,7 @@ test('sockets: listen, accept and receive memfds from a child process, driven by
               bytes.push(...buf.subarray(0, n));
             }
           } catch (err) {
-            reject(err as Error);
+            reject(err instanceof Error ? err : new Error(String(err)));
           }
         });
       });
