@@ -1,12 +1,14 @@
 /**
  * A queue worker thread: owns some virtqueues of one device and processes them straight out of guest memory.
  *
- * The loop blocks in poll() on its control eventfd plus the kick eventfds of its running queues. A kick makes it
- * process that queue in batches (notifications disabled while it drains the ring, re-enabled and re-checked before
- * it sleeps again). The control eventfd means "commands are waiting on your port": the worker drains the port
- * synchronously, applies each command and acknowledges it. Commands are applied only between batches, so once a
- * command is acknowledged no request is in the middle of using what it replaced (this is the worker's quiescent
- * state: the control thread releases old memory only after every worker acknowledged the new table).
+ * The loop (docs/memory-sync.md has the protocol; model/memory-sync.pml checks it):
+ *   quiescent point: load `gen`; if it changed, drain the port, switch tables, store `seen[w]`
+ *   batch:           each queue with work: at most BATCH_LIMIT chains, notifications off while draining, then
+ *                    re-enabled and the ring re-checked (both touch guest memory: the worker is still a reader)
+ *   idle:            store idle[w] = 1, block in poll() on kick eventfds + control eventfd (+ completion fds),
+ *                    store idle[w] = 0, back to the quiescent point before touching guest memory again
+ * Commands other than memory tables (start/stop a ring, a new call fd, exit) arrive on the port with a write to the
+ * control eventfd, and are acknowledged once applied.
  */
 import { receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { VhostError } from '../errors.js';
@@ -15,7 +17,8 @@ import type { MappedRegion } from '../memory/region.js';
 import * as native from '../native/index.js';
 import type { DescriptorChain } from '../queue/descriptor-chain.js';
 import { SplitQueue } from '../queue/split-queue.js';
-import type { DeviceWorkerModule, QueueHandler } from '../devices/device.js';
+import { PENDING, type DeviceWorkerModule, type QueueHandler } from '../devices/device.js';
+import { SyncBlock } from './sync-block.js';
 import type { QueueStart, WorkerCommand, WorkerInit, WorkerRegion, WorkerToControl } from './worker-messages.js';
 
 /** Most chains handled per queue before the worker looks at its other queues and its port (fairness). */
@@ -28,15 +31,24 @@ interface RunningQueue {
   readonly handler: QueueHandler;
   callFd: number;
   errFd: number;
-  /** More work is known to be waiting (the batch limit was hit). */
+  /** More work is known to be waiting (the batch limit was hit, or the ring was just started). */
   pending: boolean;
+  /** Requests the handler completes later: chain head -> the memory slots pinned for it. */
+  readonly inflight: Map<number, number[]>;
+  /** A stop-queue command waiting for the in-flight requests to finish. */
+  stopRequest: number | undefined;
 }
 
 const init = workerData as WorkerInit;
 const port: MessagePort = init.port;
+const sync = new SyncBlock(init.sync);
+const me = init.workerId;
+const useLocks = init.mode === 'lock';
 const device = (await import(init.deviceModule)) as DeviceWorkerModule;
 
 let memory: MemoryTable = MemoryTable.EMPTY;
+let memoryGen = 0; // generation of `memory`
+let seenGen = 0; // generation last reported in seen[me]
 const queues = new Map<number, RunningQueue>();
 let running = true;
 
@@ -46,11 +58,7 @@ function send(msg: WorkerToControl): void {
 
 function toTable(regions: readonly WorkerRegion[]): MemoryTable {
   // The worker only needs GPA lookups; the identity fields are the control thread's business.
-  return new MemoryTable(
-    regions.map(
-      (r): MappedRegion => ({ ...r, uva: 0, fileOffset: 0, dev: 0n, ino: 0n }),
-    ),
-  );
+  return new MemoryTable(regions.map((r): MappedRegion => ({ ...r, uva: 0, fileOffset: 0, dev: 0n, ino: 0n })));
 }
 
 function errorInfo(err: unknown): { code: string; message: string } {
@@ -58,13 +66,77 @@ function errorInfo(err: unknown): { code: string; message: string } {
   return { code: 'VHOST_INTERNAL', message: err instanceof Error ? (err.stack ?? err.message) : String(err) };
 }
 
+// ---- memory: the quiescent point and pins ---------------------------------------------------------------------------
+
+function setMemory(gen: number, regions: readonly WorkerRegion[]): void {
+  if (gen <= memoryGen) return;
+  memory = toTable(regions);
+  memoryGen = gen;
+  // Ring views point into the old mappings: rebuild them from the new table before anything touches a ring.
+  for (const q of [...queues.values()]) {
+    try {
+      q.queue.attach(memory);
+    } catch (err) {
+      failQueue(q, err);
+    }
+  }
+}
+
+/**
+ * The quiescent point: called when this worker holds no reference into guest memory that it will use again. If a
+ * new table was published, switch to it and report it. The table is posted before `gen` is stored, so once the
+ * load below sees generation g the message for g is in the port.
+ */
+function quiescent(): void {
+  const g = sync.loadGen();
+  if (g === seenGen) return;
+  drainCommands();
+  if (memoryGen < g) throw new VhostError('VHOST_INTERNAL', `generation ${g} published but its table is not in the port`);
+  seenGen = g;
+  sync.markSeen(me, g);
+}
+
+/** Pins every region the chain's buffers use (a request that completes outside this batch). */
+function pinChain(chain: DescriptorChain): number[] {
+  const slots: number[] = [];
+  for (let i = 0; i < chain.count; i++) {
+    let gpa = chain.addr[i] as number;
+    let left = chain.len[i] as number;
+    do {
+      const r = memory.findRegion(gpa);
+      if (r === undefined) break; // the handler already validated the buffers; nothing to pin in a hole
+      if (!slots.includes(r.slot)) {
+        sync.pin(r.slot);
+        slots.push(r.slot);
+      }
+      const step = Math.min(left, r.gpa + r.size - gpa);
+      gpa += step;
+      left -= step;
+    } while (left > 0);
+  }
+  return slots;
+}
+
+function unpinAll(slots: readonly number[]): void {
+  for (const s of slots) sync.unpin(s);
+}
+
+// ---- queues ---------------------------------------------------------------------------------------------------------
+
 /** A queue hit a guest error (or a handler bug): it stops for good, the error eventfd fires, control is told. */
 function failQueue(q: RunningQueue, err: unknown): void {
   queues.delete(q.start.index);
   q.queue.detach();
-  q.handler.close();
+  closeHandler(q);
   if (q.errFd >= 0) native.eventfdWrite(q.errFd);
   send({ type: 'queue-error', index: q.start.index, ...errorInfo(err) });
+  if (q.stopRequest !== undefined) send({ type: 'queue-stopped', id: q.stopRequest, index: q.start.index, lastAvailIdx: -1 });
+}
+
+function closeHandler(q: RunningQueue): void {
+  q.handler.close();
+  for (const slots of q.inflight.values()) unpinAll(slots); // abandoned: the handler's thread is gone
+  q.inflight.clear();
 }
 
 function startQueue(start: QueueStart): void {
@@ -75,13 +147,14 @@ function startQueue(start: QueueStart): void {
     usedAddr: start.usedAddr,
     eventIdx: start.eventIdx,
     indirect: start.indirect,
+    cacheViews: init.mode !== 'copy',
   });
   queue.attach(memory);
   // Resume where the driver's state says: avail from SET_VRING_BASE, used from the ring itself (as libvhost-user
   // and DPDK do), which is what the driver last saw.
   queue.setBase(start.lastAvailIdx, queue.ringUsedIdx());
   const handler = device.createQueueHandler(init.deviceOptions, { queueIndex: start.index, features: start.features });
-  const q: RunningQueue = {
+  queues.set(start.index, {
     start,
     queue,
     chain: queue.createChain(),
@@ -89,26 +162,27 @@ function startQueue(start: QueueStart): void {
     callFd: start.callFd,
     errFd: start.errFd,
     pending: true, // look at the ring at once: a kick may have come before we watched the fd
-  };
-  queues.set(start.index, q);
+    inflight: new Map(),
+    stopRequest: undefined,
+  });
+}
+
+/** Stops a queue once nothing is in flight; reports where it stopped. */
+function finishStop(q: RunningQueue): void {
+  if (q.stopRequest === undefined || q.inflight.size > 0) return;
+  queues.delete(q.start.index);
+  const lastAvailIdx = q.queue.lastAvailIdx;
+  q.queue.detach();
+  closeHandler(q);
+  send({ type: 'queue-stopped', id: q.stopRequest, index: q.start.index, lastAvailIdx });
 }
 
 function apply(cmd: WorkerCommand): void {
   try {
     switch (cmd.type) {
-      case 'memory': {
-        memory = toTable(cmd.regions);
-        // Ring views point into the old mappings: rebuild them from the new table before anything touches a ring.
-        for (const q of [...queues.values()]) {
-          try {
-            q.queue.attach(memory);
-          } catch (err) {
-            failQueue(q, err);
-          }
-        }
-        send({ type: 'ack', id: cmd.id });
+      case 'memory':
+        setMemory(cmd.gen, cmd.regions);
         break;
-      }
       case 'start-queue':
         startQueue(cmd.queue);
         send({ type: 'ack', id: cmd.id });
@@ -125,18 +199,18 @@ function apply(cmd: WorkerCommand): void {
       }
       case 'stop-queue': {
         const q = queues.get(cmd.index);
-        let lastAvailIdx = -1;
-        if (q !== undefined) {
-          queues.delete(cmd.index);
-          lastAvailIdx = q.queue.lastAvailIdx;
-          q.queue.detach();
-          q.handler.close();
+        if (q === undefined) {
+          send({ type: 'queue-stopped', id: cmd.id, index: cmd.index, lastAvailIdx: -1 });
+          break;
         }
-        send({ type: 'queue-stopped', id: cmd.id, index: cmd.index, lastAvailIdx });
+        // Requests in flight finish first: the frontend must get every completion before GET_VRING_BASE's reply.
+        q.stopRequest = cmd.id;
+        q.pending = false;
+        finishStop(q);
         break;
       }
       case 'exit':
-        for (const q of queues.values()) q.handler.close();
+        for (const q of queues.values()) closeHandler(q);
         queues.clear();
         running = false;
         send({ type: 'ack', id: cmd.id });
@@ -155,20 +229,36 @@ function drainCommands(): void {
   }
 }
 
-/** Processes up to BATCH_LIMIT chains of one queue; leaves notifications enabled only when the ring is empty. */
+/** Publishes pushed used elements and signals the driver if it asked for it. */
+function publish(q: RunningQueue): void {
+  q.queue.publishUsed();
+  if (q.callFd >= 0 && q.queue.needsNotification()) native.eventfdWrite(q.callFd);
+}
+
+/**
+ * Processes up to BATCH_LIMIT chains of one queue; leaves notifications enabled only when the ring is empty. In lock
+ * mode the whole batch runs under the queue's lock, and the quiescent point is taken inside it.
+ */
 function processQueue(q: RunningQueue): void {
+  if (q.stopRequest !== undefined) return;
   const { queue, chain, handler } = q;
+  const index = q.start.index;
+  if (useLocks) {
+    sync.lockQueue(index);
+    quiescent();
+  }
   try {
+    if (queues.get(index) !== q) return; // failed by a table switch in quiescent()
     queue.disableNotification();
     let handled = 0;
     for (;;) {
       while (handled < BATCH_LIMIT && queue.popChain(memory, chain)) {
         const len = handler.process(memory, chain);
-        queue.pushUsed(chain.head, len);
+        if (len === PENDING) q.inflight.set(chain.head, pinChain(chain));
+        else queue.pushUsed(chain.head, len);
         handled++;
       }
-      queue.publishUsed();
-      if (q.callFd >= 0 && queue.needsNotification()) native.eventfdWrite(q.callFd);
+      publish(q);
       if (handled >= BATCH_LIMIT) {
         q.pending = true; // come back after the other queues and the port had their turn
         return;
@@ -180,44 +270,112 @@ function processQueue(q: RunningQueue): void {
     q.pending = false;
   } catch (err) {
     failQueue(q, err);
+  } finally {
+    if (useLocks) sync.unlockQueue(index);
   }
 }
 
-// ---- the loop ---------------------------------------------------------------------------------------------------
+/** Collects the requests a handler finished in another thread, then releases their pins. */
+function reapQueue(q: RunningQueue): void {
+  const index = q.start.index;
+  if (useLocks) {
+    sync.lockQueue(index);
+    quiescent();
+  }
+  try {
+    if (queues.get(index) !== q) return;
+    q.handler.reap?.((head, len) => {
+      const slots = q.inflight.get(head);
+      if (slots === undefined) return;
+      q.inflight.delete(head);
+      q.queue.pushUsed(head, len);
+      unpinAll(slots); // after the other thread is done with the buffers (reap's contract)
+    });
+    publish(q);
+    finishStop(q);
+  } catch (err) {
+    failQueue(q, err);
+  } finally {
+    if (useLocks) sync.unlockQueue(index);
+  }
+}
 
-const MAX_POLL_FDS = 1 + 64;
+// ---- the loop -------------------------------------------------------------------------------------------------------
+
+const MAX_POLL_FDS = 1 + 2 * 64;
 const pollFds = new Int32Array(MAX_POLL_FDS);
 const revents = new Int32Array(MAX_POLL_FDS);
+/** For poll slot i: the queue, and whether the fd is its kick (else its handler's completion fd). */
 const pollQueues: (RunningQueue | undefined)[] = new Array<RunningQueue | undefined>(MAX_POLL_FDS);
+const pollIsKick = new Uint8Array(MAX_POLL_FDS);
 
-send({ type: 'ready' });
-while (running) {
+/** Fills the poll set; returns its size and whether any queue already has work. */
+function buildPollSet(): { n: number; anyPending: boolean } {
   let n = 1;
   pollFds[0] = init.controlFd;
   let anyPending = false;
   for (const q of queues.values()) {
-    if (n === MAX_POLL_FDS) break;
-    pollFds[n] = q.start.kickFd;
-    pollQueues[n] = q;
-    n++;
+    if (n + 2 > MAX_POLL_FDS) break;
+    if (q.stopRequest === undefined) {
+      pollFds[n] = q.start.kickFd;
+      pollQueues[n] = q;
+      pollIsKick[n] = 1;
+      n++;
+    }
+    const cfd = q.handler.completionFd;
+    if (cfd !== undefined && q.inflight.size > 0) {
+      pollFds[n] = cfd;
+      pollQueues[n] = q;
+      pollIsKick[n] = 0;
+      n++;
+    }
     anyPending ||= q.pending;
   }
-  native.poll(pollFds.subarray(0, n), revents, anyPending ? 0 : -1);
+  return { n, anyPending };
+}
+
+/** Handles what poll reported: commands first, then kicks (marking queues pending) and completions. */
+function dispatchReady(n: number): void {
   if ((revents[0] ?? 0) !== 0) {
     native.eventfdRead(init.controlFd);
     drainCommands();
-    continue; // the queue set may have changed
   }
   for (let i = 1; i < n; i++) {
     const q = pollQueues[i] as RunningQueue;
-    const ev = revents[i] ?? 0;
     pollQueues[i] = undefined;
+    const ev = revents[i] ?? 0;
+    if (ev === 0 || queues.get(q.start.index) !== q) continue;
     if (ev & (native.POLLNVAL | native.POLLERR)) {
-      failQueue(q, new VhostError('VHOST_KICK_FD_INVALID', `kick fd ${q.start.kickFd} of queue ${q.start.index} failed`));
+      failQueue(q, new VhostError('VHOST_FD_INVALID', `an eventfd of queue ${q.start.index} failed (revents ${ev})`));
       continue;
     }
-    if (ev & native.POLLIN) native.eventfdRead(q.start.kickFd);
-    if (ev !== 0 || q.pending) processQueue(q);
+    if (pollIsKick[i] === 1) {
+      native.eventfdRead(q.start.kickFd);
+      q.pending = true;
+    } else {
+      native.eventfdRead(q.handler.completionFd ?? -1);
+      reapQueue(q);
+    }
   }
 }
+
+send({ type: 'ready' });
+while (running) {
+  if (!useLocks) quiescent();
+  for (const q of [...queues.values()]) if (q.pending) processQueue(q);
+  const { n, anyPending } = buildPollSet();
+  if (anyPending) {
+    native.poll(pollFds.subarray(0, n), revents, 0); // collect kicks and commands without sleeping
+  } else {
+    // Every queue's notifications are enabled and its ring was re-checked empty. From the store of idle = 1 until
+    // the store of idle = 0 this worker touches no guest memory; a kick in between stays counted in its eventfd.
+    sync.setIdle(me, true);
+    native.poll(pollFds.subarray(0, n), revents, -1);
+    sync.setIdle(me, false);
+    // Next: the quiescent point (load gen) before anything below touches guest memory.
+    if (!useLocks) quiescent();
+  }
+  dispatchReady(n);
+}
+sync.setIdle(me, true);
 port.close();

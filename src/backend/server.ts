@@ -11,6 +11,7 @@ import type { Message } from '../protocol/message-reader.js';
 import type { VirtioDevice } from '../devices/device.js';
 import { FdSocket } from '../transport/fd-socket.js';
 import { BackendSession, type SessionOptions } from './session.js';
+import type { SyncMode } from './sync-block.js';
 
 export interface ServerOptions {
   socketPath: string;
@@ -19,6 +20,8 @@ export interface ServerOptions {
   logger?: Logger;
   /** Worker threads for the queues (default: one per queue). */
   workers?: number;
+  /** How workers are kept off memory that is being removed (default qsbr). */
+  sync?: SyncMode;
 }
 
 /** One connected frontend: frames messages and feeds them, one at a time, to its session. */
@@ -106,6 +109,7 @@ export class VhostUserServer {
     this.#options = {
       device: options.device,
       ...(options.workers !== undefined ? { workers: options.workers } : {}),
+      ...(options.sync !== undefined ? { sync: options.sync } : {}),
     };
   }
 

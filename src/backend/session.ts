@@ -31,11 +31,14 @@ import { availRingSize, descTableSize, usedRingSize } from '../queue/constants.j
 import type { VirtioDevice } from '../devices/device.js';
 import type { WorkerEvent, WorkerRegion } from './worker-messages.js';
 import { WorkerPool } from './worker-pool.js';
+import { SyncBlock, type SyncMode } from './sync-block.js';
 
 export interface SessionOptions {
   device: VirtioDevice;
   /** Worker threads for the queues (default: one per queue). */
   workers?: number;
+  /** How workers are kept off memory that is being removed (default qsbr; docs/memory-sync.md). */
+  sync?: SyncMode;
 }
 
 /** Memory slots offered with CONFIGURE_MEM_SLOTS (as rust-vmm; QEMU's own limit for vhost-user is 509 too). */
@@ -113,12 +116,19 @@ export class BackendSession {
   #needsReset = false;
   #pool: WorkerPool | undefined;
   #closed = false;
+  readonly #sync = new SyncBlock();
+  readonly #syncMode: SyncMode;
+  /** Generation of #memory (published in the sync block). */
+  #gen = 0;
+  /** Memory slots not used by any region (each slot has a pin counter in the sync block). */
+  readonly #freeSlots: number[] = Array.from({ length: MAX_MEM_SLOTS }, (_, i) => MAX_MEM_SLOTS - 1 - i);
 
   constructor(options: SessionOptions, send: (bytes: Uint8Array, fds: readonly number[]) => void, log: Logger) {
     this.device = options.device;
     this.#send = send;
     this.#log = log;
     this.#workerCount = options.workers ?? options.device.numQueues;
+    this.#syncMode = options.sync ?? 'qsbr';
     this.#offeredFeatures = options.device.features | TRANSPORT_FEATURES;
     this.#vrings = Array.from({ length: options.device.numQueues }, newVring);
   }
@@ -318,24 +328,21 @@ export class BackendSession {
         const stat = native.fstat(fd);
         const same = this.#memory.regions.find((r) => regionMatches(r, desc, stat));
         if (same !== undefined) kept.push(same);
-        else added.push(mapRegion(desc, fd));
+        else added.push(this.#mapRegion(desc, fd));
       });
       await this.#publish(new MemoryTable([...kept, ...added]));
     } catch (err) {
-      for (const r of added) native.revoke(r.buffer);
+      this.#release(added.filter((r) => !this.#memory.regions.includes(r)));
       throw err;
     }
   }
 
   async #addRegion(desc: MemoryRegion, fd: number): Promise<void> {
-    if (this.#memory.regions.length >= MAX_MEM_SLOTS) {
-      throw new ProtocolError('VHOST_PROTOCOL_TOO_MANY_REGIONS', `all ${MAX_MEM_SLOTS} memory slots are in use`);
-    }
-    const region = mapRegion(desc, fd);
+    const region = this.#mapRegion(desc, fd);
     try {
       await this.#publish(this.#memory.with([region]));
     } catch (err) {
-      native.revoke(region.buffer);
+      if (!this.#memory.regions.includes(region)) this.#release([region]);
       throw err;
     }
   }
@@ -350,16 +357,43 @@ export class BackendSession {
     await this.#publish(this.#memory.with([], [region]));
   }
 
+  #mapRegion(desc: MemoryRegion, fd: number): MappedRegion {
+    const slot = this.#freeSlots.pop();
+    if (slot === undefined) throw new ProtocolError('VHOST_PROTOCOL_TOO_MANY_REGIONS', `all ${MAX_MEM_SLOTS} memory slots are in use`);
+    try {
+      return mapRegion(desc, fd, slot);
+    } catch (err) {
+      this.#freeSlots.push(slot);
+      throw err;
+    }
+  }
+
+  /** Revokes regions no worker can reach any more, and frees their slots. */
+  #release(regions: readonly MappedRegion[]): void {
+    for (const r of regions) {
+      native.revoke(r.buffer);
+      this.#freeSlots.push(r.slot);
+    }
+  }
+
   /**
-   * Makes `next` the memory table: every worker switches to it (and re-resolves its rings) before this resolves;
-   * only then are the regions that are no longer in it revoked, since no worker can still be using them.
+   * Makes `next` the memory table (docs/memory-sync.md): the workers switch to it, and the regions that are not in
+   * it are revoked only once no worker and no request in flight can use them. Resolves after that, so the reply to
+   * the frontend comes after the change took effect.
    */
   async #publish(next: MemoryTable): Promise<void> {
-    const previous = this.#memory;
-    await this.#pool?.setMemory(toWorkerRegions(next));
+    const removed = this.#memory.regions.filter((r) => !next.regions.includes(r));
+    const gen = ++this.#gen;
     this.#memory = next;
-    for (const r of previous.regions) if (!next.regions.includes(r)) native.revoke(r.buffer);
-    this.#log.info({ regions: next.regions.map((r) => ({ gpa: r.gpa, size: r.size })) }, 'memory table');
+    const revoke = (): void => this.#release(removed);
+    if (this.#pool === undefined) {
+      this.#sync.publish(gen);
+      revoke();
+    } else {
+      const running = this.#vrings.flatMap((v, i) => (v.started ? [i] : []));
+      await this.#pool.publishMemory(gen, toWorkerRegions(next), removed.map((r) => r.slot), running, revoke);
+    }
+    this.#log.info({ gen, regions: next.regions.map((r) => ({ gpa: r.gpa, size: r.size })) }, 'memory table');
   }
 
   // ---- vrings ----------------------------------------------------------------------------------------------------
@@ -457,9 +491,12 @@ export class BackendSession {
 
   async #ensurePool(): Promise<WorkerPool> {
     if (this.#pool === undefined) {
-      const pool = new WorkerPool(this.#workerCount, this.device.worker, (ev) => this.#onWorkerEvent(ev));
+      const pool = new WorkerPool(this.#workerCount, this.device.worker, this.#sync, this.#syncMode, (ev) =>
+        this.#onWorkerEvent(ev),
+      );
       this.#pool = pool;
-      await pool.setMemory(toWorkerRegions(this.#memory));
+      // New workers find the current table in their port at their first quiescent point (gen is already published).
+      await pool.publishMemory(this.#gen, toWorkerRegions(this.#memory), [], [], () => undefined);
     }
     return this.#pool;
   }
@@ -498,14 +535,14 @@ export class BackendSession {
     } finally {
       this.#pool = undefined;
       for (const vring of this.#vrings) this.#closeVringFds(vring);
-      for (const r of this.#memory.regions) native.revoke(r.buffer);
+      this.#release(this.#memory.regions);
       this.#memory = MemoryTable.EMPTY;
     }
   }
 }
 
 function toWorkerRegions(table: MemoryTable): WorkerRegion[] {
-  return table.regions.map((r) => ({ gpa: r.gpa, size: r.size, buffer: r.buffer, bufferOffset: r.bufferOffset }));
+  return table.regions.map((r) => ({ gpa: r.gpa, size: r.size, buffer: r.buffer, bufferOffset: r.bufferOffset, slot: r.slot }));
 }
 
 

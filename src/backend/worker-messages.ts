@@ -7,6 +7,7 @@
  * with a `WorkerReply` of the same id once it has taken effect.
  */
 import type { MessagePort } from 'node:worker_threads';
+import type { SyncMode } from './sync-block.js';
 
 /** A region as a worker needs it: the mapping is shared (SharedArrayBuffer), not copied. */
 export interface WorkerRegion {
@@ -14,6 +15,7 @@ export interface WorkerRegion {
   size: number;
   buffer: SharedArrayBuffer;
   bufferOffset: number;
+  slot: number;
 }
 
 /** Everything a worker needs to run one virtqueue. Ring addresses are guest-physical. */
@@ -36,7 +38,8 @@ export interface QueueStart {
 }
 
 export type WorkerCommand =
-  | { type: 'memory'; id: number; regions: WorkerRegion[] }
+  /** A new memory table for generation `gen`. Not acknowledged: control waits for the grace period instead. */
+  | { type: 'memory'; id: number; gen: number; regions: WorkerRegion[] }
   | { type: 'start-queue'; id: number; queue: QueueStart }
   | { type: 'set-call'; id: number; index: number; callFd: number }
   | { type: 'set-err'; id: number; index: number; errFd: number }
@@ -59,6 +62,9 @@ export type WorkerToControl = WorkerReply | WorkerEvent;
 export interface WorkerInit {
   workerId: number;
   controlFd: number;
+  /** The session's SyncBlock buffer, and how it is used. */
+  sync: SharedArrayBuffer;
+  mode: SyncMode;
   port: MessagePort;
   deviceModule: string;
   deviceOptions: unknown;

@@ -1,10 +1,11 @@
 /**
- * The control thread's side of the queue workers: starts them, sends them commands and awaits the
- * acknowledgements, stops them. Queue `i` runs on worker `i % workers`.
+ * The control thread's side of the queue workers: starts them, publishes memory tables to them, sends them commands
+ * and awaits the acknowledgements, stops them. Queue `i` runs on worker `i % workers`.
  */
 import { MessageChannel, Worker } from 'node:worker_threads';
 import { VhostError } from '../errors.js';
 import * as native from '../native/index.js';
+import { MAX_WORKERS, type SyncBlock, type SyncMode } from './sync-block.js';
 import type { QueueStart, WorkerCommand, WorkerEvent, WorkerRegion, WorkerReply, WorkerToControl } from './worker-messages.js';
 
 /** How long a worker may take to acknowledge a command before it is declared stuck. */
@@ -31,7 +32,12 @@ class QueueWorker {
   #closed = false;
   #exited = false;
 
-  constructor(id: number, device: { module: string; options: unknown }, onEvent: (ev: WorkerEvent) => void) {
+  constructor(
+    id: number,
+    device: { module: string; options: unknown },
+    sync: { buffer: SharedArrayBuffer; mode: SyncMode },
+    onEvent: (ev: WorkerEvent) => void,
+  ) {
     this.id = id;
     this.#controlFd = native.eventfdCreate(0, true);
     const { port1, port2 } = new MessageChannel();
@@ -40,6 +46,8 @@ class QueueWorker {
       workerData: {
         workerId: id,
         controlFd: this.#controlFd,
+        sync: sync.buffer,
+        mode: sync.mode,
         port: port2,
         deviceModule: device.module,
         deviceOptions: device.options,
@@ -75,6 +83,11 @@ class QueueWorker {
       p.reject(err);
     }
     this.#pending.clear();
+  }
+
+  /** Posts a command without waiting for (or expecting) an answer and without waking the worker. */
+  post(body: CommandBody): void {
+    if (!this.#closed && !this.#exited) this.#port.postMessage({ ...body, id: 0 });
   }
 
   /** Sends a command and resolves with the worker's reply once it has taken effect. */
@@ -117,9 +130,22 @@ class QueueWorker {
 
 export class WorkerPool {
   readonly #workers: QueueWorker[] = [];
+  readonly #sync: SyncBlock;
+  readonly #mode: SyncMode;
 
-  constructor(count: number, device: { module: string; options: unknown }, onEvent: (ev: WorkerEvent) => void) {
-    for (let i = 0; i < count; i++) this.#workers.push(new QueueWorker(i, device, onEvent));
+  constructor(
+    count: number,
+    device: { module: string; options: unknown },
+    sync: SyncBlock,
+    mode: SyncMode,
+    onEvent: (ev: WorkerEvent) => void,
+  ) {
+    if (count < 1 || count > MAX_WORKERS) throw new VhostError('VHOST_BAD_OPTION', `workers must be 1..${MAX_WORKERS}`);
+    this.#sync = sync;
+    this.#mode = mode;
+    for (let i = 0; i < count; i++) {
+      this.#workers.push(new QueueWorker(i, device, { buffer: sync.buffer, mode }, onEvent));
+    }
   }
 
   get size(): number {
@@ -130,9 +156,37 @@ export class WorkerPool {
     return this.#workers[queueIndex % this.#workers.length] as QueueWorker;
   }
 
-  /** Publishes a new memory table to every worker; resolves when all of them use it (and none the old one). */
-  async setMemory(regions: WorkerRegion[]): Promise<void> {
-    await Promise.all(this.#workers.map((w) => w.request({ type: 'memory', regions })));
+  /**
+   * Publishes memory table generation `gen` (docs/memory-sync.md), then waits until no worker and no request in
+   * flight can use the regions in `removedSlots` any more, and calls `revoke` (which releases them) at that point.
+   * qsbr / copy: post the table to every worker, store gen, wait for the grace period, then for the pins.
+   * lock: take the lock of every running queue (`lockedQueues`) first, and hold them until `revoke` is done.
+   */
+  async publishMemory(
+    gen: number,
+    regions: WorkerRegion[],
+    removedSlots: readonly number[],
+    lockedQueues: readonly number[],
+    revoke: () => void,
+  ): Promise<void> {
+    const sync = this.#sync;
+    const locked: number[] = [];
+    try {
+      if (this.#mode === 'lock') {
+        for (const q of lockedQueues) {
+          await sync.lockQueueForControl(q);
+          locked.push(q);
+        }
+      }
+      // The table is in every port before gen says it exists (workers drain their port when they see a new gen).
+      for (const w of this.#workers) w.post({ type: 'memory', gen, regions });
+      sync.publish(gen);
+      if (this.#mode !== 'lock') await sync.waitForReaders(this.#workers.length, gen);
+      for (const slot of removedSlots) await sync.waitForPins(slot);
+      revoke();
+    } finally {
+      for (const q of locked) sync.unlockQueueForControl(q);
+    }
   }
 
   async startQueue(queue: QueueStart): Promise<void> {

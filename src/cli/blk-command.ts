@@ -1,7 +1,8 @@
 /** `vhost-user blk`: serve a raw image (or a null device) as a vhost-user-blk backend on a unix socket. */
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { VhostUserServer } from '../backend/server.js';
 import { BlkDevice } from '../devices/blk/blk-device.js';
+import { SYNC_MODES, type SyncMode } from '../backend/sync-block.js';
 import { createLogger } from './logger.js';
 import { parseInteger, parseSize } from './parse.js';
 
@@ -13,6 +14,7 @@ interface BlkOptions {
   queues: number;
   queueSize: number;
   workers?: number;
+  sync: SyncMode;
   serial: string;
   logLevel: string;
 }
@@ -20,9 +22,9 @@ interface BlkOptions {
 export function blkCommand(): Command {
   return new Command('blk')
     .description(
-      'Serve a virtio-blk device over vhost-user. Listens on --socket (the VMM connects as a client, e.g. QEMU\n' +
-        '-chardev socket,id=c0,path=SOCK -device vhost-user-blk-pci,chardev=c0 with shared memfd guest memory),\n' +
-        'serves one frontend at a time and listens again when it leaves. SIGINT/SIGTERM exit cleanly.',
+      'Serve a virtio-blk device over vhost-user. Listens on --socket; the VMM connects as a client (QEMU: ' +
+        '-chardev socket,id=c0,path=SOCK -device vhost-user-blk-pci,chardev=c0, with shared memfd guest memory). ' +
+        'Serves one frontend at a time and listens again when it leaves. SIGINT/SIGTERM exit cleanly (status 0).',
     )
     .requiredOption('--socket <path>', 'unix socket path to listen on (a stale socket file is replaced)')
     .option('--image <file>', 'raw disk image to serve (its size, rounded down to 512 bytes, is the capacity)')
@@ -31,6 +33,11 @@ export function blkCommand(): Command {
     .option('--queues <n>', 'number of request queues (VIRTIO_BLK_F_MQ when > 1)', parseInteger(1, 64), 1)
     .option('--queue-size <n>', 'largest queue size the driver may use (power of two, up to 32768)', parseInteger(1, 32768), 1024)
     .option('--workers <n>', 'worker threads for the queues (default: one per queue)', parseInteger(1, 64))
+    .addOption(
+      new Option('--sync <mode>', 'how workers are kept off memory being removed (docs/memory-sync.md)')
+        .choices(SYNC_MODES)
+        .default('qsbr'),
+    )
     .option('--serial <id>', 'device serial returned by GET_ID (up to 20 bytes)', 'vhost-user-ts')
     .option('--log-level <level>', 'fatal, error, warn, info, debug or trace', 'info')
     .action(async (opts: BlkOptions) => {
@@ -49,6 +56,7 @@ export function blkCommand(): Command {
         socketPath: opts.socket,
         device,
         logger: log,
+        sync: opts.sync,
         ...(opts.workers !== undefined ? { workers: opts.workers } : {}),
       });
       server.listen();

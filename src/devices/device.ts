@@ -35,15 +35,24 @@ export interface QueueContext {
   readonly features: bigint;
 }
 
+/** `QueueHandler.process` result: the request completes later, through `reap`. */
+export const PENDING = -1;
+
 /** The queue half of a device: runs in a worker thread, one per virtqueue. */
 export interface QueueHandler {
   /**
-   * Handles one request. Returns the number of bytes written into the chain's writable part (the used length).
+   * Handles one request. Returns the number of bytes written into the chain's writable part (the used length), or
+   * `PENDING` when another thread completes it later (the worker then pins the memory regions the chain uses until
+   * `reap` reports it; `chain` is reused after this call, so copy what the completion needs).
    * A malformed request that the device can still answer gets an error status from the device itself; a chain the
    * device cannot answer at all throws a `VirtioError` (the queue stops and the device needs reset).
    */
   process(mem: GuestMemory, chain: DescriptorChain): number;
-  /** Releases what the handler holds (files, buffers). */
+  /** For handlers that return `PENDING`: an eventfd that becomes readable when `reap` has completions. */
+  readonly completionFd?: number;
+  /** Reports finished requests (chain head, used length). The other thread no longer touches their memory. */
+  reap?(complete: (head: number, len: number) => void): void;
+  /** Releases what the handler holds (files, threads). Requests still pending are abandoned. */
   close(): void;
 }
 

@@ -30,6 +30,8 @@ export interface MappedRegion {
   /** Identity of the backing file, to tell "the same memory" apart from "the same numbers in a new memfd". */
   readonly dev: bigint;
   readonly ino: bigint;
+  /** The memory slot (0..508): indexes the region's pin counter shared with the workers. */
+  readonly slot: number;
 }
 
 function checkedNumber(value: bigint, what: string): number {
@@ -40,10 +42,10 @@ function checkedNumber(value: bigint, what: string): number {
 }
 
 /**
- * Validates a region descriptor against its fd and maps it. Does not take ownership of `fd` (the caller closes
- * it; the mapping stays valid after close).
+ * Validates a region descriptor against its fd and maps it into memory slot `slot`. Does not take ownership of `fd`
+ * (the caller closes it; the mapping stays valid after close).
  */
-export function mapRegion(desc: RegionDescriptor, fd: number): MappedRegion {
+export function mapRegion(desc: RegionDescriptor, fd: number, slot = 0): MappedRegion {
   const gpa = checkedNumber(desc.guestPhysAddr, 'guest address');
   const size = checkedNumber(desc.memorySize, 'size');
   const uva = checkedNumber(desc.userspaceAddr, 'userspace address');
@@ -72,7 +74,7 @@ export function mapRegion(desc: RegionDescriptor, fd: number): MappedRegion {
   } catch (err) {
     throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', 'region cannot be mapped', { cause: err });
   }
-  return { gpa, size, uva, fileOffset, buffer, bufferOffset, dev: stat.dev, ino: stat.ino };
+  return { gpa, size, uva, fileOffset, buffer, bufferOffset, dev: stat.dev, ino: stat.ino, slot };
 }
 
 /** True when two regions are the same memory at the same addresses (fd numbers do not matter, files do). */

@@ -92,6 +92,12 @@ export interface SplitQueueConfig {
   readonly eventIdx: boolean;
   /** VIRTIO_F_INDIRECT_DESC (bit 28) was negotiated. */
   readonly indirect: boolean;
+  /**
+   * false: keep no ring views between accesses; every ring access translates the ring's address through the
+   * memory given to `attach` again, with its bounds checks (the copy_from_user / rust-vmm shape, `--sync copy`).
+   * Default true: views are resolved once by `attach` and indexed directly.
+   */
+  readonly cacheViews?: boolean;
 }
 
 /** Returns true when `size` is a valid split queue size: a power of two in 1..32768. */
@@ -149,6 +155,9 @@ export class SplitQueue {
   /** The value this device last stored in used.flags (the device owns that word). */
   #usedFlags = 0;
   #views: RingViews | undefined;
+  /** With `cacheViews: false`, the memory every ring access is translated through. */
+  #translateThrough: GuestMemory | undefined;
+  readonly #cacheViews: boolean;
   /** A `DataView` over the buffer of the last indirect table read in place, reused while the buffer is the same. */
   #indirectBuffer: ArrayBufferLike | undefined;
   #indirectView: DataView | undefined;
@@ -176,6 +185,7 @@ export class SplitQueue {
     this.indirect = config.indirect;
     this.maxChainLength = Math.max(size, MIN_CHAIN_BUDGET);
     this.#mask = size - 1;
+    this.#cacheViews = config.cacheViews ?? true;
   }
 
   /**
@@ -183,11 +193,18 @@ export class SplitQueue {
    * one memory region (`VIRTIO_RING_UNMAPPED`). Does not read or write guest memory, and keeps the indices.
    */
   attach(mem: GuestMemory): void {
+    this.#views = this.#resolve(mem);
+    this.#translateThrough = this.#cacheViews ? undefined : mem;
+    this.#indirectBuffer = undefined;
+    this.#indirectView = undefined;
+  }
+
+  #resolve(mem: GuestMemory): RingViews {
     const size = this.size;
     const d = resolveRing(mem, this.descAddr, descTableSize(size), DESC_ALIGN, 1, 'descriptor table');
     const a = resolveRing(mem, this.availAddr, availRingSize(size), AVAIL_ALIGN, 2, 'available ring');
     const u = resolveRing(mem, this.usedAddr, usedRingSize(size), USED_ALIGN, 2, 'used ring');
-    this.#views = {
+    return {
       desc: new DataView(d.buffer),
       descBase: d.byteOffset,
       availU16: new Uint16Array(a.buffer, a.byteOffset, a.length >>> 1),
@@ -197,13 +214,12 @@ export class SplitQueue {
       used: new DataView(u.buffer),
       usedBase: u.byteOffset,
     };
-    this.#indirectBuffer = undefined;
-    this.#indirectView = undefined;
   }
 
   /** Drops the ring views (before the memory they point into is unmapped). */
   detach(): void {
     this.#views = undefined;
+    this.#translateThrough = undefined;
     this.#indirectBuffer = undefined;
     this.#indirectView = undefined;
   }
@@ -411,6 +427,7 @@ export class SplitQueue {
   }
 
   #ring(): RingViews {
+    if (this.#translateThrough !== undefined) return this.#resolve(this.#translateThrough);
     const v = this.#views;
     if (v === undefined) {
       throw new VhostError('VHOST_QUEUE_NOT_ATTACHED', 'the queue has no ring views: call attach(mem) first');
