@@ -15,6 +15,7 @@ interface BlkOptions {
   queueSize: number;
   workers?: number;
   sync: SyncMode;
+  io: 'sync' | 'async';
   serial: string;
   logLevel: string;
 }
@@ -38,6 +39,11 @@ export function blkCommand(): Command {
         .choices(SYNC_MODES)
         .default('qsbr'),
     )
+    .addOption(
+      new Option('--io <mode>', 'run reads and writes in the queue worker (sync) or in an I/O thread per queue (async)')
+        .choices(['sync', 'async'])
+        .default('sync'),
+    )
     .option('--serial <id>', 'device serial returned by GET_ID (up to 20 bytes)', 'vhost-user-ts')
     .option('--log-level <level>', 'fatal, error, warn, info, debug or trace', 'info')
     .action(async (opts: BlkOptions) => {
@@ -51,6 +57,7 @@ export function blkCommand(): Command {
         queues: opts.queues,
         maxQueueSize: opts.queueSize,
         serial: opts.serial,
+        io: opts.io,
       });
       const server = new VhostUserServer({
         socketPath: opts.socket,

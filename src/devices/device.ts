@@ -49,7 +49,7 @@ export interface QueueHandler {
    */
   process(mem: GuestMemory, chain: DescriptorChain): number;
   /** For handlers that return `PENDING`: an eventfd that becomes readable when `reap` has completions. */
-  readonly completionFd?: number;
+  readonly completionFd?: number | undefined;
   /** Reports finished requests (chain head, used length). The other thread no longer touches their memory. */
   reap?(complete: (head: number, len: number) => void): void;
   /** Releases what the handler holds (files, threads). Requests still pending are abandoned. */

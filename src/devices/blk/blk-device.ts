@@ -18,6 +18,10 @@ export interface BlkDeviceOptions {
   maxQueueSize?: number;
   /** The GET_ID serial (at most 20 bytes). */
   serial?: string;
+  /** Where reads and writes run: in the queue worker ('sync', default) or an I/O thread per queue ('async'). */
+  io?: 'sync' | 'async';
+  /** With io 'async': complete each request this long after its I/O (tests and torture runs). */
+  completionDelayMs?: number;
 }
 
 /** Most data segments per request that the driver may use (config seg_max). */
@@ -77,7 +81,13 @@ export class BlkDevice implements VirtioDevice {
 
     this.worker = {
       module: new URL('./blk-queue.js', import.meta.url).href,
-      options: { backend, serial, capacityBytes: this.capacityBytes },
+      options: {
+        backend,
+        serial,
+        capacityBytes: this.capacityBytes,
+        io: options.io ?? 'sync',
+        completionDelayMs: options.completionDelayMs ?? 0,
+      },
     };
 
     const config = new DataView(new ArrayBuffer(BlkConfigOffset.size));

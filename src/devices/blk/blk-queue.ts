@@ -9,7 +9,10 @@
 import { VirtioError } from '../../errors.js';
 import type { GuestMemory } from '../../memory/guest-memory.js';
 import { ChainReader, type DescriptorChain } from '../../queue/descriptor-chain.js';
-import type { QueueContext, QueueHandler } from '../device.js';
+import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
+import * as native from '../../native/index.js';
+import { PENDING, type QueueContext, type QueueHandler } from '../device.js';
+import { STOP, STOPPED, type IoCompletion, type IoRequest, type IoSpan, type IoThreadInit } from './io-messages.js';
 import { openBlockBackend, type BlockBackend, type BlockBackendOptions } from './block-backend.js';
 import {
   BLK_ID_BYTES,
@@ -24,6 +27,58 @@ export interface BlkQueueOptions {
   backend: BlockBackendOptions;
   serial: string;
   capacityBytes: number;
+  /**
+   * 'sync' (default): reads and writes run in the queue worker, inside its batch. 'async': they run in an I/O
+   * thread per queue and complete later; the worker pins the request's memory until then.
+   */
+  io?: 'sync' | 'async';
+  /** async only: complete each request this long after its I/O (exercises requests in flight). */
+  completionDelayMs?: number;
+}
+
+/** The async half: an I/O thread, its request and completion ports, and the completion eventfd. */
+class AsyncIo {
+  readonly completionFd = native.eventfdCreate(0, true);
+  readonly #thread: Worker;
+  readonly #completions: MessagePort;
+  readonly #control = new Int32Array(new SharedArrayBuffer(8));
+
+  constructor(options: BlkQueueOptions) {
+    const { port1, port2 } = new MessageChannel();
+    this.#completions = port1;
+    const init: IoThreadInit = {
+      backend: options.backend,
+      completions: port2,
+      completionFd: this.completionFd,
+      control: this.#control.buffer as SharedArrayBuffer,
+      delayMs: options.completionDelayMs ?? 0,
+    };
+    this.#thread = new Worker(new URL('./blk-io-thread.js', import.meta.url), { workerData: init, transferList: [port2] });
+  }
+
+  submit(req: IoRequest): void {
+    this.#thread.postMessage(req);
+  }
+
+  reap(complete: (head: number, len: number) => void): void {
+    for (let m = receiveMessageOnPort(this.#completions); m !== undefined; m = receiveMessageOnPort(this.#completions)) {
+      const c = m.message as IoCompletion;
+      complete(c.head, c.len);
+    }
+  }
+
+  /**
+   * Stops the I/O thread. Waits (bounded) until it has confirmed that it will not touch guest memory or the eventfd
+   * again; only then is the eventfd closed (else a late write could hit a reused fd number).
+   */
+  close(): void {
+    Atomics.store(this.#control, STOP, 1);
+    this.#thread.postMessage('stop');
+    const r = Atomics.wait(this.#control, STOPPED, 0, 5000);
+    if (r !== 'timed-out' || Atomics.load(this.#control, STOPPED) === 1) native.close(this.completionFd);
+    void this.#thread.terminate();
+    this.#completions.close();
+  }
 }
 
 /** Calls `fn(view, dataOffset)` for each piece of guest memory in bytes [start, start + length) of one chain part. */
@@ -68,8 +123,12 @@ export class BlkQueueHandler implements QueueHandler {
   readonly #headerView = new DataView(this.#header.buffer);
   readonly #segment = new Uint8Array(DISCARD_SEGMENT_SIZE);
   readonly #segmentView = new DataView(this.#segment.buffer);
+  readonly #async: AsyncIo | undefined;
+  readonly completionFd: number | undefined;
 
   constructor(options: BlkQueueOptions) {
+    this.#async = options.io === 'async' ? new AsyncIo(options) : undefined;
+    this.completionFd = this.#async?.completionFd;
     this.#backend = openBlockBackend(options.backend);
     this.#capacity = Math.min(options.capacityBytes, this.#backend.size);
     this.#id = new Uint8Array(BLK_ID_BYTES);
@@ -101,6 +160,10 @@ export class BlkQueueHandler implements QueueHandler {
         if (pos < 0 || len % SECTOR_SIZE !== 0 || (!isRead && this.#backend.readOnly)) {
           status = BlkStatus.IOERR;
           break;
+        }
+        if (this.#async !== undefined) {
+          this.#submit(mem, chain, isRead, pos, len);
+          return PENDING;
         }
         try {
           if (isRead) {
@@ -139,8 +202,31 @@ export class BlkQueueHandler implements QueueHandler {
     return written + 1;
   }
 
+  reap(complete: (head: number, len: number) => void): void {
+    this.#async?.reap(complete);
+  }
+
   close(): void {
+    this.#async?.close();
     this.#backend.close();
+  }
+
+  /** Hands a read or write to the I/O thread: the spans are views captured now, under the current memory table. */
+  #submit(mem: GuestMemory, chain: DescriptorChain, isRead: boolean, pos: number, len: number): void {
+    const spans: IoSpan[] = [];
+    const collect = (view: Uint8Array, off: number): void => {
+      spans.push({ buffer: view.buffer as SharedArrayBuffer, offset: view.byteOffset, length: view.length, pos: pos + off });
+    };
+    if (isRead) forEachSpan(mem, chain, true, 0, len, collect);
+    else forEachSpan(mem, chain, false, REQUEST_HEADER_SIZE, len, collect);
+    const status = this.#statusView(mem, chain);
+    (this.#async as AsyncIo).submit({
+      head: chain.head,
+      op: isRead ? 'read' : 'write',
+      spans,
+      status: { buffer: status.buffer as SharedArrayBuffer, offset: status.byteOffset },
+      len: (isRead ? len : 0) + 1,
+    });
   }
 
   /** The byte offset of `len` bytes at the given sector, or -1 when the range is not inside the device. */
@@ -171,14 +257,19 @@ export class BlkQueueHandler implements QueueHandler {
 
   /** Writes the status into the last writable byte of the chain. */
   #writeStatus(mem: GuestMemory, chain: DescriptorChain, status: number): void {
+    this.#statusView(mem, chain)[0] = status;
+  }
+
+  /** A 1-byte view of the chain's last writable byte (the caller checked that the writable part is not empty). */
+  #statusView(mem: GuestMemory, chain: DescriptorChain): Uint8Array {
     for (let i = chain.count - 1; i >= chain.readableCount; i--) {
       const len = chain.len[i] as number;
       if (len === 0) continue;
       const view = mem.view((chain.addr[i] as number) + len - 1, 1);
       if (view.length !== 1) throw new VirtioError('GUEST_MEMORY_UNMAPPED', 'status byte is not mapped');
-      view[0] = status;
-      return;
+      return view;
     }
+    throw new VirtioError('VIRTIO_BLK_NO_STATUS', `request ${chain.head} has no writable status byte`);
   }
 }
 
