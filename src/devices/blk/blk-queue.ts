@@ -50,7 +50,7 @@ class AsyncIo {
       backend: options.backend,
       completions: port2,
       completionFd: this.completionFd,
-      control: this.#control.buffer as SharedArrayBuffer,
+      control: this.#control.buffer,
       delayMs: options.completionDelayMs ?? 0,
     };
     this.#thread = new Worker(new URL('./blk-io-thread.js', import.meta.url), { workerData: init, transferList: [port2] });
