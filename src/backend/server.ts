@@ -22,6 +22,8 @@ export interface ServerOptions {
   workers?: number;
   /** How workers are kept off memory that is being removed (default qsbr). */
   sync?: SyncMode;
+  /** Memory slots offered; 0 = no CONFIGURE_MEM_SLOTS (SET_MEM_TABLE only). Default 509. */
+  memSlots?: number;
 }
 
 /** One connected frontend: frames messages and feeds them, one at a time, to its session. */
@@ -110,6 +112,7 @@ export class VhostUserServer {
       device: options.device,
       ...(options.workers !== undefined ? { workers: options.workers } : {}),
       ...(options.sync !== undefined ? { sync: options.sync } : {}),
+      ...(options.memSlots !== undefined ? { memSlots: options.memSlots } : {}),
     };
   }
 

@@ -8,11 +8,18 @@
  * change has taken effect in every worker.
  */
 import type { Logger } from 'pino';
-import { ProtocolError } from '../errors.js';
+import { ProtocolError, VhostError } from '../errors.js';
 import { MemoryTable } from '../memory/memory-table.js';
 import { mapRegion, regionMatches, type MappedRegion } from '../memory/region.js';
 import * as native from '../native/index.js';
-import { FrontendRequest, HeaderFlag, ProtocolFeature, VirtioFeature, requestName } from '../protocol/constants.js';
+import {
+  FrontendRequest,
+  HeaderFlag,
+  MAX_MEM_TABLE_REGIONS,
+  ProtocolFeature,
+  VirtioFeature,
+  requestName,
+} from '../protocol/constants.js';
 import { encodeReply } from '../protocol/message-writer.js';
 import type { Message } from '../protocol/message-reader.js';
 import {
@@ -39,6 +46,11 @@ export interface SessionOptions {
   workers?: number;
   /** How workers are kept off memory that is being removed (default qsbr; docs/memory-sync.md). */
   sync?: SyncMode;
+  /**
+   * Memory slots offered (GET_MAX_MEM_SLOTS), 1..509, default 509. 0: CONFIGURE_MEM_SLOTS is not offered, so the
+   * frontend sends whole tables with SET_MEM_TABLE (at most 8 regions).
+   */
+  memSlots?: number;
 }
 
 /** Memory slots offered with CONFIGURE_MEM_SLOTS (as rust-vmm; QEMU's own limit for vhost-user is 509 too). */
@@ -122,6 +134,8 @@ export class BackendSession {
   #gen = 0;
   /** Memory slots not used by any region (each slot has a pin counter in the sync block). */
   readonly #freeSlots: number[] = Array.from({ length: MAX_MEM_SLOTS }, (_, i) => MAX_MEM_SLOTS - 1 - i);
+  readonly #memSlots: number;
+  readonly #offeredProtocolFeatures: bigint;
 
   constructor(options: SessionOptions, send: (bytes: Uint8Array, fds: readonly number[]) => void, log: Logger) {
     this.device = options.device;
@@ -129,6 +143,12 @@ export class BackendSession {
     this.#log = log;
     this.#workerCount = options.workers ?? options.device.numQueues;
     this.#syncMode = options.sync ?? 'qsbr';
+    this.#memSlots = options.memSlots ?? MAX_MEM_SLOTS;
+    if (!Number.isInteger(this.#memSlots) || this.#memSlots < 0 || this.#memSlots > MAX_MEM_SLOTS) {
+      throw new VhostError('VHOST_BAD_OPTION', `memSlots must be 0..${MAX_MEM_SLOTS}`);
+    }
+    this.#offeredProtocolFeatures =
+      this.#memSlots === 0 ? OFFERED_PROTOCOL_FEATURES & ~bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) : OFFERED_PROTOCOL_FEATURES;
     this.#offeredFeatures = options.device.features | TRANSPORT_FEATURES;
     this.#vrings = Array.from({ length: options.device.numQueues }, newVring);
   }
@@ -203,10 +223,10 @@ export class BackendSession {
         return undefined;
       }
       case R.GET_PROTOCOL_FEATURES:
-        return u64Payload.encode(OFFERED_PROTOCOL_FEATURES);
+        return u64Payload.encode(this.#offeredProtocolFeatures);
       case R.SET_PROTOCOL_FEATURES: {
         const features = u64Payload.decode(p);
-        if ((features & ~OFFERED_PROTOCOL_FEATURES) !== 0n) {
+        if ((features & ~this.#offeredProtocolFeatures) !== 0n) {
           throw new ProtocolError('VHOST_PROTOCOL_BAD_FEATURES', `protocol features 0x${features.toString(16)} were not offered`);
         }
         this.#protocolFeatures = features;
@@ -221,7 +241,7 @@ export class BackendSession {
       case R.GET_QUEUE_NUM:
         return u64Payload.encode(BigInt(this.device.numQueues));
       case R.GET_MAX_MEM_SLOTS:
-        return u64Payload.encode(BigInt(MAX_MEM_SLOTS));
+        return u64Payload.encode(BigInt(this.#memSlots));
       case R.SET_MEM_TABLE:
         await this.#setMemTable(memoryTablePayload.decode(p).regions, msg.fds);
         return undefined;
@@ -358,8 +378,9 @@ export class BackendSession {
   }
 
   #mapRegion(desc: MemoryRegion, fd: number): MappedRegion {
-    const slot = this.#freeSlots.pop();
-    if (slot === undefined) throw new ProtocolError('VHOST_PROTOCOL_TOO_MANY_REGIONS', `all ${MAX_MEM_SLOTS} memory slots are in use`);
+    const limit = this.#memSlots === 0 ? MAX_MEM_TABLE_REGIONS : this.#memSlots;
+    const slot = MAX_MEM_SLOTS - this.#freeSlots.length < limit ? this.#freeSlots.pop() : undefined;
+    if (slot === undefined) throw new ProtocolError('VHOST_PROTOCOL_TOO_MANY_REGIONS', `all ${limit} memory slots are in use`);
     try {
       return mapRegion(desc, fd, slot);
     } catch (err) {

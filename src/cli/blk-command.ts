@@ -16,6 +16,7 @@ interface BlkOptions {
   workers?: number;
   sync: SyncMode;
   io: 'sync' | 'async';
+  memSlots: number;
   serial: string;
   logLevel: string;
 }
@@ -44,6 +45,12 @@ export function blkCommand(): Command {
         .choices(['sync', 'async'])
         .default('sync'),
     )
+    .option(
+      '--mem-slots <n>',
+      'memory slots offered to the frontend; 0 = do not offer CONFIGURE_MEM_SLOTS (the frontend sends whole tables)',
+      parseInteger(0, 509),
+      509,
+    )
     .option('--serial <id>', 'device serial returned by GET_ID (up to 20 bytes)', 'vhost-user-ts')
     .option('--log-level <level>', 'fatal, error, warn, info, debug or trace', 'info')
     .action(async (opts: BlkOptions) => {
@@ -64,6 +71,7 @@ export function blkCommand(): Command {
         device,
         logger: log,
         sync: opts.sync,
+        memSlots: opts.memSlots,
         ...(opts.workers !== undefined ? { workers: opts.workers } : {}),
       });
       server.listen();
