@@ -18,7 +18,7 @@ import * as native from '../native/index.js';
 import type { DescriptorChain } from '../queue/descriptor-chain.js';
 import { SplitQueue } from '../queue/split-queue.js';
 import { PENDING, type DeviceWorkerModule, type QueueHandler } from '../devices/device.js';
-import { SyncBlock } from './sync-block.js';
+import { SyncBlock, UNSYNCHRONIZED } from './sync-block.js';
 import type { QueueStart, WorkerCommand, WorkerInit, WorkerRegion, WorkerToControl } from './worker-messages.js';
 
 /** Most chains handled per queue before the worker looks at its other queues and its port (fairness). */
@@ -44,6 +44,7 @@ const port: MessagePort = init.port;
 const sync = new SyncBlock(init.sync);
 const me = init.workerId;
 const useLocks = init.mode === 'lock';
+const unsynchronized = init.mode === UNSYNCHRONIZED;
 const device = (await import(init.deviceModule)) as DeviceWorkerModule;
 
 let memory: MemoryTable = MemoryTable.EMPTY;
@@ -57,8 +58,8 @@ function send(msg: WorkerToControl): void {
 }
 
 function toTable(regions: readonly WorkerRegion[]): MemoryTable {
-  // The worker only needs GPA lookups; the identity fields are the control thread's business.
-  return new MemoryTable(regions.map((r): MappedRegion => ({ ...r, uva: 0, fileOffset: 0, dev: 0n, ino: 0n })));
+  // The file identity fields are the control thread's business (it compares regions); the worker looks up GPAs.
+  return new MemoryTable(regions.map((r): MappedRegion => ({ ...r, fileOffset: 0, dev: 0n, ino: 0n })));
 }
 
 function errorInfo(err: unknown): { code: string; message: string } {
@@ -70,8 +71,16 @@ function errorInfo(err: unknown): { code: string; message: string } {
 
 function setMemory(gen: number, regions: readonly WorkerRegion[]): void {
   if (gen <= memoryGen) return;
-  memory = toTable(regions);
   memoryGen = gen;
+  try {
+    memory = toTable(regions);
+  } catch (err) {
+    // Control validated this table, so this is a bug; never keep using the old one: stop every queue.
+    memory = MemoryTable.EMPTY;
+    for (const q of [...queues.values()]) failQueue(q, err);
+    send({ type: 'queue-error', index: -1, ...errorInfo(err) });
+    return;
+  }
   // Ring views point into the old mappings: rebuild them from the new table before anything touches a ring.
   for (const q of [...queues.values()]) {
     try {
@@ -88,6 +97,7 @@ function setMemory(gen: number, regions: readonly WorkerRegion[]): void {
  * load below sees generation g the message for g is in the port.
  */
 function quiescent(): void {
+  if (unsynchronized) return; // the benchmark's ceiling: tables are taken whenever the port is drained
   const g = sync.loadGen();
   if (g === seenGen) return;
   drainCommands();

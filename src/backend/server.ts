@@ -11,7 +11,7 @@ import type { Message } from '../protocol/message-reader.js';
 import type { VirtioDevice } from '../devices/device.js';
 import { FdSocket } from '../transport/fd-socket.js';
 import { BackendSession, type SessionOptions } from './session.js';
-import type { SyncMode } from './sync-block.js';
+import type { WorkerSyncMode } from './sync-block.js';
 
 export interface ServerOptions {
   socketPath: string;
@@ -21,7 +21,7 @@ export interface ServerOptions {
   /** Worker threads for the queues (default: one per queue). */
   workers?: number;
   /** How workers are kept off memory that is being removed (default qsbr). */
-  sync?: SyncMode;
+  sync?: WorkerSyncMode;
   /** Memory slots offered; 0 = no CONFIGURE_MEM_SLOTS (SET_MEM_TABLE only). Default 509. */
   memSlots?: number;
 }

@@ -38,14 +38,14 @@ import { availRingSize, descTableSize, usedRingSize } from '../queue/constants.j
 import type { VirtioDevice } from '../devices/device.js';
 import type { WorkerEvent, WorkerRegion } from './worker-messages.js';
 import { WorkerPool } from './worker-pool.js';
-import { SyncBlock, type SyncMode } from './sync-block.js';
+import { SyncBlock, type WorkerSyncMode } from './sync-block.js';
 
 export interface SessionOptions {
   device: VirtioDevice;
   /** Worker threads for the queues (default: one per queue). */
   workers?: number;
   /** How workers are kept off memory that is being removed (default qsbr; docs/memory-sync.md). */
-  sync?: SyncMode;
+  sync?: WorkerSyncMode;
   /**
    * Memory slots offered (GET_MAX_MEM_SLOTS), 1..509, default 509. 0: CONFIGURE_MEM_SLOTS is not offered, so the
    * frontend sends whole tables with SET_MEM_TABLE (at most 8 regions).
@@ -129,7 +129,7 @@ export class BackendSession {
   #pool: WorkerPool | undefined;
   #closed = false;
   readonly #sync = new SyncBlock();
-  readonly #syncMode: SyncMode;
+  readonly #syncMode: WorkerSyncMode;
   /** Generation of #memory (published in the sync block). */
   #gen = 0;
   /** Memory slots not used by any region (each slot has a pin counter in the sync block). */
@@ -563,7 +563,14 @@ export class BackendSession {
 }
 
 function toWorkerRegions(table: MemoryTable): WorkerRegion[] {
-  return table.regions.map((r) => ({ gpa: r.gpa, size: r.size, buffer: r.buffer, bufferOffset: r.bufferOffset, slot: r.slot }));
+  return table.regions.map((r) => ({
+    gpa: r.gpa,
+    size: r.size,
+    uva: r.uva,
+    buffer: r.buffer,
+    bufferOffset: r.bufferOffset,
+    slot: r.slot,
+  }));
 }
 
 

@@ -9,6 +9,14 @@ import { VhostError } from '../errors.js';
 export type SyncMode = 'qsbr' | 'lock' | 'copy';
 export const SYNC_MODES: readonly SyncMode[] = ['qsbr', 'lock', 'copy'];
 
+/**
+ * No synchronization at all: workers switch tables whenever they happen to drain their port, and removed memory is
+ * revoked at once. Unsafe (a worker may read revoked memory: zeros, never a crash). It exists only so the sync
+ * benchmark can measure the ceiling; the CLI and the package's exports do not offer it.
+ */
+export const UNSYNCHRONIZED = 'unsynchronized-benchmark-only';
+export type WorkerSyncMode = SyncMode | typeof UNSYNCHRONIZED;
+
 export const MAX_WORKERS = 64;
 export const MAX_QUEUES = 256;
 /** Pin counters: one per memory slot (the backend offers 509 slots). */

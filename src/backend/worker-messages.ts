@@ -7,12 +7,13 @@
  * with a `WorkerReply` of the same id once it has taken effect.
  */
 import type { MessagePort } from 'node:worker_threads';
-import type { SyncMode } from './sync-block.js';
+import type { WorkerSyncMode } from './sync-block.js';
 
 /** A region as a worker needs it: the mapping is shared (SharedArrayBuffer), not copied. */
 export interface WorkerRegion {
   gpa: number;
   size: number;
+  uva: number;
   buffer: SharedArrayBuffer;
   bufferOffset: number;
   slot: number;
@@ -64,7 +65,7 @@ export interface WorkerInit {
   controlFd: number;
   /** The session's SyncBlock buffer, and how it is used. */
   sync: SharedArrayBuffer;
-  mode: SyncMode;
+  mode: WorkerSyncMode;
   port: MessagePort;
   deviceModule: string;
   deviceOptions: unknown;

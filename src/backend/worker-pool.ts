@@ -5,7 +5,7 @@
 import { MessageChannel, Worker } from 'node:worker_threads';
 import { VhostError } from '../errors.js';
 import * as native from '../native/index.js';
-import { MAX_WORKERS, type SyncBlock, type SyncMode } from './sync-block.js';
+import { MAX_WORKERS, UNSYNCHRONIZED, type SyncBlock, type WorkerSyncMode } from './sync-block.js';
 import type { QueueStart, WorkerCommand, WorkerEvent, WorkerRegion, WorkerReply, WorkerToControl } from './worker-messages.js';
 
 /** How long a worker may take to acknowledge a command before it is declared stuck. */
@@ -35,7 +35,7 @@ class QueueWorker {
   constructor(
     id: number,
     device: { module: string; options: unknown },
-    sync: { buffer: SharedArrayBuffer; mode: SyncMode },
+    sync: { buffer: SharedArrayBuffer; mode: WorkerSyncMode },
     onEvent: (ev: WorkerEvent) => void,
   ) {
     this.id = id;
@@ -90,6 +90,11 @@ class QueueWorker {
     if (!this.#closed && !this.#exited) this.#port.postMessage({ ...body, id: 0 });
   }
 
+  /** Writes the control eventfd: the worker drains its port at its next poll. */
+  wake(): void {
+    if (!this.#closed) native.eventfdWrite(this.#controlFd);
+  }
+
   /** Sends a command and resolves with the worker's reply once it has taken effect. */
   async request(body: CommandBody): Promise<WorkerReply> {
     if (this.#closed || this.#exited) throw new VhostError('VHOST_WORKER_CLOSED', `worker ${this.id} is stopped`);
@@ -131,13 +136,13 @@ class QueueWorker {
 export class WorkerPool {
   readonly #workers: QueueWorker[] = [];
   readonly #sync: SyncBlock;
-  readonly #mode: SyncMode;
+  readonly #mode: WorkerSyncMode;
 
   constructor(
     count: number,
     device: { module: string; options: unknown },
     sync: SyncBlock,
-    mode: SyncMode,
+    mode: WorkerSyncMode,
     onEvent: (ev: WorkerEvent) => void,
   ) {
     if (count < 1 || count > MAX_WORKERS) throw new VhostError('VHOST_BAD_OPTION', `workers must be 1..${MAX_WORKERS}`);
@@ -181,6 +186,11 @@ export class WorkerPool {
       // The table is in every port before gen says it exists (workers drain their port when they see a new gen).
       for (const w of this.#workers) w.post({ type: 'memory', gen, regions });
       sync.publish(gen);
+      if (this.#mode === UNSYNCHRONIZED) {
+        for (const w of this.#workers) w.wake(); // they take the table whenever they next drain their port
+        revoke();
+        return;
+      }
       if (this.#mode !== 'lock') await sync.waitForReaders(this.#workers.length, gen);
       for (const slot of removedSlots) await sync.waitForPins(slot);
       revoke();

@@ -36,7 +36,10 @@ export class FdSocket {
     return this.#closed;
   }
 
-  /** Sends bytes with fds (the fds stay owned by the caller; the kernel duplicates them into the message). */
+  /**
+   * Sends bytes with fds. The fds stay owned by the caller, who must keep them open until they are sent: when the
+   * socket buffer is full the message waits in the outbox, and the kernel duplicates the fds only at sendmsg().
+   */
   send(bytes: Uint8Array, fds: readonly number[] = []): void {
     if (this.#closed) return;
     this.#outbox.push({ bytes, fds });

@@ -2,11 +2,11 @@
 // real Linux guest under TCG (a few seconds each). Later the same tests run against our own backend.
 import { existsSync } from 'node:fs';
 import { readFile, truncate, writeFile } from 'node:fs/promises';
-import { connect } from 'node:net';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { bootGuest, GUEST_TOOLS, GuestError, guestScript, repoRoot, startGuest } from '../helpers/guest.js';
+import { qmp } from '../helpers/qmp.js';
 import { startQsd, QSD_TOOLS } from '../helpers/qsd.js';
 import { DEBIAN_TEST_PACKAGES, requireTools } from '../helpers/require-tool.js';
 import { testTempDir } from '../helpers/tmp.js';
@@ -16,35 +16,6 @@ const MiB = 1024 * 1024;
 const TOOLS = [...GUEST_TOOLS, ...QSD_TOOLS];
 // The first test may build the guest image (about 10 s); boots take 2-5 s under TCG.
 const TIMEOUT = { timeout: 5 * 60_000 };
-
-/** One QMP command on a fresh connection (greeting, qmp_capabilities, command); resolves with "return". */
-function qmp(socketPath: string, execute: string): Promise<unknown> {
-  return new Promise((resolve, reject) => {
-    const sock = connect(socketPath);
-    let buf = '';
-    let step = 0;
-    sock.setEncoding('utf8');
-    sock.setTimeout(10_000, () => sock.destroy(new Error('QMP timeout')));
-    sock.on('error', reject);
-    sock.on('data', (chunk: string) => {
-      buf += chunk;
-      let nl: number;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        const msg = JSON.parse(buf.slice(0, nl)) as { return?: unknown; error?: unknown; event?: string };
-        buf = buf.slice(nl + 1);
-        if (msg.event !== undefined) continue;
-        if (msg.error !== undefined) return sock.destroy(new Error(`QMP error: ${JSON.stringify(msg.error)}`));
-        if (step === 0) sock.write('{"execute":"qmp_capabilities"}\n');
-        if (step === 1) sock.write(`${JSON.stringify({ execute })}\n`);
-        if (step === 2) {
-          sock.end();
-          resolve(msg.return);
-        }
-        step++;
-      }
-    });
-  });
-}
 
 function isAlive(pid: number): boolean {
   try {

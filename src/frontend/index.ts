@@ -1,0 +1,30 @@
+/** The vhost-user frontend (driver side): guest RAM, the protocol client, and a virtio-blk driver. */
+export {
+  GuestRam,
+  UVA_BASE,
+  type AddRegionOptions,
+  type AllocOptions,
+  type GuestRamFile,
+  type GuestRamRegion,
+} from './guest-ram.js';
+export {
+  DeviceStatus,
+  FrontendErrorCode,
+  FrontendQueue,
+  SUPPORTED_PROTOCOL_FEATURES,
+  VhostUserFrontend,
+  type FrontendOptions,
+  type QueueConfig,
+  type RequestOptions,
+  type StartOptions,
+} from './frontend.js';
+export {
+  BlkDriver,
+  BlkDriverErrorCode,
+  parseBlkConfig,
+  type BlkConfig,
+  type BlkDriverOptions,
+  type BlkIdResult,
+  type BlkReadResult,
+  type BlkStartOptions,
+} from './blk-driver.js';
