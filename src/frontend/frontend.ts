@@ -777,6 +777,34 @@ export class VhostUserFrontend {
     queue.setRunning(true);
   }
 
+  /**
+   * Moves a stopped queue's rings to `ringGpa` (fresh rings, resuming at the driver's avail index) and starts it
+   * there, with new eventfds: SET_VRING_NUM ... SET_VRING_ENABLE with the new addresses. The queue must have no
+   * requests in flight. Returns the new queue object (the old one is released).
+   */
+  async moveQueue(index: number, ringGpa: number): Promise<FrontendQueue> {
+    const old = this.queue(index);
+    if (old.running || old.driver.inFlight !== 0) {
+      throw new VhostError(FrontendErrorCode.BAD_STATE, `queue ${index} must be stopped and idle to move its rings`);
+    }
+    const memory = this.#requireMemory();
+    const layout = SplitQueueDriver.layout(old.size, ringGpa);
+    const driver = new SplitQueueDriver<number>(memory, {
+      size: old.size,
+      descAddr: layout.descAddr,
+      availAddr: layout.availAddr,
+      usedAddr: layout.usedAddr,
+      eventIdx: old.driver.eventIdx,
+    });
+    const base = old.driver.availIdx;
+    driver.resetIndices(base);
+    const queue = new FrontendQueue(index, old.size, layout, driver);
+    old.dispose();
+    this.#queues.set(index, queue);
+    await this.restartQueue(index, base);
+    return queue;
+  }
+
   /** SET_VRING_ENABLE: enables or disables a ring (needs VHOST_USER_F_PROTOCOL_FEATURES). */
   async setVringEnable(index: number, enable: boolean): Promise<void> {
     this.queue(index);
