@@ -311,7 +311,7 @@ export async function runTorture(opts: TortureOptions): Promise<TortureReport> {
         await fe.stopQueue(q);
       });
       ringArea[q] = 1 - (ringArea[q] as number);
-      const moved = await fe.moveQueue(q, ringAreas[q]?.[ringArea[q] as number] as number);
+      const moved = await fe.moveQueue(q, ringAreas[q]?.[ringArea[q]] as number);
       qobj[q] = moved;
       watch(q);
       paused[q] = false;
