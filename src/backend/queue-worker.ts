@@ -294,14 +294,18 @@ function reapQueue(q: RunningQueue): void {
   }
   try {
     if (queues.get(index) !== q) return;
+    const released: number[][] = [];
     q.handler.reap?.((head, len) => {
       const slots = q.inflight.get(head);
       if (slots === undefined) return;
       q.inflight.delete(head);
       q.queue.pushUsed(head, len);
-      unpinAll(slots); // after the other thread is done with the buffers (reap's contract)
+      released.push(slots);
     });
     publish(q);
+    // The other thread is done with these buffers (reap's contract) and the completions are published: drop the
+    // pins now, so a removal that waited for them is acknowledged after the driver can see the completions.
+    for (const slots of released) unpinAll(slots);
     finishStop(q);
   } catch (err) {
     failQueue(q, err);

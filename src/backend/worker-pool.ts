@@ -165,7 +165,9 @@ export class WorkerPool {
    * Publishes memory table generation `gen` (docs/memory-sync.md), then waits until no worker and no request in
    * flight can use the regions in `removedSlots` any more, and calls `revoke` (which releases them) at that point.
    * qsbr / copy: post the table to every worker, store gen, wait for the grace period, then for the pins.
-   * lock: take the lock of every running queue (`lockedQueues`) first, and hold them until `revoke` is done.
+   * lock: take the lock of every running queue (`lockedQueues`), post the table and store gen, release the locks
+   * (a worker takes the new table with its next lock), then wait for the pins. The locks are never held while
+   * waiting for pins: a worker needs its queue's lock to reap a completion and drop its pin.
    */
   async publishMemory(
     gen: number,
@@ -175,28 +177,34 @@ export class WorkerPool {
     revoke: () => void,
   ): Promise<void> {
     const sync = this.#sync;
-    const locked: number[] = [];
-    try {
-      if (this.#mode === 'lock') {
+    if (this.#mode === 'lock') {
+      const locked: number[] = [];
+      try {
         for (const q of lockedQueues) {
           await sync.lockQueueForControl(q);
           locked.push(q);
         }
+        this.#post(gen, regions);
+      } finally {
+        for (const q of locked) sync.unlockQueueForControl(q);
       }
-      // The table is in every port before gen says it exists (workers drain their port when they see a new gen).
-      for (const w of this.#workers) w.post({ type: 'memory', gen, regions });
-      sync.publish(gen);
+    } else {
+      this.#post(gen, regions);
       if (this.#mode === UNSYNCHRONIZED) {
         for (const w of this.#workers) w.wake(); // they take the table whenever they next drain their port
         revoke();
         return;
       }
-      if (this.#mode !== 'lock') await sync.waitForReaders(this.#workers.length, gen);
-      for (const slot of removedSlots) await sync.waitForPins(slot);
-      revoke();
-    } finally {
-      for (const q of locked) sync.unlockQueueForControl(q);
+      await sync.waitForReaders(this.#workers.length, gen);
     }
+    for (const slot of removedSlots) await sync.waitForPins(slot);
+    revoke();
+  }
+
+  /** The table goes into every port before gen says it exists (workers drain their port when they see a new gen). */
+  #post(gen: number, regions: WorkerRegion[]): void {
+    for (const w of this.#workers) w.post({ type: 'memory', gen, regions });
+    this.#sync.publish(gen);
   }
 
   async startQueue(queue: QueueStart): Promise<void> {
