@@ -1,8 +1,9 @@
 /**
  * `npm run bench -- sync`: the cost of keeping workers off memory that is being removed (docs/memory-sync.md).
  *
- * One backend in this process (a null virtio-blk device: requests complete without touching data, so the queue
- * machinery is what is measured), one queue, one worker thread; our TypeScript frontend on the main thread keeps
+ * One backend in a thread of this process with its own event loop (bench/backend-thread.ts; a null virtio-blk
+ * device: requests complete without touching data, so the queue machinery is what is measured), one queue, one
+ * queue worker thread; our TypeScript frontend on the main thread keeps
  * 4 KiB reads in flight while it hot-plugs and unplugs a spare guest-memory region at a fixed rate. For each sync
  * mode (qsbr, lock, copy, and the unsynchronized ceiling that exists only here) and each rate (0, 10, 100, 1000
  * changes/s) it measures request throughput and the latency of each change (message sent -> acknowledgement).
@@ -12,9 +13,9 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { VhostUserServer } from '../src/backend/server.js';
+import { Worker } from 'node:worker_threads';
 import { UNSYNCHRONIZED, type WorkerSyncMode } from '../src/backend/sync-block.js';
-import { BlkDevice } from '../src/devices/blk/blk-device.js';
+import type { BackendThreadInit } from './backend-thread.js';
 import { BlkDriver } from '../src/frontend/blk-driver.js';
 import { VhostUserFrontend } from '../src/frontend/frontend.js';
 import { GuestRam } from '../src/frontend/guest-ram.js';
@@ -34,21 +35,25 @@ interface Sample {
   round: number;
   iops: number;
   changes: number;
+  /** Frontend-observed round trips (message sent -> acknowledgement processed), ms. */
   latencyMs: number[];
+  /** Backend-side latencies (message arrival -> reply), ms. */
+  backendMs: number[];
   errors: number;
 }
 
 async function measure(mode: WorkerSyncMode, rate: number, seconds: number, depth: number): Promise<Omit<Sample, 'mode' | 'rate' | 'round'>> {
   const dir = mkdtempSync(join(tmpdir(), 'vhost-user-bench-'));
-  const server = new VhostUserServer({
-    socketPath: join(dir, 'sock'),
-    device: new BlkDevice({ backend: { kind: 'null', size: 1024 * MiB }, queues: 1 }),
-    sync: mode,
-    workers: 1,
-  });
-  server.listen();
+  const socketPath = join(dir, 'sock');
+  const init: BackendThreadInit = {
+    socketPath,
+    device: { backend: { kind: 'null', size: 1024 * MiB }, queues: 1 },
+    server: { sync: mode, workers: 1 },
+  };
+  const backend = new Worker(new URL('./backend-thread.js', import.meta.url), { workerData: init });
+  await new Promise((resolve) => backend.once('message', resolve));
   const memory = GuestRam.create(16 * MiB);
-  const frontend = await VhostUserFrontend.connect(server.socketPath);
+  const frontend = await VhostUserFrontend.connect(socketPath);
   try {
     const driver = await BlkDriver.start(frontend, { memory, queues: 1, queueSize: 256, maxRequestBytes: 4096, memoryMode: 'regions' });
     let running = true;
@@ -96,6 +101,7 @@ async function measure(mode: WorkerSyncMode, rate: number, seconds: number, dept
     const churning = churn();
     await new Promise((r) => setTimeout(r, 300)); // warm up
     measuring = true;
+    backend.postMessage('reset-stats');
     const t0 = performance.now();
     await new Promise((r) => setTimeout(r, seconds * 1000));
     measuring = false;
@@ -103,11 +109,16 @@ async function measure(mode: WorkerSyncMode, rate: number, seconds: number, dept
     running = false;
     await Promise.all([...lanes, churning]);
     driver.close();
-    return { iops: completed / elapsed, changes: changes / elapsed, latencyMs, errors };
+    frontend.close();
+    const stats = new Promise<{ changeMs: number[] }>((resolve) => backend.once('message', resolve));
+    backend.postMessage('close');
+    const backendMs = (await stats).changeMs;
+    return { iops: completed / elapsed, changes: changes / elapsed, latencyMs, backendMs, errors };
   } finally {
     frontend.close();
     memory.close();
-    await server.close();
+    backend.postMessage('close');
+    await new Promise((resolve) => backend.once('exit', resolve));
     rmSync(dir, { recursive: true, force: true });
   }
 }
@@ -134,7 +145,7 @@ export async function main(argv: string[]): Promise<void> {
         samples.push({ mode: m.name, rate, round, ...s });
         process.stderr.write(
           `round ${round + 1}/${rounds} rate ${rate}/s ${m.name}: ${Math.round(s.iops)} IOPS, ${s.changes.toFixed(0)} changes/s, ` +
-            `p99 ${percentile([...s.latencyMs].sort((a, b) => a - b), 99).toFixed(3)} ms\n`,
+            `backend p99 ${percentile([...s.backendMs].sort((a, b) => a - b), 99).toFixed(3)} ms\n`,
         );
       }
     }
@@ -149,6 +160,7 @@ export async function main(argv: string[]): Promise<void> {
       const mine = samples.filter((s) => s.rate === rate && s.mode === m.name);
       const iops = median(mine.map((s) => s.iops));
       const lat = mine.flatMap((s) => s.latencyMs).sort((a, b) => a - b);
+      const blat = mine.flatMap((s) => s.backendMs).sort((a, b) => a - b);
       const entry = {
         mode: m.name,
         rate,
@@ -158,6 +170,8 @@ export async function main(argv: string[]): Promise<void> {
         changesPerSecond: median(mine.map((s) => s.changes)),
         latencyP50Ms: percentile(lat, 50),
         latencyP99Ms: percentile(lat, 99),
+        backendP50Ms: percentile(blat, 50),
+        backendP99Ms: percentile(blat, 99),
         errors: mine.reduce((a, s) => a + s.errors, 0),
       };
       summary.push(entry);
@@ -168,6 +182,8 @@ export async function main(argv: string[]): Promise<void> {
         entry.vsCeiling.toFixed(3),
         entry.vsCopy.toFixed(2),
         entry.changesPerSecond.toFixed(0),
+        rate === 0 ? '-' : entry.backendP50Ms.toFixed(3),
+        rate === 0 ? '-' : entry.backendP99Ms.toFixed(3),
         rate === 0 ? '-' : entry.latencyP50Ms.toFixed(3),
         rate === 0 ? '-' : entry.latencyP99Ms.toFixed(3),
         String(entry.errors),
@@ -175,22 +191,35 @@ export async function main(argv: string[]): Promise<void> {
     }
   }
   const table = markdownTable({
-    columns: ['mode', 'changes/s asked', 'IOPS (median)', 'x ceiling', 'x copy', 'changes/s done', 'change p50 ms', 'change p99 ms', 'failed requests'],
+    columns: [
+      'mode',
+      'changes/s asked',
+      'IOPS (median)',
+      'x ceiling',
+      'x copy',
+      'changes/s done',
+      'backend p50 ms',
+      'backend p99 ms',
+      'round trip p50 ms',
+      'round trip p99 ms',
+      'failed requests',
+    ],
     rows,
   });
   const md = [
     '# Sync benchmark: request throughput while guest memory changes',
     '',
     `Null virtio-blk device, 1 queue, 1 worker thread, 4 KiB reads at queue depth ${depth}, ${seconds} s per sample, ` +
-      `${rounds} rounds (modes interleaved), medians. Changes: ADD_MEM_REG / REM_MEM_REG of a spare 2 MiB region, ` +
-      'latency = message sent to acknowledgement, measured by the frontend. Command: `npm run bench -- sync`.',
+      `${rounds} rounds (modes interleaved), medians. Changes: ADD_MEM_REG / REM_MEM_REG of a spare 2 MiB region. ` +
+      'Backend latency: message arrival to reply, in the backend (grace period, pins, revoke); round trip: sent to ' +
+      'acknowledgement processed, in the frontend, whose event loop is busy with the load. Command: `npm run bench -- sync`.',
     '',
     table,
     '',
     `Machine: ${JSON.stringify(machine())}`,
   ].join('\n');
   console.log(md);
-  const paths = writeResults('sync', { machine: machine(), seconds, rounds, depth, summary, samples: samples.map((s) => ({ ...s, latencyMs: undefined })) }, md, {
+  const paths = writeResults('sync', { machine: machine(), seconds, rounds, depth, summary, samples: samples.map((s) => ({ ...s, latencyMs: undefined, backendMs: undefined })) }, md, {
     title: 'Request throughput vs memory changes per second',
     yLabel: 'IOPS (4 KiB reads, null device)',
     categories: rates.map((r) => `${r} changes/s`),

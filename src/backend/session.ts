@@ -7,6 +7,7 @@
  * workers (a memory-table change, a ring stop) holds back the next message, and the reply is sent only once the
  * change has taken effect in every worker.
  */
+import diagnosticsChannel from 'node:diagnostics_channel';
 import type { Logger } from 'pino';
 import { ProtocolError, VhostError } from '../errors.js';
 import { MemoryTable } from '../memory/memory-table.js';
@@ -87,7 +88,21 @@ const REPLYING_REQUESTS = new Set<number>([
   FrontendRequest.GET_STATUS,
 ]);
 
-/** A region the session mapped; the fd is closed once mapped (the mapping keeps the memory). */
+/** Requests that change the memory table. */
+const MEMORY_REQUESTS = new Set<number>([FrontendRequest.SET_MEM_TABLE, FrontendRequest.ADD_MEM_REG, FrontendRequest.REM_MEM_REG]);
+
+/**
+ * diagnostics_channel `vhost-user:memory-change`: one `MemoryChangeEvent` per memory-table change that took effect,
+ * with the time from the message's arrival to its reply (grace period, pins and revoke included). Free when nobody
+ * subscribes.
+ */
+export interface MemoryChangeEvent {
+  request: string;
+  gen: number;
+  durationMs: number;
+}
+export const memoryChannel = diagnosticsChannel.channel('vhost-user:memory-change');
+
 interface Vring {
   num: number;
   /** Frontend virtual addresses from SET_VRING_ADDR, or undefined before it. */
@@ -172,9 +187,14 @@ export class BackendSession {
     const ackWanted =
       (msg.flags & HeaderFlag.NEED_REPLY) !== 0 && (this.#protocolFeatures & bit(ProtocolFeature.REPLY_ACK)) !== 0n;
     this.#log.debug({ request: name, size: msg.payload.length, fds: msg.fds.length }, 'message');
+    const t0 = memoryChannel.hasSubscribers && MEMORY_REQUESTS.has(msg.request) ? performance.now() : -1;
     let reply: Uint8Array | undefined;
     try {
       reply = await this.#dispatch(msg);
+      if (t0 >= 0) {
+        const event: MemoryChangeEvent = { request: name, gen: this.#gen, durationMs: performance.now() - t0 };
+        memoryChannel.publish(event);
+      }
     } catch (err) {
       this.#log.warn({ err, request: name }, 'request failed');
       if (ackWanted && !REPLYING_REQUESTS.has(msg.request)) {
