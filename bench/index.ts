@@ -5,6 +5,7 @@
  */
 const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void> }>> = {
   sync: () => import('./sync.js'),
+  blk: () => import('./blk.js'),
 };
 
 const [name, ...args] = process.argv.slice(2);

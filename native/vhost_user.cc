@@ -282,13 +282,20 @@ void EventfdRead(const FunctionCallbackInfo<Value>& info) {
   info.GetReturnValue().Set(static_cast<double>(value));
 }
 
-// eventfdWrite(fd, value = 1). A counter at its maximum gives EAGAIN on a non-blocking eventfd; that still means
-// "signalled", so it is not an error.
+// eventfdWrite(fd, value = 1). Never blocks, even on a blocking eventfd (as a VMM's call fd may be): a counter that
+// cannot take `value` (at its maximum) already means "signalled", so that write is skipped, not an error.
 void EventfdWrite(const FunctionCallbackInfo<Value>& info) {
   int fd;
   if (!ArgInt(info, 0, "write", &fd)) return;
   uint64_t value = 1;
   if (info.Length() > 1 && !info[1]->IsUndefined() && !ArgSize(info, 1, "write", &value)) return;
+  struct pollfd p = {fd, POLLOUT, 0};
+  int ready;
+  do ready = poll(&p, 1, 0);
+  while (ready < 0 && errno == EINTR);
+  if (ready < 0) return ThrowErrno(info.GetIsolate(), errno, "poll");
+  if (p.revents & POLLNVAL) return ThrowErrno(info.GetIsolate(), EBADF, "write");
+  if (!(p.revents & POLLOUT)) return;  // full: the reader has not consumed the earlier signal yet
   ssize_t n;
   do n = write(fd, &value, sizeof value);
   while (n < 0 && errno == EINTR);

@@ -11,7 +11,7 @@
  * control eventfd, and are acknowledged once applied.
  */
 import { receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
-import { VhostError } from '../errors.js';
+import { VhostError, VirtioError } from '../errors.js';
 import { MemoryTable } from '../memory/memory-table.js';
 import type { MappedRegion } from '../memory/region.js';
 import * as native from '../native/index.js';
@@ -33,6 +33,10 @@ interface RunningQueue {
   errFd: number;
   /** More work is known to be waiting (the batch limit was hit, or the ring was just started). */
   pending: boolean;
+  /** Notifications are enabled and the ring was re-checked empty (false while busy-polling it). */
+  armed: boolean;
+  /** poll() reported the kick eventfd readable and it was not read yet (processQueue reads it, after the batch). */
+  kicked: boolean;
   /** Requests the handler completes later: chain head -> the memory slots pinned for it. */
   readonly inflight: Map<number, number[]>;
   /** A stop-queue command waiting for the in-flight requests to finish. */
@@ -45,6 +49,11 @@ const sync = new SyncBlock(init.sync);
 const me = init.workerId;
 const useLocks = init.mode === 'lock';
 const unsynchronized = init.mode === UNSYNCHRONIZED;
+/**
+ * VHOST_USER_BUSY_POLL_US: the optional busy-poll before going idle (see busyPoll), here in ms; 0 = off (default).
+ * Not in lock mode, where every look at a ring must hold the queue's lock.
+ */
+const BUSY_POLL_MS = useLocks ? 0 : Math.min(Math.max(Number(process.env.VHOST_USER_BUSY_POLL_US ?? 0) || 0, 0), 1_000_000) / 1000;
 const device = (await import(init.deviceModule)) as DeviceWorkerModule;
 
 let memory: MemoryTable = MemoryTable.EMPTY;
@@ -138,7 +147,11 @@ function failQueue(q: RunningQueue, err: unknown): void {
   queues.delete(q.start.index);
   q.queue.detach();
   closeHandler(q);
-  if (q.errFd >= 0) native.eventfdWrite(q.errFd);
+  try {
+    if (q.errFd >= 0) native.eventfdWrite(q.errFd);
+  } catch {
+    // an err fd that cannot be written (not an eventfd, closed by the frontend): control is told below anyway
+  }
   send({ type: 'queue-error', index: q.start.index, ...errorInfo(err) });
   if (q.stopRequest !== undefined) send({ type: 'queue-stopped', id: q.stopRequest, index: q.start.index, lastAvailIdx: -1 });
 }
@@ -172,6 +185,8 @@ function startQueue(start: QueueStart): void {
     callFd: start.callFd,
     errFd: start.errFd,
     pending: true, // look at the ring at once: a kick may have come before we watched the fd
+    armed: false,
+    kicked: false,
     inflight: new Map(),
     stopRequest: undefined,
   });
@@ -246,10 +261,13 @@ function publish(q: RunningQueue): void {
 }
 
 /**
- * Processes up to BATCH_LIMIT chains of one queue; leaves notifications enabled only when the ring is empty. In lock
- * mode the whole batch runs under the queue's lock, and the quiescent point is taken inside it.
+ * Processes up to BATCH_LIMIT chains of one queue. Completions are written to the used ring as they finish and
+ * published with one store of used.idx at the end of the batch (one signal at most per batch, and only if the
+ * driver asked for it). With `rearm` (the default), leaves notifications enabled when the ring is empty, after the
+ * re-check; without (busy-poll), leaves them off, and the caller must come back. In lock mode the whole batch runs
+ * under the queue's lock, and the quiescent point is taken inside it.
  */
-function processQueue(q: RunningQueue): void {
+function processQueue(q: RunningQueue, rearm: boolean): void {
   if (q.stopRequest !== undefined) return;
   const { queue, chain, handler } = q;
   const index = q.start.index;
@@ -263,26 +281,67 @@ function processQueue(q: RunningQueue): void {
     let handled = 0;
     for (;;) {
       while (handled < BATCH_LIMIT && queue.popChain(memory, chain)) {
+        if (q.inflight.has(chain.head)) {
+          // The driver made a head available again while its request is still in flight (async I/O): a driver
+          // bug; accepting it would lose the first request's pins. This also bounds requests in flight by the size.
+          throw new VirtioError('VIRTIO_HEAD_IN_FLIGHT', `queue ${index}: descriptor ${chain.head} is already in flight`);
+        }
         const len = handler.process(memory, chain);
         if (len === PENDING) q.inflight.set(chain.head, pinChain(chain));
         else queue.pushUsed(chain.head, len);
         handled++;
       }
       publish(q);
+      // Consume the kick only now, after the completions were published and signalled: any request it announced
+      // is either processed above or seen by the re-check below, which comes after this read.
+      if (q.kicked) {
+        q.kicked = false;
+        native.eventfdRead(q.start.kickFd);
+      }
       if (handled >= BATCH_LIMIT) {
         q.pending = true; // come back after the other queues and the port had their turn
         return;
       }
+      if (!rearm) break;
       // Re-enable notifications, then re-check: a request that raced in is processed now (its kick may not come).
       if (!queue.enableNotification()) break;
       queue.disableNotification();
     }
     q.pending = false;
+    q.armed = rearm;
   } catch (err) {
     failQueue(q, err);
   } finally {
     if (useLocks) sync.unlockQueue(index);
   }
+}
+
+/**
+ * The optional busy-poll (VHOST_USER_BUSY_POLL_US, default 0 = off): before going idle, watch the rings (one
+ * Atomics.load of avail.idx each) for up to that long, with notifications still off, so a driver that sends its
+ * next requests within the window neither kicks nor waits for this thread to wake up. Every round is a quiescent
+ * point (no guest memory is referenced between rounds), so a memory change is never held up by it. Returns whether
+ * a ring got work.
+ */
+function busyPoll(): boolean {
+  const deadline = performance.now() + BUSY_POLL_MS;
+  do {
+    quiescent();
+    let found = false;
+    for (const q of queues.values()) {
+      if (q.stopRequest !== undefined || q.armed) continue;
+      try {
+        if (q.queue.availableCount() > 0) {
+          q.pending = true;
+          found = true;
+        }
+      } catch (err) {
+        failQueue(q, err);
+      }
+    }
+    if (found) return true;
+  } while (performance.now() < deadline);
+  return false;
 }
 
 /** Collects the requests a handler finished in another thread, then releases their pins. */
@@ -323,11 +382,19 @@ const revents = new Int32Array(MAX_POLL_FDS);
 const pollQueues: (RunningQueue | undefined)[] = new Array<RunningQueue | undefined>(MAX_POLL_FDS);
 const pollIsKick = new Uint8Array(MAX_POLL_FDS);
 
-/** Fills the poll set; returns its size and whether any queue already has work. */
-function buildPollSet(): { n: number; anyPending: boolean } {
+/** `pollFds` views by length, made once each (poll takes the set as a typed array). */
+const pollViews: Int32Array[] = [];
+function pollSet(n: number): Int32Array {
+  return (pollViews[n] ??= pollFds.subarray(0, n));
+}
+/** Set by buildPollSet: some queue already has work. */
+let anyPending = false;
+
+/** Fills the poll set; returns its size and sets `anyPending`. */
+function buildPollSet(): number {
   let n = 1;
   pollFds[0] = init.controlFd;
-  let anyPending = false;
+  anyPending = false;
   for (const q of queues.values()) {
     if (n + 2 > MAX_POLL_FDS) break;
     if (q.stopRequest === undefined) {
@@ -345,7 +412,7 @@ function buildPollSet(): { n: number; anyPending: boolean } {
     }
     anyPending ||= q.pending;
   }
-  return { n, anyPending };
+  return n;
 }
 
 /** Handles what poll reported: commands first, then kicks (marking queues pending) and completions. */
@@ -364,7 +431,7 @@ function dispatchReady(n: number): void {
       continue;
     }
     if (pollIsKick[i] === 1) {
-      native.eventfdRead(q.start.kickFd);
+      q.kicked = true; // read after the batch: the syscall is then off the path from kick to completion
       q.pending = true;
     } else {
       native.eventfdRead(q.handler.completionFd ?? -1);
@@ -376,15 +443,23 @@ function dispatchReady(n: number): void {
 send({ type: 'ready' });
 while (running) {
   if (!useLocks) quiescent();
-  for (const q of [...queues.values()]) if (q.pending) processQueue(q);
-  const { n, anyPending } = buildPollSet();
+  // Map iteration tolerates queues failed (deleted) or started (added) by what runs inside.
+  for (const q of queues.values()) if (q.pending) processQueue(q, BUSY_POLL_MS === 0);
+  if (BUSY_POLL_MS > 0) {
+    let idle = true;
+    for (const q of queues.values()) if (q.pending) idle = false;
+    // Nothing came within the window: re-enable notifications and re-check every ring before poll() may sleep.
+    // (When work came, the poll below does not sleep: it only collects commands and kicks.)
+    if (idle && !busyPoll()) for (const q of queues.values()) if (!q.armed || q.pending) processQueue(q, true);
+  }
+  const n = buildPollSet();
   if (anyPending) {
-    native.poll(pollFds.subarray(0, n), revents, 0); // collect kicks and commands without sleeping
+    native.poll(pollSet(n), revents, 0); // collect kicks and commands without sleeping
   } else {
     // Every queue's notifications are enabled and its ring was re-checked empty. From the store of idle = 1 until
     // the store of idle = 0 this worker touches no guest memory; a kick in between stays counted in its eventfd.
     sync.setIdle(me, true);
-    native.poll(pollFds.subarray(0, n), revents, -1);
+    native.poll(pollSet(n), revents, -1);
     sync.setIdle(me, false);
     // Next: the quiescent point (load gen) before anything below touches guest memory.
     if (!useLocks) quiescent();

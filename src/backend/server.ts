@@ -63,17 +63,25 @@ class Connection {
       return;
     }
     this.#queue.push(...messages);
-    if (this.#draining === undefined) this.#draining = this.#drain();
+    // Only when there is something to handle: a read that completed no message must not start (and finish) a
+    // drain, or #draining would keep a settled promise and no later message would ever be handled.
+    if (this.#draining === undefined && this.#queue.length > 0) {
+      this.#socket.pauseReading(); // backpressure: the frontend waits while a message is being handled
+      this.#draining = this.#drain();
+    }
   }
 
   /** Handles queued messages strictly in order: a handler that waits (for workers) holds back the next message. */
   async #drain(): Promise<void> {
     let keep = true;
-    for (let msg = this.#queue.shift(); msg !== undefined && !this.#ending && keep; msg = this.#queue.shift()) {
+    while (keep && !this.#ending) {
+      const msg = this.#queue.shift(); // taken only when it will be handled: end() releases what is left
+      if (msg === undefined) break;
       keep = await this.session.handle(msg);
     }
     this.#draining = undefined;
     if (!keep) void this.end();
+    else if (!this.#ending) this.#socket.resumeReading();
   }
 
   /** Releases everything the frontend gave us: workers, mappings, fds. Idempotent. */

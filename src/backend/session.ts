@@ -360,6 +360,9 @@ export class BackendSession {
   /** SET_MEM_TABLE: regions that did not change keep their mapping; new ones are mapped; gone ones are released. */
   async #setMemTable(regions: readonly MemoryRegion[], fds: readonly number[]): Promise<void> {
     if (fds.length !== regions.length) throw new ProtocolError('VHOST_PROTOCOL_MISSING_FDS', `${regions.length} regions with ${fds.length} fds`);
+    if (regions.length > this.#regionLimit()) {
+      throw new ProtocolError('VHOST_PROTOCOL_TOO_MANY_REGIONS', `${regions.length} regions, at most ${this.#regionLimit()}`);
+    }
     const kept: MappedRegion[] = [];
     const added: MappedRegion[] = [];
     try {
@@ -378,6 +381,9 @@ export class BackendSession {
   }
 
   async #addRegion(desc: MemoryRegion, fd: number): Promise<void> {
+    if (this.#memory.regions.length >= this.#regionLimit()) {
+      throw new ProtocolError('VHOST_PROTOCOL_TOO_MANY_REGIONS', `all ${this.#regionLimit()} memory slots are in use`);
+    }
     const region = this.#mapRegion(desc, fd);
     try {
       await this.#publish(this.#memory.with([region]));
@@ -397,10 +403,16 @@ export class BackendSession {
     await this.#publish(this.#memory.with([], [region]));
   }
 
+  /** Most regions a table may have: the memory slots offered, or SET_MEM_TABLE's 8 without CONFIGURE_MEM_SLOTS. */
+  #regionLimit(): number {
+    return this.#memSlots === 0 ? MAX_MEM_TABLE_REGIONS : this.#memSlots;
+  }
+
   #mapRegion(desc: MemoryRegion, fd: number): MappedRegion {
-    const limit = this.#memSlots === 0 ? MAX_MEM_TABLE_REGIONS : this.#memSlots;
-    const slot = MAX_MEM_SLOTS - this.#freeSlots.length < limit ? this.#freeSlots.pop() : undefined;
-    if (slot === undefined) throw new ProtocolError('VHOST_PROTOCOL_TOO_MANY_REGIONS', `all ${limit} memory slots are in use`);
+    // The table-size limit is checked by the callers against the new table; the 509 slots leave room for the
+    // regions of a transition (old and new table mapped at once).
+    const slot = this.#freeSlots.pop();
+    if (slot === undefined) throw new ProtocolError('VHOST_PROTOCOL_TOO_MANY_REGIONS', `all ${MAX_MEM_SLOTS} memory slots are in use`);
     try {
       return mapRegion(desc, fd, slot);
     } catch (err) {

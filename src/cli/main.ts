@@ -1,5 +1,6 @@
 /** The `vhost-user` command line. */
 import { Command } from 'commander';
+import { benchCommand } from './bench-command.js';
 import { blkCommand } from './blk-command.js';
 import { demoCommand } from './demo-command.js';
 
@@ -7,7 +8,8 @@ const program = new Command('vhost-user')
   .description('vhost-user device backends (and a frontend) in TypeScript')
   .showHelpAfterError()
   .addCommand(blkCommand())
-  .addCommand(demoCommand());
+  .addCommand(demoCommand())
+  .addCommand(benchCommand());
 
 try {
   await program.parseAsync(process.argv);

@@ -3,12 +3,15 @@
  * in this process. Used by tests and as the load generator of the benchmarks, so the per-request path is kept
  * allocation-light: every request slot owns a fixed piece of guest RAM (header, status byte, indirect table, data
  * buffer) and reusable segment objects; a request costs its Promise and, for writes and reads, one copy.
+ * `submitRaw` (the load generator's path) costs neither: a callback instead of a Promise, the slot's buffer as data.
  *
  * Per queue there are at most `slotsPerQueue` requests in flight (bounded by the ring: one descriptor per request
  * with indirect descriptors, three without); further requests wait in FIFO order for a slot. Chains added in one
  * synchronous burst are published together and the backend is kicked once, and only when the ring asks for it
- * (EVENT_IDX avail_event, or VRING_USED_F_NO_NOTIFY). Completions are collected when the call eventfd fires (watched
- * on the event loop) and opportunistically when a queue runs out of slots.
+ * (EVENT_IDX avail_event, or VRING_USED_F_NO_NOTIFY); each chain is also published as soon as it is added, so that a
+ * backend that is awake works on it while the rest of the burst is built. Completions are collected when the call
+ * eventfd fires (watched on the event loop) and opportunistically when a queue runs out of slots; the notification is
+ * re-armed only once the used ring is found empty.
  *
  * Every operation resolves with the virtio-blk status byte (`BlkStatus.OK`, `IOERR`, `UNSUPP`), plus data for
  * reads and GET_ID; it rejects only when the request could not be completed at all (disconnect, a broken used ring,
@@ -119,6 +122,8 @@ export interface BlkStartOptions extends BlkDriverOptions {
 
 const DEFAULT_MAX_REQUEST_BYTES = 128 * 1024;
 const DEFAULT_QUEUE_SIZE = 128;
+/** Completions consumed in one go before `#drain` lets the event loop run (timers, other queues, the socket). */
+const DRAIN_BUDGET = 1024;
 /** Slot layout: header at 0, status at 16, indirect table at 64 (4 entries), data at 512. */
 const STATUS_OFFSET = REQUEST_HEADER_SIZE;
 const INDIRECT_OFFSET = 64;
@@ -144,6 +149,15 @@ interface MutableSegment {
 type Resolve = (status: number) => void;
 type Reject = (err: Error) => void;
 
+/**
+ * Completion callback of `submitRaw`: the virtio-blk status byte and the caller's token. `status` is
+ * `RAW_FAILED` (-1) when the request could not be completed at all; `BlkDriver.error` then says why.
+ */
+export type BlkRawCallback = (status: number, token: number) => void;
+
+/** `BlkRawCallback` status of a request that was not completed (disconnect, broken ring, `close()`). */
+export const RAW_FAILED = -1;
+
 /** A request: the fields of a slot in flight, or of a waiter. */
 interface RequestFields {
   type: number;
@@ -156,6 +170,9 @@ interface RequestFields {
   unmap: boolean;
   resolve: Resolve;
   reject: Reject;
+  /** `submitRaw`: the callback (then `resolve` and `reject` are unused) and its token. */
+  raw: BlkRawCallback | undefined;
+  token: number;
 }
 
 class Slot implements RequestFields {
@@ -178,6 +195,10 @@ class Slot implements RequestFields {
   unmap = false;
   resolve: Resolve = noop;
   reject: Reject = noop;
+  raw: BlkRawCallback | undefined = undefined;
+  token = 0;
+  /** A request occupies the slot (submitted, not completed). */
+  busy = false;
 
   constructor(index: number, memory: GuestRam, base: number, maxBytes: number, indirect: boolean) {
     this.index = index;
@@ -209,6 +230,10 @@ interface QueueState {
   waitHead: number;
   /** Chains were added since the last publish. */
   dirty: boolean;
+  /** `#drain` is running (a raw callback that submits must not drain again from inside `pollUsed`). */
+  draining: boolean;
+  /** `#drain(this queue)`, for `setImmediate`. */
+  readonly redrain: () => void;
   readonly onUsed: (slot: number, len: number) => void;
 }
 
@@ -311,6 +336,8 @@ export class BlkDriver {
         waiting: [],
         waitHead: 0,
         dirty: false,
+        draining: false,
+        redrain: () => this.#drain(q),
         onUsed: (slot, len) => this.#complete(q, slot, len),
       };
       this.#queues.push(q);
@@ -425,26 +452,87 @@ export class BlkDriver {
     const q = this.#queues[queue];
     if (q === undefined) return Promise.reject(new RangeError(`queue ${queue} is not in 0..${this.#queues.length - 1}`));
     return new Promise<number>((resolve, reject) => {
-      if (q.free.length === 0) this.#drain(q); // completions may be waiting: free their slots first
-      const slotIndex = q.free.pop();
-      if (slotIndex === undefined || q.waiting.length > q.waitHead) {
-        if (slotIndex !== undefined) q.free.push(slotIndex);
-        q.waiting.push({ type, sector, length, buffer, unmap, resolve, reject });
-        return;
-      }
-      const slot = q.slots[slotIndex] as Slot;
-      slot.type = type;
-      slot.sector = sector;
-      slot.length = length;
-      slot.buffer = buffer;
-      slot.unmap = unmap;
-      slot.resolve = resolve;
-      slot.reject = reject;
-      this.#place(q, slot);
+      this.#enqueue(q, { type, sector, length, buffer, unmap, resolve, reject, raw: undefined, token: 0 });
     });
   }
 
-  /** Writes the request of `slot` into guest memory and adds its chain (published by the next flush). */
+  /**
+   * A read (`write` false) or write of `length` bytes at `sector` for load generators (`vhost-user bench blk`): the
+   * request uses its slot's own data buffer, so nothing is copied in or out (write data is whatever the buffer holds,
+   * read data stays there), and completion calls `done(status, token)` instead of settling a Promise. No allocation
+   * per request while a slot is free. `length` is a multiple of 512 up to `maxRequestBytes` (a RangeError otherwise).
+   * When the driver has failed, `done` is called with `RAW_FAILED` (synchronously if it had failed before).
+   */
+  submitRaw(queue: number, write: boolean, sector: number, length: number, token: number, done: BlkRawCallback): void {
+    if (!Number.isSafeInteger(sector) || sector < 0) throw new RangeError(`bad sector ${sector}`);
+    if (!Number.isInteger(length) || length < 0 || length > this.maxRequestBytes || length % SECTOR_SIZE !== 0) {
+      throw new RangeError(`bad request length ${length} (a multiple of 512 up to ${this.maxRequestBytes})`);
+    }
+    const q = this.#queue(queue);
+    if (this.#error !== undefined) {
+      done(RAW_FAILED, token);
+      return;
+    }
+    const type = write ? BlkRequestType.OUT : BlkRequestType.IN;
+    if (q.free.length === 0 && !q.draining) this.#drain(q); // completions may be waiting: free their slots first
+    const slotIndex = q.waiting.length > q.waitHead ? undefined : q.free.pop();
+    if (slotIndex === undefined) {
+      q.waiting.push({ type, sector, length, buffer: undefined, unmap: false, resolve: noop, reject: noop, raw: done, token });
+      return;
+    }
+    const slot = q.slots[slotIndex] as Slot;
+    slot.type = type;
+    slot.sector = sector;
+    slot.length = length;
+    slot.buffer = undefined;
+    slot.unmap = false;
+    slot.raw = done;
+    slot.token = token;
+    slot.busy = true;
+    this.#place(q, slot);
+  }
+
+  /**
+   * The data buffer of slot `slot` of queue `queue` (what `submitRaw` writes from and reads into): a load generator
+   * fills it once with its write pattern.
+   */
+  slotBuffer(queue: number, slot: number): Uint8Array {
+    const s = this.#queue(queue).slots[slot];
+    if (s === undefined) throw new RangeError(`slot ${slot} is not in 0..${this.slotsPerQueue - 1}`);
+    return s.data;
+  }
+
+  /** Why the driver stopped accepting requests (disconnect, broken ring, `close()`), or undefined while it works. */
+  get error(): Error | undefined {
+    return this.#error;
+  }
+
+  /** Puts a request into a free slot, or at the end of the waiting list. */
+  #enqueue(q: QueueState, r: RequestFields): void {
+    if (q.free.length === 0 && !q.draining) this.#drain(q); // completions may be waiting: free their slots first
+    const slotIndex = q.waiting.length > q.waitHead ? undefined : q.free.pop();
+    if (slotIndex === undefined) {
+      q.waiting.push(r);
+      return;
+    }
+    this.#fill(q.slots[slotIndex] as Slot, r);
+    this.#place(q, q.slots[slotIndex] as Slot);
+  }
+
+  #fill(slot: Slot, r: RequestFields): void {
+    slot.type = r.type;
+    slot.sector = r.sector;
+    slot.length = r.length;
+    slot.buffer = r.buffer;
+    slot.unmap = r.unmap;
+    slot.resolve = r.resolve;
+    slot.reject = r.reject;
+    slot.raw = r.raw;
+    slot.token = r.token;
+    slot.busy = true;
+  }
+
+  /** Writes the request of `slot` into guest memory, adds and publishes its chain (the kick is the flush's). */
   #place(q: QueueState, slot: Slot): void {
     const h = slot.header;
     h.setUint32(0, slot.type, true);
@@ -486,11 +574,16 @@ export class BlkDriver {
     const head = q.driver.addChain(segments, slot.index, slot.chainOptions);
     if (head < 0) {
       // Cannot happen: slots are bounded by the ring's descriptors.
-      const reject = slot.reject;
+      const { reject, raw, token } = slot;
       this.#release(q, slot);
-      reject(new VhostError(BlkDriverErrorCode.BROKEN, `queue ${q.index} ran out of descriptors`));
+      if (raw !== undefined) raw(RAW_FAILED, token);
+      else reject(new VhostError(BlkDriverErrorCode.BROKEN, `queue ${q.index} ran out of descriptors`));
       return;
     }
+    // Published at once (one store of avail.idx), as Linux' virtqueue_add does, so a backend that is awake can start
+    // on it while the rest of the burst is built; the kick, if the ring asks for one, is left to the end of the
+    // burst (blk-mq's "last request of the batch").
+    q.driver.publish();
     q.dirty = true;
     if (!this.#flushScheduled) {
       this.#flushScheduled = true;
@@ -511,17 +604,32 @@ export class BlkDriver {
 
   // ---- completion ------------------------------------------------------------------------------------------------
 
-  /** Consumes the used ring; with EVENT_IDX re-arms used_event and loops until nothing raced in. */
+  /**
+   * Consumes the used ring until it is empty, and only then re-arms the notification (with EVENT_IDX: used_event),
+   * looping if more completed meanwhile: while completions keep coming the backend has no reason to signal. After
+   * `DRAIN_BUDGET` completions it yields to the event loop and continues from `setImmediate` (the notification is
+   * not armed in between, so the backend does not signal for what it publishes meanwhile).
+   */
   #drain(q: QueueState): void {
-    if (this.#error !== undefined) return;
+    if (this.#error !== undefined || q.draining) return;
+    q.draining = true;
+    let budget = DRAIN_BUDGET;
     try {
       for (;;) {
-        q.driver.pollUsed(q.onUsed);
+        const n = q.driver.pollUsed(q.onUsed);
+        if (n > 0) {
+          budget -= n;
+          if (budget > 0) continue;
+          setImmediate(q.redrain);
+          break;
+        }
         // enableInterrupts stores used_event (or clears NO_INTERRUPT) and says whether more completed meanwhile.
         if (!q.driver.enableInterrupts()) break;
       }
     } catch (err) {
       this.#failAll(new VhostError(BlkDriverErrorCode.BROKEN, `queue ${q.index}: bad used ring`, { cause: err }));
+    } finally {
+      q.draining = false;
     }
   }
 
@@ -529,20 +637,29 @@ export class BlkDriver {
     const slot = q.slots[slotIndex];
     if (slot === undefined) return;
     const status = slot.status[0] as number;
-    const buffer = slot.buffer;
-    if (buffer !== undefined && (slot.type === BlkRequestType.IN || slot.type === BlkRequestType.GET_ID)) {
-      if (status === BlkStatus.OK) buffer.set(slot.data.subarray(0, slot.length));
+    const raw = slot.raw;
+    if (raw !== undefined) {
+      const token = slot.token;
+      this.#release(q, slot);
+      raw(status, token);
+    } else {
+      const buffer = slot.buffer;
+      if (buffer !== undefined && (slot.type === BlkRequestType.IN || slot.type === BlkRequestType.GET_ID)) {
+        if (status === BlkStatus.OK) buffer.set(slot.data.subarray(0, slot.length));
+      }
+      const resolve = slot.resolve;
+      this.#release(q, slot);
+      resolve(status);
     }
-    const resolve = slot.resolve;
-    this.#release(q, slot);
-    resolve(status);
-    this.#startWaiting(q);
+    if (q.waitHead < q.waiting.length) this.#startWaiting(q);
   }
 
   #release(q: QueueState, slot: Slot): void {
     slot.buffer = undefined;
     slot.resolve = noop;
     slot.reject = noop;
+    slot.raw = undefined;
+    slot.busy = false;
     q.free.push(slot.index);
   }
 
@@ -553,13 +670,7 @@ export class BlkDriver {
       q.waiting[q.waitHead] = undefined as unknown as RequestFields;
       q.waitHead++;
       const slot = q.slots[q.free.pop() as number] as Slot;
-      slot.type = w.type;
-      slot.sector = w.sector;
-      slot.length = w.length;
-      slot.buffer = w.buffer;
-      slot.unmap = w.unmap;
-      slot.resolve = w.resolve;
-      slot.reject = w.reject;
+      this.#fill(slot, w);
       this.#place(q, slot);
     }
     if (q.waitHead === q.waiting.length) {
@@ -574,14 +685,21 @@ export class BlkDriver {
     this.#error = err;
     for (const q of this.#queues) {
       for (const slot of q.slots) {
-        if (slot.resolve === noop) continue;
-        const reject = slot.reject;
+        if (!slot.busy) continue;
+        const { reject, raw, token } = slot;
         slot.buffer = undefined;
         slot.resolve = noop;
         slot.reject = noop;
-        reject(err);
+        slot.raw = undefined;
+        slot.busy = false;
+        if (raw !== undefined) raw(RAW_FAILED, token);
+        else reject(err);
       }
-      for (let i = q.waitHead; i < q.waiting.length; i++) (q.waiting[i] as RequestFields).reject(err);
+      for (let i = q.waitHead; i < q.waiting.length; i++) {
+        const w = q.waiting[i] as RequestFields;
+        if (w.raw !== undefined) w.raw(RAW_FAILED, w.token);
+        else w.reject(err);
+      }
       q.waiting.length = 0;
       q.waitHead = 0;
     }

@@ -55,6 +55,7 @@
  */
 import { VhostError, VirtioError } from '../errors.js';
 import { u64ToAddress, type GuestMemory } from '../memory/guest-memory.js';
+import { MemoryTable } from '../memory/memory-table.js';
 import {
   AVAIL_ALIGN,
   DESC_ALIGN,
@@ -435,6 +436,15 @@ export class SplitQueue {
     return v;
   }
 
+  /** A DataView over `buffer` (an indirect table's), reused while the buffer stays the same. */
+  #viewOf(buffer: ArrayBufferLike): DataView {
+    if (buffer !== this.#indirectBuffer || this.#indirectView === undefined) {
+      this.#indirectBuffer = buffer;
+      this.#indirectView = new DataView(buffer);
+    }
+    return this.#indirectView;
+  }
+
   /** Reads and validates avail.idx, updating the shadow. */
   #loadAvailIdx(v: RingViews): number {
     // Acquire: pairs with the driver's release (virtio_wmb, then the store of avail->idx in virtqueue_add_split /
@@ -470,6 +480,7 @@ export class SplitQueue {
     let indirectAt = -1; // index in the descriptor table of the descriptor referring to the indirect table
     let total = 0;
     let seenWritable = false;
+    let tv: Uint8Array;
 
     for (;;) {
       if (ttl === 0) throw chainError('VIRTIO_DESC_LOOP', head, inIndirect, idx, indirectAt, 'is visited again (loop)');
@@ -515,14 +526,15 @@ export class SplitQueue {
           throw chainError('VIRTIO_DESC_ADDRESS_INVALID', head, inIndirect, idx, indirectAt, badRange(addrLo, addrHi, len));
         }
         // One view for the whole table (throws GUEST_MEMORY_UNMAPPED if its start is unmapped). The write-only flag
-        // of this descriptor is ignored, as the spec requires (§2.7.5.3.2).
-        const tv = mem.view(addr, len);
-        if (tv.length === len) {
-          if (tv.buffer !== this.#indirectBuffer || this.#indirectView === undefined) {
-            this.#indirectBuffer = tv.buffer;
-            this.#indirectView = new DataView(tv.buffer);
-          }
-          table = this.#indirectView;
+        // of this descriptor is ignored, as the spec requires (§2.7.5.3.2). A MemoryTable is asked for the region
+        // itself, so the usual case (the table inside one region) allocates nothing: the DataView over the region's
+        // buffer is kept from one chain to the next.
+        const r = mem instanceof MemoryTable ? mem.findRegion(addr) : undefined;
+        if (r !== undefined && addr + len <= r.gpa + r.size) {
+          table = this.#viewOf(r.buffer);
+          base = r.bufferOffset + (addr - r.gpa);
+        } else if ((tv = mem.view(addr, len)).length === len) {
+          table = this.#viewOf(tv.buffer);
           base = tv.byteOffset;
         } else {
           crossing = true;

@@ -16,6 +16,8 @@ export interface FdSocketHandlers {
 }
 
 const RECV_BUFFER_SIZE = 64 * 1024;
+/** Messages waiting to be sent beyond which the socket is not read any more (until they are sent). */
+const MAX_OUTBOX = 64;
 
 export class FdSocket {
   readonly fd: number;
@@ -25,6 +27,7 @@ export class FdSocket {
   readonly #outbox: { bytes: Uint8Array; fds: readonly number[] }[] = [];
   #closed = false;
   #waitingWritable = false;
+  #reading = true;
 
   constructor(fd: number, handlers: FdSocketHandlers) {
     this.fd = fd;
@@ -44,6 +47,32 @@ export class FdSocket {
     if (this.#closed) return;
     this.#outbox.push({ bytes, fds });
     if (this.#outbox.length === 1) this.#flush();
+    else if (this.#outbox.length === MAX_OUTBOX) this.#rewatch();
+  }
+
+  /** Stops reading (backpressure) until `resumeReading`; sending goes on. */
+  pauseReading(): void {
+    this.#reading = false;
+    this.#rewatch();
+  }
+
+  resumeReading(): void {
+    this.#reading = true;
+    this.#rewatch();
+  }
+
+  /**
+   * Reading goes on unless the owner paused it or the peer does not read what we send: a frontend that never reads
+   * its replies stops being read once MAX_OUTBOX messages wait (memory stays bounded whatever it sends).
+   */
+  #readable(): boolean {
+    return this.#reading && this.#outbox.length < MAX_OUTBOX;
+  }
+
+  #rewatch(): void {
+    if (this.#closed) return;
+    const events = (this.#readable() ? native.WATCH_READABLE : 0) | (this.#waitingWritable ? native.WATCH_WRITABLE : 0);
+    native.rewatch(this.#watchId, events);
   }
 
   /** Closes the socket without calling onClose. Idempotent. */
@@ -70,13 +99,13 @@ export class FdSocket {
       }
       // Partly sent (the fds went with the first byte) or not at all: continue when the socket is writable.
       if (n > 0) this.#outbox[0] = { bytes: next.bytes.subarray(n), fds: [] };
-      native.rewatch(this.#watchId, native.WATCH_READABLE | native.WATCH_WRITABLE);
       this.#waitingWritable = true;
+      this.#rewatch();
       return;
     }
     if (this.#waitingWritable && !this.#closed) {
       this.#waitingWritable = false;
-      native.rewatch(this.#watchId, native.WATCH_READABLE);
+      this.#rewatch();
     }
   }
 
@@ -84,7 +113,7 @@ export class FdSocket {
     if (this.#closed) return;
     if (events < 0) return this.#fail(new Error(`socket poll failed (libuv status ${events})`));
     if (events & native.WATCH_WRITABLE) this.#flush();
-    if (!(events & native.WATCH_READABLE)) return;
+    if (!(events & native.WATCH_READABLE) || !this.#readable()) return;
     for (;;) {
       const fds: number[] = [];
       let n: number;
@@ -99,7 +128,7 @@ export class FdSocket {
         return this.#fail();
       }
       this.#handlers.onData(this.#buffer.subarray(0, n), fds);
-      if (this.#closed) return;
+      if (this.#closed || !this.#readable()) return;
     }
   }
 

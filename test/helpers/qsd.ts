@@ -1,7 +1,7 @@
 /**
- * qemu-storage-daemon as a reference vhost-user-blk backend: exports an image file on a unix socket.
- * It serves one frontend at a time and listens again after a disconnect, so one daemon can serve
- * several guest boots in a row.
+ * qemu-storage-daemon as a reference vhost-user-blk backend: exports an image file (or any block node, such as
+ * QEMU's null-co driver for the benchmarks) on a unix socket. It serves one frontend at a time and listens again
+ * after a disconnect, so one daemon can serve several guest boots (or benchmark runs) in a row.
  */
 import type { ChildProcess } from 'node:child_process';
 import { connect } from 'node:net';
@@ -13,8 +13,13 @@ import { hasExited, spawnOwned, stopProcess } from './tmp.js';
 export const QSD_TOOLS: readonly ToolRequirement[] = [{ bin: 'qemu-storage-daemon', pkg: 'qemu-system-x86' }];
 
 export interface QsdOptions {
-  /** The disk image (raw). It must exist; its size is the disk's size. */
-  readonly image: string;
+  /** The disk image (raw). It must exist; its size is the disk's size. Ignored when `blockdev` is given. */
+  readonly image?: string;
+  /**
+   * The block node to export, as a --blockdev JSON object (its node-name is set to 'disk0'), e.g.
+   * `{ driver: 'null-co', size: 1 << 30 }`. Default: the raw file `image`, without O_DIRECT.
+   */
+  readonly blockdev?: Readonly<Record<string, unknown>>;
   /** Where the vhost-user socket is created (under 108 bytes). */
   readonly socketPath: string;
   /** Queues the export offers (default 1). The device's num-queues must not exceed it. */
@@ -56,8 +61,12 @@ function tryConnect(path: string): Promise<boolean> {
 export async function startQsd(opts: QsdOptions): Promise<Qsd> {
   const bin = findBinary('qemu-storage-daemon');
   if (bin === undefined) throw new Error('qemu-storage-daemon not found: apt-get install -y qemu-system-x86');
+  if (opts.blockdev === undefined && opts.image === undefined) throw new Error('startQsd needs an image or a blockdev');
   // JSON option syntax: no escaping of commas in paths.
-  const blockdev = { driver: 'file', 'node-name': 'disk0', filename: opts.image, cache: { direct: false } };
+  const blockdev =
+    opts.blockdev !== undefined
+      ? { ...opts.blockdev, 'node-name': 'disk0' }
+      : { driver: 'file', 'node-name': 'disk0', filename: opts.image, cache: { direct: false } };
   const exp = {
     type: 'vhost-user-blk',
     id: 'exp0',

@@ -19,6 +19,7 @@ export const DEBIAN_TEST_PACKAGES = [
   'busybox-static',
   'linux-image-amd64',
   'xz-utils',
+  'spin',
 ] as const;
 
 export type DebianPackage = (typeof DEBIAN_TEST_PACKAGES)[number];

@@ -5,9 +5,18 @@
  * Chain layout (any layout is accepted, descriptors may split or merge parts):
  *   readable:  header (type u32, reserved u32, sector u64) | data for OUT, or segments for DISCARD/WRITE_ZEROES
  *   writable:  data for IN / GET_ID | status u8 (the last writable byte)
+ *
+ * Hot path (reads and writes in the queue worker): no allocation per request on the null device, one view per data
+ * span on a file. The handler keeps typed-array views over the whole memory region it used last (`#locate`), valid
+ * for as long as the worker passes the same memory table; the header is read and the status written through them,
+ * and data spans that lie inside that region are checked with two comparisons. Anything else (a buffer that crosses
+ * a region end, a table that is not a `MemoryTable`, a region too large for one view) takes the general path through
+ * `GuestMemory.view`, with the same results and errors.
  */
 import { VirtioError } from '../../errors.js';
 import type { GuestMemory } from '../../memory/guest-memory.js';
+import { MemoryTable } from '../../memory/memory-table.js';
+import type { MappedRegion } from '../../memory/region.js';
 import { ChainReader, type DescriptorChain } from '../../queue/descriptor-chain.js';
 import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import * as native from '../../native/index.js';
@@ -81,6 +90,13 @@ class AsyncIo {
   }
 }
 
+/** Largest region a single `Uint8Array` view may cover (typed arrays hold at most 2^32 - 1 elements here). */
+const MAX_REGION_VIEW = 0xffff_ffff;
+
+function unmapped(gpa: number): VirtioError {
+  return new VirtioError('GUEST_MEMORY_UNMAPPED', `guest address 0x${gpa.toString(16)} is not mapped`);
+}
+
 /** Calls `fn(view, dataOffset)` for each piece of guest memory in bytes [start, start + length) of one chain part. */
 function forEachSpan(
   mem: GuestMemory,
@@ -105,7 +121,7 @@ function forEachSpan(
     skip = 0;
     while (want > 0) {
       const view = mem.view(gpa, want); // shorter than `want` where a region ends: continue in the next one
-      if (view.length === 0) throw new VirtioError('GUEST_MEMORY_UNMAPPED', `guest address 0x${gpa.toString(16)} is not mapped`);
+      if (view.length === 0) throw unmapped(gpa);
       fn(view, done);
       gpa += view.length;
       want -= view.length;
@@ -116,6 +132,8 @@ function forEachSpan(
 
 export class BlkQueueHandler implements QueueHandler {
   readonly #backend: BlockBackend;
+  /** The null device: data is never touched, buffers are only checked to be mapped. */
+  readonly #nullData: boolean;
   readonly #capacity: number;
   readonly #id: Uint8Array;
   readonly #reader = new ChainReader();
@@ -126,10 +144,21 @@ export class BlkQueueHandler implements QueueHandler {
   readonly #async: AsyncIo | undefined;
   readonly completionFd: number | undefined;
 
+  // The region cache (see the module comment). [#start, #end) is the region's guest range, `gpa - #delta` the
+  // offset of a guest address in #u8 / #dv (views over the region's whole mapping). Valid while `#mem` is passed.
+  #mem: GuestMemory | undefined;
+  #table: MemoryTable | undefined;
+  #start = 0;
+  #end = 0;
+  #delta = 0;
+  #u8: Uint8Array = new Uint8Array(0);
+  #dv: DataView = new DataView(new ArrayBuffer(0));
+
   constructor(options: BlkQueueOptions) {
     this.#async = options.io === 'async' ? new AsyncIo(options) : undefined;
     this.completionFd = this.#async?.completionFd;
     this.#backend = openBlockBackend(options.backend);
+    this.#nullData = options.backend.kind === 'null';
     this.#capacity = Math.min(options.capacityBytes, this.#backend.size);
     this.#id = new Uint8Array(BLK_ID_BYTES);
     this.#id.set(Buffer.from(options.serial).subarray(0, BLK_ID_BYTES));
@@ -142,10 +171,24 @@ export class BlkQueueHandler implements QueueHandler {
     if (chain.readableBytes < REQUEST_HEADER_SIZE) {
       throw new VirtioError('VIRTIO_BLK_SHORT_HEADER', `request ${chain.head} has a ${chain.readableBytes}-byte header`);
     }
-    this.#reader.reset(mem, chain).readExact(this.#header);
-    const type = this.#headerView.getUint32(0, true);
-    const sectorLo = this.#headerView.getUint32(8, true);
-    const sectorHi = this.#headerView.getUint32(12, true);
+    if (mem !== this.#mem) this.#useMemory(mem);
+    // The header is read once into locals (no double fetch): through the region views when the first descriptor
+    // holds all of it, else through the chain reader.
+    let type: number;
+    let sectorLo: number;
+    let sectorHi: number;
+    const at = (chain.len[0] as number) >= REQUEST_HEADER_SIZE ? this.#locate(chain.addr[0] as number, REQUEST_HEADER_SIZE) : -1;
+    if (at >= 0) {
+      const v = this.#dv;
+      type = v.getUint32(at, true);
+      sectorLo = v.getUint32(at + 8, true);
+      sectorHi = v.getUint32(at + 12, true);
+    } else {
+      this.#reader.reset(mem, chain).readExact(this.#header);
+      type = this.#headerView.getUint32(0, true);
+      sectorLo = this.#headerView.getUint32(8, true);
+      sectorHi = this.#headerView.getUint32(12, true);
+    }
     const inLen = chain.writableBytes - 1; // device-writable data before the status byte
     const outLen = chain.readableBytes - REQUEST_HEADER_SIZE; // driver data after the header
 
@@ -166,12 +209,8 @@ export class BlkQueueHandler implements QueueHandler {
           return PENDING;
         }
         try {
-          if (isRead) {
-            forEachSpan(mem, chain, true, 0, len, (view, off) => this.#backend.read(view, pos + off));
-            written = len;
-          } else {
-            forEachSpan(mem, chain, false, REQUEST_HEADER_SIZE, len, (view, off) => this.#backend.write(view, pos + off));
-          }
+          this.#transfer(mem, chain, isRead, pos, len);
+          if (isRead) written = len;
         } catch (err) {
           if (err instanceof VirtioError) throw err;
           status = BlkStatus.IOERR;
@@ -193,6 +232,7 @@ export class BlkQueueHandler implements QueueHandler {
       }
       case BlkRequestType.DISCARD:
       case BlkRequestType.WRITE_ZEROES:
+        this.#reader.reset(mem, chain).skip(REQUEST_HEADER_SIZE);
         status = this.#discardOrZero(type === BlkRequestType.WRITE_ZEROES, outLen);
         break;
       default:
@@ -200,6 +240,91 @@ export class BlkQueueHandler implements QueueHandler {
     }
     this.#writeStatus(mem, chain, status);
     return written + 1;
+  }
+
+  /**
+   * Moves the data of a read (into the writable part, from its start) or a write (from the readable part, after
+   * the header) between the backend and guest memory: one backend call per piece of guest memory, straight into or
+   * out of the guest's pages. The null device only checks that every piece is mapped.
+   */
+  #transfer(mem: GuestMemory, chain: DescriptorChain, isRead: boolean, pos: number, length: number): void {
+    const first = isRead ? chain.readableCount : 0;
+    const end = isRead ? chain.count : chain.readableCount;
+    const nullData = this.#nullData;
+    let skip = isRead ? 0 : REQUEST_HEADER_SIZE;
+    let done = 0;
+    for (let i = first; i < end && done < length; i++) {
+      const segLen = chain.len[i] as number;
+      if (skip >= segLen) {
+        skip -= segLen;
+        continue;
+      }
+      let gpa = (chain.addr[i] as number) + skip;
+      let want = Math.min(segLen - skip, length - done);
+      skip = 0;
+      while (want > 0) {
+        let view: Uint8Array | undefined;
+        let n: number;
+        const at = this.#locate(gpa, want);
+        if (at >= 0) {
+          n = want;
+          if (!nullData) view = new Uint8Array(this.#u8.buffer, at, n);
+        } else {
+          view = mem.view(gpa, want); // shorter than `want` where a region ends: continue in the next one
+          n = view.length;
+          if (n === 0) throw unmapped(gpa);
+        }
+        if (view !== undefined && !nullData) {
+          if (isRead) this.#backend.read(view, pos + done);
+          else this.#backend.write(view, pos + done);
+        }
+        gpa += n;
+        want -= n;
+        done += n;
+      }
+    }
+  }
+
+  /** Starts using memory table `mem`: the region cache belongs to the previous one. */
+  #useMemory(mem: GuestMemory): void {
+    this.#mem = mem;
+    this.#table = mem instanceof MemoryTable ? mem : undefined;
+    this.#forget();
+  }
+
+  #forget(): void {
+    this.#start = 0;
+    this.#end = 0;
+    this.#delta = 0;
+    this.#u8 = new Uint8Array(0);
+    this.#dv = new DataView(this.#u8.buffer);
+  }
+
+  /**
+   * The offset in `#u8` / `#dv` of guest range [gpa, gpa + len) when it lies inside one region (which becomes the
+   * cached one), else -1 (the caller takes the general path, which also reports holes).
+   */
+  #locate(gpa: number, len: number): number {
+    if (gpa >= this.#start && gpa + len <= this.#end) return gpa - this.#delta;
+    const table = this.#table;
+    if (table === undefined) return -1;
+    const r = table.findRegion(gpa);
+    if (r === undefined || gpa + len > r.gpa + r.size || !this.#cache(r)) return -1;
+    return gpa - this.#delta;
+  }
+
+  #cache(r: MappedRegion): boolean {
+    const bytes = r.bufferOffset + r.size;
+    if (bytes > MAX_REGION_VIEW || bytes > r.buffer.byteLength) {
+      this.#forget();
+      return false;
+    }
+    this.#u8 = new Uint8Array(r.buffer, 0, bytes);
+    this.#dv = new DataView(r.buffer, 0, bytes);
+    this.#start = r.gpa;
+    this.#end = r.gpa + r.size;
+    this.#delta = r.gpa - r.bufferOffset;
+    return true;
   }
 
   reap(complete: (head: number, len: number) => void): void {
@@ -257,6 +382,15 @@ export class BlkQueueHandler implements QueueHandler {
 
   /** Writes the status into the last writable byte of the chain. */
   #writeStatus(mem: GuestMemory, chain: DescriptorChain, status: number): void {
+    const last = chain.count - 1;
+    const len = chain.len[last] as number;
+    if (len > 0) {
+      const at = this.#locate((chain.addr[last] as number) + len - 1, 1);
+      if (at >= 0) {
+        this.#u8[at] = status;
+        return;
+      }
+    }
     this.#statusView(mem, chain)[0] = status;
   }
 
