@@ -6,9 +6,8 @@
  *   random part and keeps only the fixed cases). Each file takes its share (`budgetMs`).
  * - `VHOST_FUZZ_SEED`: base seed (default: random, printed as a test diagnostic so a failing run can be replayed).
  * - `VHOST_FUZZ_KNOWN_BUGS=1`: also generate the inputs that trigger bugs recorded (as `todo`) in regressions.test.ts:
- *   kick/call/err fds that are not non-blocking eventfds (a socket, a read-only file, a memfd, a blocking eventfd),
- *   messages written in two parts, and messages pipelined behind one that fails without an ack. Off by default so
- *   a run stays green until those bugs are fixed; make it the default once they are.
+ *   kick/call/err fds that are not eventfds (a socket, a read-only file, a memfd). Off by default so a run stays
+ *   green until that bug is fixed; make it the default once it is.
  */
 import fc from 'fast-check';
 

@@ -68,19 +68,28 @@ async function otherQueueWorks(r: Rig, token: number): Promise<void> {
 // ---- fds of the wrong kind --------------------------------------------------------------------------------------
 
 test(
-  'a kick fd that is not an eventfd (a socket holding 3 bytes) must not crash the queue worker',
-  { todo: 'bug: queue-worker.ts dispatchReady calls native.eventfdRead(kickFd) outside any try: read() returns 3 bytes, the addon throws EIO, the exception leaves the worker loop and the worker thread dies (VHOST_WORKER_CRASHED); queue 1 on that worker stops too and the next GET_VRING_BASE drops the connection' },
+  'a kick fd that is not an eventfd (a socket holding 3 bytes) is refused, or fails its queue as an fd error',
+  { todo: 'bug (half fixed): SET_VRING_KICK/CALL/ERR accept any fd (session.ts #setVringFd checks only the count). Before cdd1604 the failed read() of the kick fd (3 bytes: the addon throws EIO) escaped the worker loop and killed the worker thread with every queue on it; now processQueue reads the kick inside its try, so only queue 0 stops, but as VHOST_INTERNAL "read EIO" with NEEDS_RESET: a frontend error reported as an internal one and blamed on the guest. Fix: refuse fds that are not eventfds at SET_VRING_KICK/CALL/ERR (readlink /proc/self/fd/N is "anon_inode:[eventfd]", or an addon check), and report a failing eventfd as VHOST_FD_INVALID' },
   async () => {
-    // Found by the protocol fuzzer with VHOST_FUZZ_KNOWN_BUGS=1 (fd kind 'socket' for SET_VRING_KICK). Before the fix:
-    // the log says VHOST_WORKER_CRASHED "read EIO", queue 1's request never completes, the frontend is disconnected.
+    // Found by the protocol fuzzer with VHOST_FUZZ_KNOWN_BUGS=1 (fd kind 'socket' for SET_VRING_KICK). Before
+    // cdd1604: VHOST_WORKER_CRASHED "read EIO", queue 1's request never completed, the frontend was disconnected.
     const r = await rig();
     const [a, b] = native.socketPair();
     try {
-      await r.fe.requestWithAck(FrontendRequest.SET_VRING_KICK, vringFilePayload.encode({ index: 0, noFd: false }), [a]);
+      let refused = false;
+      try {
+        await r.fe.requestWithAck(FrontendRequest.SET_VRING_KICK, vringFilePayload.encode({ index: 0, noFd: false }), [a]);
+      } catch {
+        refused = true; // the better fix: a NACK
+      }
       native.sendmsg(b, new Uint8Array([1, 2, 3]));
       await sleep(200);
-      assert.deepEqual(bugLines(r.backend.lines), [], 'no worker crashed');
       await otherQueueWorks(r, 1);
+      if (!refused) {
+        const failure = r.backend.lines.find((l) => l.msg === 'queue stopped by an error: device needs reset');
+        assert.equal(failure?.code, 'VHOST_FD_INVALID', 'the failing kick fd is reported as what it is');
+      }
+      assert.deepEqual(bugLines(r.backend.lines), [], 'no worker crashed, nothing internal');
     } finally {
       native.close(a);
       native.close(b);
@@ -135,6 +144,30 @@ test(
     } finally {
       readSync(call, Buffer.alloc(8)); // unblock the worker so that everything can be released
       native.close(call);
+      await r.close();
+    }
+  },
+);
+
+test(
+  'one blocking kick eventfd shared by two queues of a worker must not block the worker in read()',
+  { todo: 'bug: queue-worker.ts marks every queue whose kick fd poll() reported readable (q.kicked) and each processQueue then does a plain read() of its kick fd (native.eventfdRead). Two queues given the same eventfd (one file description, duplicated by SCM_RIGHTS), blocking as a VMM may create it: the first read takes the count, the second blocks the worker thread in the kernel until the frontend kicks again; meanwhile every queue on that worker stalls, memory changes time out (the worker is not idle) and, if the frontend never kicks, the session can never be stopped (Worker.terminate cannot interrupt the read). A frontend racing its own reads of a blocking kick fd gets the same. Fix: make eventfdRead never block (poll(POLLIN, 0) first, as eventfdWrite now does with POLLOUT), or set O_NONBLOCK on received eventfds' },
+  async () => {
+    const r = await rig({}, 4000);
+    const kick = native.eventfdCreate(0, false); // blocking
+    try {
+      for (const index of [0, 1]) {
+        await r.fe.requestWithAck(FrontendRequest.SET_VRING_KICK, vringFilePayload.encode({ index, noFd: false }), [kick]);
+      }
+      native.eventfdWrite(kick); // one kick, seen by both queues
+      await sleep(200);
+      const t0 = Date.now();
+      await r.fe.stopQueue(0); // needs the worker: answered at once unless it is stuck in read()
+      assert.ok(Date.now() - t0 < 2000, `GET_VRING_BASE took ${Date.now() - t0} ms`);
+    } finally {
+      native.eventfdWrite(kick); // unblock the worker so that everything can be released
+      await sleep(50);
+      native.close(kick);
       await r.close();
     }
   },
@@ -281,8 +314,7 @@ test(
 
 test(
   'while a request waits for the workers, fds the frontend keeps sending are not all held by the backend',
-  // Fixed bug: backend/server.ts Connection#onData frames and queues every message the socket delivers while a handler is waiting (here GET_VRING_BASE waiting 1.5 s for a slow request): 500 SET_VRING_CALL messages leave 500 eventfds open in the backend (unbounded: up to RLIMIT_NOFILE, after which accept and recvmsg fail for everyone). Fix: stop reading the socket while a message is being handled (or while more than a few are queued)
-  {},
+  { todo: 'still open: a first fix (not reading the socket while a message is handled) broke the protocol fuzz run and was taken out; bug: backend/server.ts Connection#onData frames and queues every message the socket delivers while a handler is waiting (here GET_VRING_BASE waiting 1.5 s for a slow request): 500 SET_VRING_CALL messages leave 500 eventfds open in the backend (unbounded: up to RLIMIT_NOFILE, after which accept and recvmsg fail for everyone). Fix: stop reading the socket while a message is being handled (or while more than a few are queued)' },
   async () => {
     const backend = startServer({ queues: 1, io: 'async', completionDelayMs: 1500 });
     const ram = GuestRam.create(8 * MiB);
