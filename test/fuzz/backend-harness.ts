@@ -146,12 +146,10 @@ export class RawClient {
 
   #onEvents(events: number): void {
     if (this.#released) return;
-    if (events < 0) {
-      this.#markClosed();
-      return;
-    }
-    if (events & native.WATCH_WRITABLE) this.#flush();
-    if (!(events & native.WATCH_READABLE)) return;
+    // A negative status is libuv reporting POLLERR (the backend closed with our later messages unread: ECONNRESET):
+    // what it sent before is still in the socket, so read until the error like a plain recvmsg loop would.
+    if (events >= 0 && events & native.WATCH_WRITABLE) this.#flush();
+    if (events >= 0 && !(events & native.WATCH_READABLE)) return;
     for (;;) {
       const fds: number[] = [];
       let n: number;
@@ -160,7 +158,10 @@ export class RawClient {
       } catch {
         n = 0;
       }
-      if (n < 0) break;
+      if (n < 0) {
+        if (events < 0) this.#markClosed(); // libuv stopped watching: nothing more will come
+        break;
+      }
       if (n === 0) {
         for (const fd of fds) native.close(fd);
         this.#markClosed();
