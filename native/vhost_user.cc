@@ -265,11 +265,18 @@ void EventfdCreate(const FunctionCallbackInfo<Value>& info) {
   info.GetReturnValue().Set(fd);
 }
 
-// eventfdRead(fd) -> counter value (number), or 0 if a non-blocking eventfd had nothing. On a blocking eventfd this
-// blocks until it is signalled: call it only after poll() reported it readable.
+// eventfdRead(fd) -> counter value (number), or 0 when the eventfd was not signalled. Never blocks, even on a
+// blocking eventfd (as a VMM's kick fd may be, possibly shared by two queues or read by the VMM too).
 void EventfdRead(const FunctionCallbackInfo<Value>& info) {
   int fd;
   if (!ArgInt(info, 0, "read", &fd)) return;
+  struct pollfd p = {fd, POLLIN, 0};
+  int ready;
+  do ready = poll(&p, 1, 0);
+  while (ready < 0 && errno == EINTR);
+  if (ready < 0) return ThrowErrno(info.GetIsolate(), errno, "poll");
+  if (p.revents & POLLNVAL) return ThrowErrno(info.GetIsolate(), EBADF, "read");
+  if (!(p.revents & (POLLIN | POLLERR | POLLHUP))) return info.GetReturnValue().Set(0);
   uint64_t value = 0;
   ssize_t n;
   do n = read(fd, &value, sizeof value);

@@ -65,7 +65,10 @@ class Connection {
     this.#queue.push(...messages);
     // Only when there is something to handle: a read that completed no message must not start (and finish) a
     // drain, or #draining would keep a settled promise and no later message would ever be handled.
-    if (this.#draining === undefined && this.#queue.length > 0) this.#draining = this.#drain();
+    if (this.#draining === undefined && this.#queue.length > 0) {
+      this.#socket.pauseReading(); // backpressure: what the frontend sends waits in its socket while we handle this
+      this.#draining = this.#drain();
+    }
   }
 
   /** Handles queued messages strictly in order: a handler that waits (for workers) holds back the next message. */
@@ -78,6 +81,7 @@ class Connection {
     }
     this.#draining = undefined;
     if (!keep) void this.end();
+    else if (!this.#ending) this.#socket.resumeReading();
   }
 
   /** Releases everything the frontend gave us: workers, mappings, fds. Idempotent. */

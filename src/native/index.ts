@@ -112,8 +112,8 @@ export function eventfdCreate(initval = 0, nonblocking = true): number {
 }
 
 /**
- * Reads and resets an eventfd's counter; returns 0 when a non-blocking eventfd was not signalled. A blocking
- * eventfd (as QEMU's kick fds may be) blocks until signalled: read it only after `poll` reported POLLIN.
+ * Reads and resets an eventfd's counter; returns 0 when it was not signalled. Never blocks, even on a blocking
+ * eventfd (as QEMU's kick fds may be).
  */
 export function eventfdRead(fd: number): number {
   return addon.eventfdRead(fd);

@@ -27,6 +27,7 @@ export class FdSocket {
   readonly #outbox: { bytes: Uint8Array; fds: readonly number[] }[] = [];
   #closed = false;
   #waitingWritable = false;
+  #reading = true;
 
   constructor(fd: number, handlers: FdSocketHandlers) {
     this.fd = fd;
@@ -49,12 +50,23 @@ export class FdSocket {
     else if (this.#outbox.length === MAX_OUTBOX) this.#rewatch();
   }
 
+  /** Stops reading (backpressure) until `resumeReading`; sending goes on. */
+  pauseReading(): void {
+    this.#reading = false;
+    this.#rewatch();
+  }
+
+  resumeReading(): void {
+    this.#reading = true;
+    this.#rewatch();
+  }
+
   /**
-   * Reading goes on unless the peer does not read what we send: a frontend that never reads its replies stops being
-   * read once MAX_OUTBOX messages wait (memory stays bounded whatever it sends).
+   * Reading goes on unless the owner paused it or the peer does not read what we send: a frontend that never reads
+   * its replies stops being read once MAX_OUTBOX messages wait (memory stays bounded whatever it sends).
    */
   #readable(): boolean {
-    return this.#outbox.length < MAX_OUTBOX;
+    return this.#reading && this.#outbox.length < MAX_OUTBOX;
   }
 
   #rewatch(): void {

@@ -151,7 +151,8 @@ test(
 
 test(
   'one blocking kick eventfd shared by two queues of a worker must not block the worker in read()',
-  { todo: 'bug: queue-worker.ts marks every queue whose kick fd poll() reported readable (q.kicked) and each processQueue then does a plain read() of its kick fd (native.eventfdRead). Two queues given the same eventfd (one file description, duplicated by SCM_RIGHTS), blocking as a VMM may create it: the first read takes the count, the second blocks the worker thread in the kernel until the frontend kicks again; meanwhile every queue on that worker stalls, memory changes time out (the worker is not idle) and, if the frontend never kicks, the session can never be stopped (Worker.terminate cannot interrupt the read). A frontend racing its own reads of a blocking kick fd gets the same. Fix: make eventfdRead never block (poll(POLLIN, 0) first, as eventfdWrite now does with POLLOUT), or set O_NONBLOCK on received eventfds' },
+  // Fixed bug: queue-worker.ts marks every queue whose kick fd poll() reported readable (q.kicked) and each processQueue then does a plain read() of its kick fd (native.eventfdRead). Two queues given the same eventfd (one file description, duplicated by SCM_RIGHTS), blocking as a VMM may create it: the first read takes the count, the second blocks the worker thread in the kernel until the frontend kicks again; meanwhile every queue on that worker stalls, memory changes time out (the worker is not idle) and, if the frontend never kicks, the session can never be stopped (Worker.terminate cannot interrupt the read). A frontend racing its own reads of a blocking kick fd gets the same. Fix: make eventfdRead never block (poll(POLLIN, 0) first, as eventfdWrite now does with POLLOUT), or set O_NONBLOCK on received eventfds
+  {},
   async () => {
     const r = await rig({}, 4000);
     const kick = native.eventfdCreate(0, false); // blocking
@@ -314,7 +315,8 @@ test(
 
 test(
   'while a request waits for the workers, fds the frontend keeps sending are not all held by the backend',
-  { todo: 'still open: a first fix (not reading the socket while a message is handled) broke the protocol fuzz run and was taken out; bug: backend/server.ts Connection#onData frames and queues every message the socket delivers while a handler is waiting (here GET_VRING_BASE waiting 1.5 s for a slow request): 500 SET_VRING_CALL messages leave 500 eventfds open in the backend (unbounded: up to RLIMIT_NOFILE, after which accept and recvmsg fail for everyone). Fix: stop reading the socket while a message is being handled (or while more than a few are queued)' },
+  // Fixed bug: backend/server.ts Connection#onData frames and queues every message the socket delivers while a handler is waiting (here GET_VRING_BASE waiting 1.5 s for a slow request): 500 SET_VRING_CALL messages leave 500 eventfds open in the backend (unbounded: up to RLIMIT_NOFILE, after which accept and recvmsg fail for everyone). Fix: stop reading the socket while a message is being handled (or while more than a few are queued)
+  {},
   async () => {
     const backend = startServer({ queues: 1, io: 'async', completionDelayMs: 1500 });
     const ram = GuestRam.create(8 * MiB);
