@@ -280,8 +280,12 @@ export async function settledBaseline(): Promise<Baseline> {
   return { ...prev, names: fdNames() };
 }
 
-/** Waits (gc between tries, up to `ms`) until fds and mappings are back to `baseline`; returns what is left over. */
-export async function leftOver(baseline: Baseline, ms = 2000): Promise<(Baseline & { extra: string[] }) | undefined> {
+/**
+ * Waits (gc between tries, up to `ms`) until fds and mappings are back to `baseline`; returns what is left over.
+ * Generous: a mapping is released only once every thread that held it (queue workers, I/O threads) has exited and
+ * collected it, which takes seconds on a loaded 2-core machine.
+ */
+export async function leftOver(baseline: Baseline, ms = 10_000): Promise<(Baseline & { extra: string[] }) | undefined> {
   const deadline = Date.now() + ms;
   let now = snapshot();
   while (now.fds !== baseline.fds || now.mappings !== baseline.mappings) {
