@@ -4,7 +4,7 @@
  * Environment (all optional):
  * - `VHOST_FUZZ_SECONDS`: total time the fuzz test files under `npm test` spend fuzzing (default 60, 0 skips the
  *   random part and keeps only the fixed cases). Each file takes its share (`budgetMs`).
- * - `VHOST_FUZZ_SEED`: base seed (default: fixed under CI=true, else random; printed as a test diagnostic so a failing run can be replayed).
+ * - `VHOST_FUZZ_SEED`: base seed (default: random, printed as a test diagnostic so a failing run can be replayed).
  * - `VHOST_FUZZ_KNOWN_BUGS=1`: also generate the inputs that trigger bugs recorded (as `todo`) in regressions.test.ts:
  *   kick/call/err fds that are not eventfds (a socket, a read-only file, a memfd). Off by default so a run stays
  *   green until that bug is fixed; make it the default once it is.
@@ -35,14 +35,10 @@ export function budgetMs(target: FuzzTarget): number {
   return Math.round(numberFromEnv('VHOST_FUZZ_SECONDS', 60) * 1000 * SHARES[target]);
 }
 
-/**
- * The base seed: `VHOST_FUZZ_SEED`, else a fixed one under CI (a landing must not depend on luck; new inputs are
- * explored by developers' runs and `npm run fuzz`), else a fresh one.
- */
+/** The base seed: `VHOST_FUZZ_SEED`, else a fresh one. */
 export function baseSeed(): number {
   const fromEnv = process.env.VHOST_FUZZ_SEED;
   if (fromEnv !== undefined && fromEnv !== '') return Number(fromEnv) | 0;
-  if (process.env.CI === 'true') return 20261125;
   return (Date.now() ^ (process.pid << 16)) | 0;
 }
 
