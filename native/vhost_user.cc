@@ -265,18 +265,24 @@ void EventfdCreate(const FunctionCallbackInfo<Value>& info) {
   info.GetReturnValue().Set(fd);
 }
 
+// Polls one fd without waiting; returns poll's revents, or -1 with errno set (EINTR retried).
+int PollNow(int fd, short events) {
+  struct pollfd p = {fd, events, 0};
+  int ready;
+  do ready = poll(&p, 1, 0);
+  while (ready < 0 && errno == EINTR);
+  return ready < 0 ? -1 : p.revents;
+}
+
 // eventfdRead(fd) -> counter value (number), or 0 when the eventfd was not signalled. Never blocks, even on a
 // blocking eventfd (as a VMM's kick fd may be, possibly shared by two queues or read by the VMM too).
 void EventfdRead(const FunctionCallbackInfo<Value>& info) {
   int fd;
   if (!ArgInt(info, 0, "read", &fd)) return;
-  struct pollfd p = {fd, POLLIN, 0};
-  int ready;
-  do ready = poll(&p, 1, 0);
-  while (ready < 0 && errno == EINTR);
-  if (ready < 0) return ThrowErrno(info.GetIsolate(), errno, "poll");
-  if (p.revents & POLLNVAL) return ThrowErrno(info.GetIsolate(), EBADF, "read");
-  if (!(p.revents & (POLLIN | POLLERR | POLLHUP))) return info.GetReturnValue().Set(0);
+  int revents = PollNow(fd, POLLIN);
+  if (revents < 0) return ThrowErrno(info.GetIsolate(), errno, "poll");
+  if (revents & POLLNVAL) return ThrowErrno(info.GetIsolate(), EBADF, "read");
+  if (!(revents & (POLLIN | POLLERR | POLLHUP))) return info.GetReturnValue().Set(0);
   uint64_t value = 0;
   ssize_t n;
   do n = read(fd, &value, sizeof value);
@@ -296,13 +302,10 @@ void EventfdWrite(const FunctionCallbackInfo<Value>& info) {
   if (!ArgInt(info, 0, "write", &fd)) return;
   uint64_t value = 1;
   if (info.Length() > 1 && !info[1]->IsUndefined() && !ArgSize(info, 1, "write", &value)) return;
-  struct pollfd p = {fd, POLLOUT, 0};
-  int ready;
-  do ready = poll(&p, 1, 0);
-  while (ready < 0 && errno == EINTR);
-  if (ready < 0) return ThrowErrno(info.GetIsolate(), errno, "poll");
-  if (p.revents & POLLNVAL) return ThrowErrno(info.GetIsolate(), EBADF, "write");
-  if (!(p.revents & POLLOUT)) return;  // full: the reader has not consumed the earlier signal yet
+  int revents = PollNow(fd, POLLOUT);
+  if (revents < 0) return ThrowErrno(info.GetIsolate(), errno, "poll");
+  if (revents & POLLNVAL) return ThrowErrno(info.GetIsolate(), EBADF, "write");
+  if (!(revents & POLLOUT)) return;  // full: the reader has not consumed the earlier signal yet
   ssize_t n;
   do n = write(fd, &value, sizeof value);
   while (n < 0 && errno == EINTR);
