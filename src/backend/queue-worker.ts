@@ -9,6 +9,11 @@
  *                    store idle[w] = 0, back to the quiescent point before touching guest memory again
  * Commands other than memory tables (start/stop a ring, a new call fd, exit) arrive on the port with a write to the
  * control eventfd, and are acknowledged once applied.
+ *
+ * Device-to-driver queues (a handler with a `producer`, e.g. net receive) run the same loop with other wake-ups:
+ * they have work when input waits (`hasInput`, or their input fd is readable) and the ring has buffers; a kick only
+ * says the driver added buffers. Out of buffers with input left, the queue is "starved": it re-enables kicks and
+ * waits for one, and stops polling its input fd (the input stays queued where it is, or is dropped by its source).
  */
 import { receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { VhostError, VirtioError } from '../errors.js';
@@ -17,7 +22,7 @@ import type { MappedRegion } from '../memory/region.js';
 import * as native from '../native/index.js';
 import type { DescriptorChain } from '../queue/descriptor-chain.js';
 import { SplitQueue } from '../queue/split-queue.js';
-import { PENDING, type DeviceWorkerModule, type QueueHandler } from '../devices/device.js';
+import { PENDING, ProduceResult, type DeviceWorkerModule, type QueueHandler, type QueueProducer } from '../devices/device.js';
 import { SyncBlock, UNSYNCHRONIZED } from './sync-block.js';
 import type { QueueStart, WorkerCommand, WorkerInit, WorkerRegion, WorkerToControl } from './worker-messages.js';
 
@@ -41,6 +46,10 @@ interface RunningQueue {
   readonly inflight: Map<number, number[]>;
   /** A stop-queue command waiting for the in-flight requests to finish. */
   stopRequest: number | undefined;
+  /** Device-to-driver queues (net receive): the handler's producer. */
+  readonly producer: QueueProducer | undefined;
+  /** The producer has input but the ring had no buffers: wait for a kick, not for more input. */
+  starved: boolean;
 }
 
 const init = workerData as WorkerInit;
@@ -189,6 +198,8 @@ function startQueue(start: QueueStart): void {
     kicked: false,
     inflight: new Map(),
     stopRequest: undefined,
+    producer: handler.producer,
+    starved: false,
   });
 }
 
@@ -269,6 +280,10 @@ function publish(q: RunningQueue): void {
  */
 function processQueue(q: RunningQueue, rearm: boolean): void {
   if (q.stopRequest !== undefined) return;
+  if (q.producer !== undefined) {
+    produceQueue(q, q.producer, rearm);
+    return;
+  }
   const { queue, chain, handler } = q;
   const index = q.start.index;
   if (useLocks) {
@@ -317,6 +332,56 @@ function processQueue(q: RunningQueue, rearm: boolean): void {
 }
 
 /**
+ * The batch of a device-to-driver queue: up to BATCH_LIMIT units of input go into the driver's buffers, published
+ * at the end. Notifications (kicks) stay off while the producer has input and buffers; they are re-enabled (and the
+ * ring re-checked) only when it runs out of buffers, since then a kick is what tells that buffers came back.
+ * With no input left they stay off: buffers the driver adds then are found when input comes.
+ */
+function produceQueue(q: RunningQueue, producer: QueueProducer, rearm: boolean): void {
+  const { queue } = q;
+  const index = q.start.index;
+  if (useLocks) {
+    sync.lockQueue(index);
+    quiescent();
+  }
+  try {
+    if (queues.get(index) !== q) return; // failed by a table switch in quiescent()
+    queue.disableNotification();
+    for (;;) {
+      const result = producer.produce(memory, queue, BATCH_LIMIT);
+      publish(q);
+      if (q.kicked) {
+        q.kicked = false;
+        native.eventfdRead(q.start.kickFd); // after the batch, as in processQueue: buffers it announced were seen
+      }
+      if (result === ProduceResult.BUDGET) {
+        q.pending = true;
+        return;
+      }
+      q.starved = false;
+      if (result === ProduceResult.IDLE || !rearm) break;
+      // STARVED: ask for a kick when buffers come, then re-check: buffers that raced in are used now.
+      if (!queue.enableNotification()) {
+        q.starved = true;
+        break;
+      }
+      queue.disableNotification();
+    }
+    q.pending = false;
+    q.armed = rearm;
+  } catch (err) {
+    failQueue(q, err);
+  } finally {
+    if (useLocks) sync.unlockQueue(index);
+  }
+}
+
+/** Whether a queue has work now without waiting: kicked, over its batch limit, or a producer with input and room. */
+function hasWork(q: RunningQueue): boolean {
+  return q.pending || (q.producer !== undefined && !q.starved && q.stopRequest === undefined && q.producer.hasInput());
+}
+
+/**
  * The optional busy-poll (VHOST_USER_BUSY_POLL_US, default 0 = off): before going idle, watch the rings (one
  * Atomics.load of avail.idx each) for up to that long, with notifications still off, so a driver that sends its
  * next requests within the window neither kicks nor waits for this thread to wake up. Every round is a quiescent
@@ -331,7 +396,8 @@ function busyPoll(): boolean {
     for (const q of queues.values()) {
       if (q.stopRequest !== undefined || q.armed) continue;
       try {
-        if (q.queue.availableCount() > 0) {
+        // A producer has work only with input as well as buffers.
+        if (q.queue.availableCount() > 0 && (q.producer === undefined || q.producer.hasInput())) {
           q.pending = true;
           found = true;
         }
@@ -375,10 +441,10 @@ function reapQueue(q: RunningQueue): void {
 
 // ---- the loop -------------------------------------------------------------------------------------------------------
 
-const MAX_POLL_FDS = 1 + 2 * 64;
+const MAX_POLL_FDS = 1 + 3 * 64;
 const pollFds = new Int32Array(MAX_POLL_FDS);
 const revents = new Int32Array(MAX_POLL_FDS);
-/** For poll slot i: the queue, and whether the fd is its kick (else its handler's completion fd). */
+/** For poll slot i: the queue, and what the fd is: 1 its kick, 2 its producer's input, 0 its completion fd. */
 const pollQueues: (RunningQueue | undefined)[] = new Array<RunningQueue | undefined>(MAX_POLL_FDS);
 const pollIsKick = new Uint8Array(MAX_POLL_FDS);
 
@@ -396,12 +462,19 @@ function buildPollSet(): number {
   pollFds[0] = init.controlFd;
   anyPending = false;
   for (const q of queues.values()) {
-    if (n + 2 > MAX_POLL_FDS) break;
+    if (n + 3 > MAX_POLL_FDS) break;
     if (q.stopRequest === undefined) {
       pollFds[n] = q.start.kickFd;
       pollQueues[n] = q;
       pollIsKick[n] = 1;
       n++;
+      const input = q.producer?.inputFd;
+      if (input !== undefined && !q.starved) {
+        pollFds[n] = input;
+        pollQueues[n] = q;
+        pollIsKick[n] = 2;
+        n++;
+      }
     }
     const cfd = q.handler.completionFd;
     if (cfd !== undefined && q.inflight.size > 0) {
@@ -410,7 +483,7 @@ function buildPollSet(): number {
       pollIsKick[n] = 0;
       n++;
     }
-    anyPending ||= q.pending;
+    anyPending ||= hasWork(q);
   }
   return n;
 }
@@ -433,6 +506,9 @@ function dispatchReady(n: number): void {
     if (pollIsKick[i] === 1) {
       q.kicked = true; // read after the batch: the syscall is then off the path from kick to completion
       q.pending = true;
+      q.starved = false;
+    } else if (pollIsKick[i] === 2) {
+      q.pending = true; // the producer reads its input fd itself
     } else {
       native.eventfdRead(q.handler.completionFd ?? -1);
       reapQueue(q);
@@ -444,10 +520,10 @@ send({ type: 'ready' });
 while (running) {
   if (!useLocks) quiescent();
   // Map iteration tolerates queues failed (deleted) or started (added) by what runs inside.
-  for (const q of queues.values()) if (q.pending) processQueue(q, BUSY_POLL_MS === 0);
+  for (const q of queues.values()) if (hasWork(q)) processQueue(q, BUSY_POLL_MS === 0);
   if (BUSY_POLL_MS > 0) {
     let idle = true;
-    for (const q of queues.values()) if (q.pending) idle = false;
+    for (const q of queues.values()) if (hasWork(q)) idle = false;
     // Nothing came within the window: re-enable notifications and re-check every ring before poll() may sleep.
     // (When work came, the poll below does not sleep: it only collects commands and kicks.)
     if (idle && !busyPoll()) for (const q of queues.values()) if (!q.armed || q.pending) processQueue(q, true);

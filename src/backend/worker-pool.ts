@@ -1,6 +1,6 @@
 /**
  * The control thread's side of the queue workers: starts them, publishes memory tables to them, sends them commands
- * and awaits the acknowledgements, stops them. Queue `i` runs on worker `i % workers`.
+ * and awaits the acknowledgements, stops them. Queue `i` runs on worker `floor(i / queuesPerWorker) % workers`.
  */
 import { MessageChannel, Worker } from 'node:worker_threads';
 import { VhostError } from '../errors.js';
@@ -137,6 +137,7 @@ export class WorkerPool {
   readonly #workers: QueueWorker[] = [];
   readonly #sync: SyncBlock;
   readonly #mode: WorkerSyncMode;
+  readonly #queuesPerWorker: number;
 
   constructor(
     count: number,
@@ -144,10 +145,12 @@ export class WorkerPool {
     sync: SyncBlock,
     mode: WorkerSyncMode,
     onEvent: (ev: WorkerEvent) => void,
+    queuesPerWorker = 1,
   ) {
     if (count < 1 || count > MAX_WORKERS) throw new VhostError('VHOST_BAD_OPTION', `workers must be 1..${MAX_WORKERS}`);
     this.#sync = sync;
     this.#mode = mode;
+    this.#queuesPerWorker = queuesPerWorker;
     for (let i = 0; i < count; i++) {
       this.#workers.push(new QueueWorker(i, device, { buffer: sync.buffer, mode }, onEvent));
     }
@@ -158,7 +161,7 @@ export class WorkerPool {
   }
 
   #workerFor(queueIndex: number): QueueWorker {
-    return this.#workers[queueIndex % this.#workers.length] as QueueWorker;
+    return this.#workers[Math.floor(queueIndex / this.#queuesPerWorker) % this.#workers.length] as QueueWorker;
   }
 
   /**

@@ -3,11 +3,14 @@ import { Command } from 'commander';
 import { benchCommand } from './bench-command.js';
 import { blkCommand } from './blk-command.js';
 import { demoCommand } from './demo-command.js';
+import { netCommand, switchCommand } from './net-command.js';
 
 const program = new Command('vhost-user')
   .description('vhost-user device backends (and a frontend) in TypeScript')
   .showHelpAfterError()
   .addCommand(blkCommand())
+  .addCommand(netCommand())
+  .addCommand(switchCommand())
   .addCommand(demoCommand())
   .addCommand(benchCommand());
 

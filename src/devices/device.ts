@@ -8,6 +8,7 @@
  */
 import type { GuestMemory } from '../memory/guest-memory.js';
 import type { DescriptorChain } from '../queue/descriptor-chain.js';
+import type { SplitQueue } from '../queue/split-queue.js';
 
 export interface VirtioDevice {
   /** A short name for logs ("blk"). */
@@ -26,6 +27,17 @@ export interface VirtioDevice {
   writeConfig(offset: number, data: Uint8Array): void;
   /** The module that every worker loads to process this device's queues, and the options it gets. */
   readonly worker: { readonly module: string; readonly options: unknown };
+  /**
+   * Queues that must share a worker thread, as runs of this many consecutive queues (default 1). virtio-net says 2:
+   * a receive queue and its transmit queue form a pair, and a port that loops frames back (or reads a TAP queue)
+   * serves both from one thread.
+   */
+  readonly queuesPerWorker?: number;
+  /**
+   * What GET_QUEUE_NUM answers (default `numQueues`). vhost-user-net answers queue pairs: QEMU's net code compares it
+   * with its `queues=` (pairs), as DPDK's vhost library expects.
+   */
+  readonly vhostQueueNum?: number;
 }
 
 /** Per-queue context handed to `createQueueHandler`. */
@@ -52,8 +64,38 @@ export interface QueueHandler {
   readonly completionFd?: number | undefined;
   /** Reports finished requests (chain head, used length). The other thread no longer touches their memory. */
   reap?(complete: (head: number, len: number) => void): void;
+  /** Set for device-to-driver queues: the worker then calls the producer instead of `process`. */
+  readonly producer?: QueueProducer | undefined;
   /** Releases what the handler holds (files, threads). Requests still pending are abandoned. */
   close(): void;
+}
+
+/** `QueueProducer.produce` results. */
+export const ProduceResult = {
+  /** No input is waiting: the queue sleeps until its input fd, `hasInput` or a kick says otherwise. */
+  IDLE: 0,
+  /** Input is waiting but the ring has no buffers: the queue sleeps until the driver kicks (adds buffers). */
+  STARVED: 1,
+  /** The work limit was hit with input and buffers left: the worker comes back after its other queues. */
+  BUDGET: 2,
+} as const;
+export type ProduceResult = (typeof ProduceResult)[keyof typeof ProduceResult];
+
+/**
+ * The device side of a device-to-driver queue (virtio-net receive): data that comes from elsewhere (a TAP device,
+ * another thread, the transmit queue of the same pair) is written into buffers the driver made available. The
+ * worker calls `produce` when there may be input and the ring may have buffers; kicks only mean "buffers added".
+ */
+export interface QueueProducer {
+  /** Readable when new input may be waiting (a TAP fd, an eventfd another thread writes); polled while not starved. */
+  readonly inputFd: number | undefined;
+  /** Whether input is waiting that this thread can deliver now; called on every loop, so it makes no syscall. */
+  hasInput(): boolean;
+  /**
+   * Delivers input: pops chains from `queue`, writes them, and completes them with `queue.pushUsed` (the worker
+   * publishes). Delivers at most `budget` units of input (frames) before returning BUDGET.
+   */
+  produce(mem: GuestMemory, queue: SplitQueue, budget: number): ProduceResult;
 }
 
 /** The shape of a device's worker module (`VirtioDevice.worker.module`). */

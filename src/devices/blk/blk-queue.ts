@@ -7,7 +7,7 @@
  *   writable:  data for IN / GET_ID | status u8 (the last writable byte)
  *
  * Hot path (reads and writes in the queue worker): no allocation per request on the null device, one view per data
- * span on a file. The handler keeps typed-array views over the whole memory region it used last (`#locate`), valid
+ * span on a file. The handler keeps typed-array views over the whole memory region it used last (`RegionCache`), valid
  * for as long as the worker passes the same memory table; the header is read and the status written through them,
  * and data spans that lie inside that region are checked with two comparisons. Anything else (a buffer that crosses
  * a region end, a table that is not a `MemoryTable`, a region too large for one view) takes the general path through
@@ -15,8 +15,7 @@
  */
 import { VirtioError } from '../../errors.js';
 import type { GuestMemory } from '../../memory/guest-memory.js';
-import { MemoryTable } from '../../memory/memory-table.js';
-import type { MappedRegion } from '../../memory/region.js';
+import { RegionCache } from '../../memory/region-cache.js';
 import { ChainReader, type DescriptorChain } from '../../queue/descriptor-chain.js';
 import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import * as native from '../../native/index.js';
@@ -90,9 +89,6 @@ class AsyncIo {
   }
 }
 
-/** Largest region a single `Uint8Array` view may cover (typed arrays hold at most 2^32 - 1 elements here). */
-const MAX_REGION_VIEW = 0xffff_ffff;
-
 function unmapped(gpa: number): VirtioError {
   return new VirtioError('GUEST_MEMORY_UNMAPPED', `guest address 0x${gpa.toString(16)} is not mapped`);
 }
@@ -144,15 +140,8 @@ export class BlkQueueHandler implements QueueHandler {
   readonly #async: AsyncIo | undefined;
   readonly completionFd: number | undefined;
 
-  // The region cache (see the module comment). [#start, #end) is the region's guest range, `gpa - #delta` the
-  // offset of a guest address in #u8 / #dv (views over the region's whole mapping). Valid while `#mem` is passed.
-  #mem: GuestMemory | undefined;
-  #table: MemoryTable | undefined;
-  #start = 0;
-  #end = 0;
-  #delta = 0;
-  #u8: Uint8Array = new Uint8Array(0);
-  #dv: DataView = new DataView(new ArrayBuffer(0));
+  /** The region used last (see the module comment). */
+  readonly #regions = new RegionCache();
 
   constructor(options: BlkQueueOptions) {
     this.#async = options.io === 'async' ? new AsyncIo(options) : undefined;
@@ -171,15 +160,15 @@ export class BlkQueueHandler implements QueueHandler {
     if (chain.readableBytes < REQUEST_HEADER_SIZE) {
       throw new VirtioError('VIRTIO_BLK_SHORT_HEADER', `request ${chain.head} has a ${chain.readableBytes}-byte header`);
     }
-    if (mem !== this.#mem) this.#useMemory(mem);
+    this.#regions.use(mem);
     // The header is read once into locals (no double fetch): through the region views when the first descriptor
     // holds all of it, else through the chain reader.
     let type: number;
     let sectorLo: number;
     let sectorHi: number;
-    const at = (chain.len[0] as number) >= REQUEST_HEADER_SIZE ? this.#locate(chain.addr[0] as number, REQUEST_HEADER_SIZE) : -1;
+    const at = (chain.len[0] as number) >= REQUEST_HEADER_SIZE ? this.#regions.locate(chain.addr[0] as number, REQUEST_HEADER_SIZE) : -1;
     if (at >= 0) {
-      const v = this.#dv;
+      const v = this.#regions.dv;
       type = v.getUint32(at, true);
       sectorLo = v.getUint32(at + 8, true);
       sectorHi = v.getUint32(at + 12, true);
@@ -265,10 +254,10 @@ export class BlkQueueHandler implements QueueHandler {
       while (want > 0) {
         let view: Uint8Array | undefined;
         let n: number;
-        const at = this.#locate(gpa, want);
+        const at = this.#regions.locate(gpa, want);
         if (at >= 0) {
           n = want;
-          if (!nullData) view = new Uint8Array(this.#u8.buffer, at, n);
+          if (!nullData) view = new Uint8Array(this.#regions.u8.buffer, at, n);
         } else {
           view = mem.view(gpa, want); // shorter than `want` where a region ends: continue in the next one
           n = view.length;
@@ -283,48 +272,6 @@ export class BlkQueueHandler implements QueueHandler {
         done += n;
       }
     }
-  }
-
-  /** Starts using memory table `mem`: the region cache belongs to the previous one. */
-  #useMemory(mem: GuestMemory): void {
-    this.#mem = mem;
-    this.#table = mem instanceof MemoryTable ? mem : undefined;
-    this.#forget();
-  }
-
-  #forget(): void {
-    this.#start = 0;
-    this.#end = 0;
-    this.#delta = 0;
-    this.#u8 = new Uint8Array(0);
-    this.#dv = new DataView(this.#u8.buffer);
-  }
-
-  /**
-   * The offset in `#u8` / `#dv` of guest range [gpa, gpa + len) when it lies inside one region (which becomes the
-   * cached one), else -1 (the caller takes the general path, which also reports holes).
-   */
-  #locate(gpa: number, len: number): number {
-    if (gpa >= this.#start && gpa + len <= this.#end) return gpa - this.#delta;
-    const table = this.#table;
-    if (table === undefined) return -1;
-    const r = table.findRegion(gpa);
-    if (r === undefined || gpa + len > r.gpa + r.size || !this.#cache(r)) return -1;
-    return gpa - this.#delta;
-  }
-
-  #cache(r: MappedRegion): boolean {
-    const bytes = r.bufferOffset + r.size;
-    if (bytes > MAX_REGION_VIEW || bytes > r.buffer.byteLength) {
-      this.#forget();
-      return false;
-    }
-    this.#u8 = new Uint8Array(r.buffer, 0, bytes);
-    this.#dv = new DataView(r.buffer, 0, bytes);
-    this.#start = r.gpa;
-    this.#end = r.gpa + r.size;
-    this.#delta = r.gpa - r.bufferOffset;
-    return true;
   }
 
   reap(complete: (head: number, len: number) => void): void {
@@ -385,9 +332,9 @@ export class BlkQueueHandler implements QueueHandler {
     const last = chain.count - 1;
     const len = chain.len[last] as number;
     if (len > 0) {
-      const at = this.#locate((chain.addr[last] as number) + len - 1, 1);
+      const at = this.#regions.locate((chain.addr[last] as number) + len - 1, 1);
       if (at >= 0) {
-        this.#u8[at] = status;
+        this.#regions.u8[at] = status;
         return;
       }
     }

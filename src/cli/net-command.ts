@@ -1,0 +1,112 @@
+/** `vhost-user net` and `vhost-user switch`: virtio-net backends on unix sockets. */
+import { Command, InvalidArgumentError } from 'commander';
+import { VhostUserServer } from '../backend/server.js';
+import { MAX_QUEUE_PAIRS, NetDevice, type NetPortOption } from '../devices/net/net-device.js';
+import { MAX_FRAME, MIN_FRAME } from '../devices/net/constants.js';
+import { MAX_SWITCH_PORTS, SwitchFabric } from '../devices/net/ports/switch.js';
+import { createLogger } from './logger.js';
+import { parseInteger } from './parse.js';
+import { addServerOptions, serverOptions, stopSignal, type ServerCliOptions } from './server-options.js';
+
+type PortArg = { kind: 'loopback' } | { kind: 'sink' } | { kind: 'source' } | { kind: 'tap'; name: string };
+
+/** Linux interface names: 1..15 bytes, no '/', whitespace or ':'. */
+function parsePort(value: string): PortArg {
+  if (value === 'loopback' || value === 'sink' || value === 'source') return { kind: value };
+  const tap = /^tap:([^/\s:]{1,15})$/.exec(value);
+  if (tap !== null) return { kind: 'tap', name: tap[1] as string };
+  throw new InvalidArgumentError('expected loopback, sink, source or tap:NAME (NAME: an interface name of 1..15 characters)');
+}
+
+interface NetOptions extends ServerCliOptions {
+  socket: string;
+  port: PortArg;
+  queues: number;
+  mac?: string;
+  queueSize: number;
+  frameLen: number;
+}
+
+export function netCommand(): Command {
+  const command = new Command('net')
+    .description(
+      'Serve a virtio-net device over vhost-user. Listens on --socket; the VMM connects as a client (QEMU: -chardev ' +
+        'socket,id=c0,path=SOCK -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0, with shared ' +
+        'memfd guest memory; DPDK: --vdev net_virtio_user0,path=SOCK). Frames go to --port. SIGINT/SIGTERM exit cleanly ' +
+        '(status 0) after logging the counters.',
+    )
+    .requiredOption('--socket <path>', 'unix socket path to listen on (a stale socket file is replaced)')
+    .requiredOption(
+      '--port <port>',
+      'where frames go: loopback (echo), sink (drop), source (generate; check what comes back), tap:NAME (a new TAP device)',
+      parsePort,
+    )
+    .option('--queues <n>', 'queue pairs (VIRTIO_NET_F_MQ when > 1)', parseInteger(1, MAX_QUEUE_PAIRS), 1)
+    .option('--mac <mac>', 'MAC address in the config space (and the source port\'s frames)')
+    .option('--queue-size <n>', 'largest queue size the driver may use (power of two, up to 32768)', parseInteger(2, 32768), 1024)
+    .option('--frame-len <bytes>', `length of the source port's frames (${MIN_FRAME}..${MAX_FRAME})`, parseInteger(MIN_FRAME, MAX_FRAME), 64);
+  return addServerOptions(command, 'worker threads (default: one per queue pair)').action(async (opts: NetOptions) => {
+    const log = createLogger(opts.logLevel);
+    const port: NetPortOption = opts.port.kind === 'source' ? { kind: 'source', frameLen: opts.frameLen } : opts.port;
+    const device = new NetDevice({
+      port,
+      queuePairs: opts.queues,
+      maxQueueSize: opts.queueSize,
+      ...(opts.mac !== undefined ? { mac: opts.mac } : {}),
+    });
+    const server = new VhostUserServer({ socketPath: opts.socket, device, logger: log, ...serverOptions(opts) });
+    try {
+      server.listen();
+      log.info({ port: opts.port, queuePairs: opts.queues }, 'vhost-user-net ready');
+      await stopSignal(log);
+      await server.close();
+    } finally {
+      device.close();
+    }
+    log.info({ stats: device.stats() }, 'net stats');
+    log.flush();
+  });
+}
+
+interface SwitchOptions extends ServerCliOptions {
+  socket: string[];
+  queueSize: number;
+}
+
+export function switchCommand(): Command {
+  const command = new Command('switch')
+    .description(
+      'A learning Ethernet switch between VMs: one vhost-user-net device per --socket (one queue pair each), frames ' +
+        'forwarded by destination MAC, broadcast and unknown destinations flooded. SIGINT/SIGTERM exit cleanly.',
+    )
+    .requiredOption(
+      '--socket <path>',
+      `a unix socket to listen on for one VM (repeat for each port, 2..${MAX_SWITCH_PORTS})`,
+      (value: string, previous: string[] | undefined) => [...(previous ?? []), value],
+    )
+    .option('--queue-size <n>', 'largest queue size the drivers may use (power of two, up to 32768)', parseInteger(2, 32768), 1024);
+  return addServerOptions(command, 'worker threads per port (default: 1)').action(async (opts: SwitchOptions) => {
+    const log = createLogger(opts.logLevel);
+    if (opts.socket.length < 2 || opts.socket.length > MAX_SWITCH_PORTS) {
+      throw new Error(`a switch needs 2..${MAX_SWITCH_PORTS} --socket options`);
+    }
+    const fabric = new SwitchFabric(opts.socket.length);
+    const devices = opts.socket.map(
+      (_, index) => new NetDevice({ port: { kind: 'switch', fabric, index }, maxQueueSize: opts.queueSize }),
+    );
+    const servers = opts.socket.map(
+      (socketPath, i) =>
+        new VhostUserServer({ socketPath, device: devices[i] as NetDevice, logger: log.child({ switchPort: i }), ...serverOptions(opts) }),
+    );
+    try {
+      for (const s of servers) s.listen();
+      log.info({ ports: servers.length }, 'vhost-user switch ready');
+      await stopSignal(log);
+      await Promise.all(servers.map((s) => s.close()));
+    } finally {
+      fabric.close();
+    }
+    log.info({ ports: devices.map((d) => d.stats()) }, 'switch stats');
+    log.flush();
+  });
+}

@@ -1,0 +1,47 @@
+/** Options and the run loop that every device command (blk, net, switch) shares. */
+import { Option, type Command } from 'commander';
+import { SYNC_MODES, type SyncMode } from '../backend/sync-block.js';
+import type { Logger } from 'pino';
+import { parseInteger } from './parse.js';
+
+export interface ServerCliOptions {
+  workers?: number;
+  sync: SyncMode;
+  memSlots: number;
+  logLevel: string;
+}
+
+/** Adds --workers, --sync, --mem-slots and --log-level. */
+export function addServerOptions(command: Command, workersHelp: string): Command {
+  return command
+    .option('--workers <n>', workersHelp, parseInteger(1, 64))
+    .addOption(
+      new Option('--sync <mode>', 'how workers are kept off memory being removed (docs/memory-sync.md)')
+        .choices(SYNC_MODES)
+        .default('qsbr'),
+    )
+    .option(
+      '--mem-slots <n>',
+      'memory slots offered to the frontend; 0 = do not offer CONFIGURE_MEM_SLOTS (the frontend sends whole tables)',
+      parseInteger(0, 509),
+      509,
+    )
+    .option('--log-level <level>', 'fatal, error, warn, info, debug or trace', 'info');
+}
+
+/** The VhostUserServer options that come from the shared CLI options. */
+export function serverOptions(opts: ServerCliOptions): { sync: SyncMode; memSlots: number; workers?: number } {
+  return { sync: opts.sync, memSlots: opts.memSlots, ...(opts.workers !== undefined ? { workers: opts.workers } : {}) };
+}
+
+/** Resolves at the first SIGINT or SIGTERM (logged), so that the command can close its servers and exit 0. */
+export function stopSignal(log: Logger): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const stop = (signal: string): void => {
+      log.info({ signal }, 'stopping');
+      resolve();
+    };
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+  });
+}

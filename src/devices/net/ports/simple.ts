@@ -1,0 +1,147 @@
+/**
+ * The ports that need nothing outside the process: loopback, sink and source (benchmarks and tests).
+ */
+import { C, count } from '../stats.js';
+import type { Frame, NetPort } from './port.js';
+
+/** Frames a loopback pair holds between its transmit and its receive queue (more are dropped: a full NIC queue). */
+const LOOPBACK_SLOTS = 256;
+/** Largest frame a loopback slot holds (jumbo frames); larger ones are dropped. */
+const LOOPBACK_SLOT_SIZE = 9216;
+
+/** Transmit queue -> receive queue of the same pair, in the one thread that runs both: a FIFO of frame copies. */
+export class LoopbackPort implements NetPort {
+  readonly inputFd = undefined;
+  readonly frame: Frame;
+  readonly #slots = new Uint8Array(LOOPBACK_SLOTS * LOOPBACK_SLOT_SIZE);
+  readonly #lengths = new Uint32Array(LOOPBACK_SLOTS);
+  #head = 0; // next slot to deliver
+  #count = 0;
+
+  constructor() {
+    this.frame = { buf: this.#slots, offset: 0, length: 0 };
+  }
+
+  transmit(buf: Uint8Array, offset: number, length: number): boolean {
+    if (this.#count === LOOPBACK_SLOTS || length > LOOPBACK_SLOT_SIZE) return false;
+    const slot = (this.#head + this.#count) % LOOPBACK_SLOTS;
+    this.#slots.set(buf.subarray(offset, offset + length), slot * LOOPBACK_SLOT_SIZE);
+    this.#lengths[slot] = length;
+    this.#count++;
+    return true;
+  }
+
+  hasInput(): boolean {
+    return this.#count > 0;
+  }
+
+  next(): boolean {
+    if (this.#count === 0) return false;
+    this.frame.offset = this.#head * LOOPBACK_SLOT_SIZE;
+    this.frame.length = this.#lengths[this.#head] as number;
+    return true;
+  }
+
+  consume(): void {
+    this.#head = (this.#head + 1) % LOOPBACK_SLOTS;
+    this.#count--;
+  }
+
+  close(): void {}
+}
+
+/** Takes every frame and keeps none. */
+export class SinkPort implements NetPort {
+  readonly inputFd = undefined;
+  readonly frame: Frame = { buf: new Uint8Array(0), offset: 0, length: 0 };
+
+  transmit(): boolean {
+    return true;
+  }
+
+  hasInput(): boolean {
+    return false;
+  }
+
+  next(): boolean {
+    return false;
+  }
+
+  consume(): void {}
+
+  close(): void {}
+}
+
+/** The source's frames: EtherType 0x88b5 (IEEE local experimental), then "VUSR", a sequence number and the pattern. */
+export const SOURCE_ETHERTYPE = 0x88b5;
+const MAGIC = [0x56, 0x55, 0x53, 0x52]; // "VUSR"
+/** Ethernet header (14) + magic (4) + sequence number (4): the pattern starts after it. */
+const PATTERN_START = 22;
+
+/**
+ * A traffic source: an endless supply of frames of one length for the driver, numbered, whose payload byte i is
+ * (seq + i) & 0xff. Frames the driver transmits are taken like a sink's, and those that carry the source's mark are
+ * checked (counters `checked` / `corrupt`): with a frontend that echoes (DPDK testpmd's io mode), that proves the
+ * bytes went through both directions intact.
+ */
+export class SourcePort implements NetPort {
+  readonly inputFd = undefined;
+  readonly frame: Frame;
+  readonly #frameLen: number;
+  /** 256 ready frames, one per value of seq & 0xff; only the sequence number changes between uses. */
+  readonly #frames: Uint8Array;
+  readonly #framesView: DataView;
+  /** pattern[k] = k & 0xff, long enough for any offset 0..255 plus a frame: the reference for checks. */
+  readonly #pattern: Uint8Array;
+  readonly #stats: Float64Array;
+  #seq = 0;
+
+  constructor(frameLen: number, mac: readonly number[], stats: Float64Array) {
+    this.#frameLen = frameLen;
+    this.#stats = stats;
+    this.#pattern = new Uint8Array(256 + 65536);
+    for (let k = 0; k < this.#pattern.length; k++) this.#pattern[k] = k & 0xff;
+    this.#frames = new Uint8Array(256 * frameLen);
+    this.#framesView = new DataView(this.#frames.buffer);
+    for (let s = 0; s < 256; s++) {
+      const base = s * frameLen;
+      this.#frames.fill(0xff, base, base + 6); // broadcast: any receiver takes it
+      this.#frames.set(mac, base + 6);
+      this.#framesView.setUint16(base + 12, SOURCE_ETHERTYPE);
+      this.#frames.set(MAGIC, base + 14);
+      this.#frames.set(this.#pattern.subarray(s, s + frameLen - PATTERN_START), base + PATTERN_START);
+    }
+    this.frame = { buf: this.#frames, offset: 0, length: frameLen };
+  }
+
+  transmit(buf: Uint8Array, offset: number, length: number): boolean {
+    if (length < PATTERN_START || buf[offset + 12] !== SOURCE_ETHERTYPE >> 8 || buf[offset + 13] !== (SOURCE_ETHERTYPE & 0xff)) {
+      return true;
+    }
+    for (let i = 0; i < 4; i++) if (buf[offset + 14 + i] !== MAGIC[i]) return true;
+    const seq = ((buf[offset + 18] as number) << 24) | ((buf[offset + 19] as number) << 16) | ((buf[offset + 20] as number) << 8) | (buf[offset + 21] as number);
+    const s = seq & 0xff;
+    const got = Buffer.from(buf.buffer, buf.byteOffset + offset + PATTERN_START, length - PATTERN_START);
+    const want = Buffer.from(this.#pattern.buffer, s, length - PATTERN_START);
+    count(this.#stats, C.checked);
+    if (!got.equals(want)) count(this.#stats, C.corrupt);
+    return true;
+  }
+
+  hasInput(): boolean {
+    return true;
+  }
+
+  next(): boolean {
+    const s = this.#seq & 0xff;
+    this.frame.offset = s * this.#frameLen;
+    this.#framesView.setUint32(this.frame.offset + 18, this.#seq >>> 0);
+    return true;
+  }
+
+  consume(): void {
+    this.#seq = (this.#seq + 1) >>> 0;
+  }
+
+  close(): void {}
+}
