@@ -8,8 +8,12 @@
 export { VhostError, ProtocolError, VirtioError, type SystemError } from './errors.js';
 export { VhostUserServer, type ServerOptions } from './backend/server.js';
 export { BackendSession, MAX_MEM_SLOTS, OFFERED_PROTOCOL_FEATURES } from './backend/session.js';
-export type { VirtioDevice, QueueHandler, QueueContext, DeviceWorkerModule } from './devices/device.js';
+export type { VirtioDevice, QueueHandler, QueueContext, QueueProducer, DeviceWorkerModule } from './devices/device.js';
+export { ProduceResult } from './devices/device.js';
 export { BlkDevice, type BlkDeviceOptions } from './devices/blk/blk-device.js';
+export { NetDevice, type NetDeviceOptions, type NetPortOption } from './devices/net/net-device.js';
+export { SwitchFabric } from './devices/net/ports/switch.js';
+export type { NetStatsSnapshot } from './devices/net/stats.js';
 export type { GuestMemory } from './memory/guest-memory.js';
 export { MemoryTable } from './memory/memory-table.js';
 export type { MappedRegion } from './memory/region.js';

@@ -48,8 +48,10 @@ interface RunningQueue {
   stopRequest: number | undefined;
   /** Device-to-driver queues (net receive): the handler's producer. */
   readonly producer: QueueProducer | undefined;
-  /** The producer has input but the ring had no buffers: wait for a kick, not for more input. */
+  /** The producer has input but the ring had too few buffers: wait for a kick, not for more input. */
   starved: boolean;
+  /** While starved: the avail.idx that was not enough. */
+  starvedAvail: number;
 }
 
 const init = workerData as WorkerInit;
@@ -200,6 +202,7 @@ function startQueue(start: QueueStart): void {
     stopRequest: undefined,
     producer: handler.producer,
     starved: false,
+    starvedAvail: 0,
   });
 }
 
@@ -358,14 +361,19 @@ function produceQueue(q: RunningQueue, producer: QueueProducer, rearm: boolean):
         q.pending = true;
         return;
       }
-      q.starved = false;
-      if (result === ProduceResult.IDLE || !rearm) break;
-      // STARVED: ask for a kick when buffers come, then re-check: buffers that raced in are used now.
-      if (!queue.enableNotification()) {
-        q.starved = true;
+      if (result === ProduceResult.IDLE) {
+        q.starved = false;
         break;
       }
+      // STARVED: the ring may still hold some chains (too few for the frame): wait until the driver adds more, told
+      // by a kick or (busy-poll, where kicks stay off) by busyPoll seeing avail.idx move.
+      q.starved = true;
+      q.starvedAvail = queue.seenAvailIdx;
+      if (!rearm) break;
+      // Ask for a kick when buffers come, then re-check: buffers that raced in are used now.
+      if (!queue.enableNotification(q.starvedAvail)) break;
       queue.disableNotification();
+      q.starved = false;
     }
     q.pending = false;
     q.armed = rearm;
@@ -396,9 +404,17 @@ function busyPoll(): boolean {
     for (const q of queues.values()) {
       if (q.stopRequest !== undefined || q.armed) continue;
       try {
-        // A producer has work only with input as well as buffers.
-        if (q.queue.availableCount() > 0 && (q.producer === undefined || q.producer.hasInput())) {
+        // A producer has work only with input as well as buffers; a starved one only once the driver added some.
+        const available = q.queue.availableCount();
+        const work =
+          q.producer === undefined
+            ? available > 0
+            : q.starved
+              ? ((q.queue.lastAvailIdx + available) & 0xffff) !== q.starvedAvail
+              : available > 0 && q.producer.hasInput();
+        if (work) {
           q.pending = true;
+          q.starved = false;
           found = true;
         }
       } catch (err) {
@@ -516,6 +532,10 @@ function dispatchReady(n: number): void {
   }
 }
 
+/** While work is waiting, poll(0) for kicks and commands once per this many rounds of the loop. */
+const POLL_EVERY = 16;
+let busyRounds = 0;
+
 send({ type: 'ready' });
 while (running) {
   if (!useLocks) quiescent();
@@ -530,7 +550,12 @@ while (running) {
   }
   const n = buildPollSet();
   if (anyPending) {
-    native.poll(pollSet(n), revents, 0); // collect kicks and commands without sleeping
+    // Work is waiting: collect kicks and commands without sleeping, but only every POLL_EVERY rounds while busy: a
+    // syscall per round costs as much as the work of a short batch (a producer kept short of buffers, a busy-poll).
+    // Memory changes do not wait for it (quiescent() loads gen every round), other commands and kicks at most
+    // POLL_EVERY rounds.
+    if (++busyRounds % POLL_EVERY !== 0) continue;
+    native.poll(pollSet(n), revents, 0);
   } else {
     // Every queue's notifications are enabled and its ring was re-checked empty. From the store of idle = 1 until
     // the store of idle = 0 this worker touches no guest memory; a kick in between stays counted in its eventfd.

@@ -396,12 +396,16 @@ export class SplitQueue {
    * `lastAvailIdx` (notify when the driver makes anything past what we processed available); without, clears
    * VRING_USED_F_NO_NOTIFY. Then re-reads avail.idx and returns true when chains are available, in which case the
    * caller must process them (the notification for them may never come).
+   *
+   * `seen` (default: the last popped index) is the avail index the caller has already taken into account: a device
+   * that left chains available because it needs more of them at once (a frame spanning several receive buffers)
+   * passes the avail index it saw, so that it is notified, and true is returned, only when the driver adds more.
    */
-  enableNotification(): boolean {
+  enableNotification(seen: number = this.#lastAvailIdx): boolean {
     const v = this.#ring();
     if (this.eventIdx) {
       // Release store of avail_event (after ring[size] in the used ring).
-      Atomics.store(v.usedU16, 2 + 4 * this.size, le16(this.#lastAvailIdx));
+      Atomics.store(v.usedU16, 2 + 4 * this.size, le16(seen));
     } else {
       this.#usedFlags &= ~VRING_USED_F_NO_NOTIFY;
       Atomics.store(v.usedU16, 0, le16(this.#usedFlags));
@@ -411,7 +415,16 @@ export class SplitQueue {
     // still said "don't notify", so it does not kick. Either it reads our new value and kicks, or we read its new
     // avail.idx here and return true. Pairs with the driver's virtio_mb() in virtqueue_kick_prepare.
     const availIdx = le16(Atomics.load(v.availU16, 1));
-    return availIdx !== this.#lastAvailIdx;
+    return availIdx !== seen;
+  }
+
+  /**
+   * The avail.idx that `popChain` last read: when a pop fails, the chains the device has seen. A device that stops
+   * for want of buffers waits for the driver to move avail.idx past this value (`enableNotification(seenAvailIdx)`),
+   * not past a fresh read, which may already include buffers it has not tried.
+   */
+  get seenAvailIdx(): number {
+    return this.#shadowAvailIdx;
   }
 
   /**
