@@ -426,6 +426,37 @@ for (const eventIdx of [false, true]) {
   });
 }
 
+for (const eventIdx of [false, true]) {
+  test(`a device short of buffers waits past seenAvailIdx, not past a fresh read (eventIdx=${eventIdx})`, () => {
+    // The story (found with DPDK testpmd on the net receive queue): the device needs two buffers for a frame, finds
+    // one, gives it back and re-arms. Had it re-armed at a fresh read of avail.idx, a buffer the driver added between
+    // the failed pop and that read would count as "already seen": no kick would come for it, and the device would
+    // sleep with enough buffers in the ring.
+    const { mem, driver, queue, chain } = queuePair({ eventIdx });
+    queue.disableNotification();
+    driver.addChain([{ addr: BUF_BASE, len: 8, writable: true }], 'a');
+    driver.publish();
+    driver.kickNeeded(); // the driver checks after every publish (the first one of fresh rings is kicked)
+    assert.ok(queue.popChain(mem, chain));
+    assert.equal(queue.popChain(mem, chain), false, 'one buffer is not enough');
+    queue.unpop();
+    assert.equal(queue.seenAvailIdx, 1, 'the failed pop saw avail.idx 1');
+    // The driver adds a buffer before the device re-arms; notifications are off, so it does not kick.
+    driver.addChain([{ addr: BUF_BASE + 8, len: 8, writable: true }], 'b');
+    driver.publish();
+    assert.equal(driver.kickNeeded(), false);
+    assert.equal(queue.enableNotification(queue.seenAvailIdx), true, "'b' came after what the device saw: retry now");
+    assert.ok(queue.popChain(mem, chain));
+    assert.ok(queue.popChain(mem, chain), 'two buffers: the frame fits');
+    // Short again with nothing new: re-arming at what the pop saw says sleep, and the next buffer is kicked.
+    assert.equal(queue.popChain(mem, chain), false);
+    assert.equal(queue.enableNotification(queue.seenAvailIdx), false);
+    driver.addChain([{ addr: BUF_BASE + 16, len: 8, writable: true }], 'c');
+    driver.publish();
+    assert.equal(driver.kickNeeded(), true);
+  });
+}
+
 test('the chain walk does one GuestMemory call per indirect table and none for direct descriptors', () => {
   const { mem, driver, queue, chain } = queuePair({ size: 16 });
   driver.addChain(
