@@ -6,6 +6,7 @@
 const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void> }>> = {
   sync: () => import('./sync.js'),
   blk: () => import('./blk.js'),
+  net: () => import('./net.js'),
 };
 
 const [name, ...args] = process.argv.slice(2);

@@ -1,6 +1,6 @@
-// The syscalls Node lacks, and nothing else: memfd, mmap into a real SharedArrayBuffer, revoke, unix sockets with
-// SCM_RIGHTS driven by the calling thread's event loop, eventfd, poll. All logic lives in TypeScript
-// (src/native/index.ts documents each function).
+// The syscalls Node lacks, and nothing else: memfd and seals, mmap into a real SharedArrayBuffer, revoke, unix
+// sockets with SCM_RIGHTS driven by the calling thread's event loop, eventfd, poll, TAP devices. All logic lives in
+// TypeScript (src/native/index.ts documents each function).
 //
 // Every failure throws a JS Error shaped like Node's system errors: `code` ('EBADF'), `errno` (positive), `syscall`.
 // The module is context-aware (NODE_MODULE_INIT) so worker threads can load it; per-thread state (fd watchers)
@@ -14,7 +14,10 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <string.h>
+#include <linux/if.h>
+#include <linux/if_tun.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -30,6 +33,9 @@
 
 #ifndef MFD_CLOEXEC
 #include <linux/memfd.h>
+#endif
+#ifndef F_ADD_SEALS
+#include <linux/fcntl.h>
 #endif
 
 using v8::Array;
@@ -252,6 +258,28 @@ void Dup(const FunctionCallbackInfo<Value>& info) {
   info.GetReturnValue().Set(r);
 }
 
+// getSeals(fd) -> the file's seal bits (F_GET_SEALS), or -1 when the file does not support sealing (anything but a
+// memfd/shmem or hugetlbfs file: the kernel answers EINVAL). A shmem file that was not created sealable reports
+// F_SEAL_SEAL.
+void GetSeals(const FunctionCallbackInfo<Value>& info) {
+  int fd;
+  if (!ArgInt(info, 0, "fcntl", &fd)) return;
+  int seals = fcntl(fd, F_GET_SEALS);
+  if (seals < 0) {
+    if (errno == EINVAL) return info.GetReturnValue().Set(-1);
+    return ThrowErrno(info.GetIsolate(), errno, "fcntl");
+  }
+  info.GetReturnValue().Set(seals);
+}
+
+// addSeals(fd, seals): F_ADD_SEALS. EPERM when the file is sealed against new seals (F_SEAL_SEAL), EBUSY for
+// F_SEAL_WRITE while a writable shared mapping exists, EINVAL for a file that does not support sealing.
+void AddSeals(const FunctionCallbackInfo<Value>& info) {
+  int fd, seals;
+  if (!ArgInt(info, 0, "fcntl", &fd) || !ArgInt(info, 1, "fcntl", &seals)) return;
+  if (fcntl(fd, F_ADD_SEALS, seals) < 0) return ThrowErrno(info.GetIsolate(), errno, "fcntl");
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // eventfd and poll (worker datapath)
 
@@ -272,6 +300,21 @@ int PollNow(int fd, short events) {
   do ready = poll(&p, 1, 0);
   while (ready < 0 && errno == EINTR);
   return ready < 0 ? -1 : p.revents;
+}
+
+// isEventfd(fd) -> true when fd is an eventfd. The kernel names an eventfd's file "anon_inode:[eventfd]" (its
+// /proc/self/fd link); fstat cannot tell (every anonymous inode shares one inode). EBADF for a closed fd.
+void IsEventfd(const FunctionCallbackInfo<Value>& info) {
+  int fd;
+  if (!ArgInt(info, 0, "readlink", &fd)) return;
+  if (fcntl(fd, F_GETFD) < 0) return ThrowErrno(info.GetIsolate(), errno, "fcntl");
+  char path[64];
+  snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+  char target[64];
+  ssize_t n = readlink(path, target, sizeof target - 1);
+  if (n < 0) return ThrowErrno(info.GetIsolate(), errno, "readlink");
+  target[n] = '\0';
+  info.GetReturnValue().Set(strcmp(target, "anon_inode:[eventfd]") == 0);
 }
 
 // eventfdRead(fd) -> counter value (number), or 0 when the eventfd was not signalled. Never blocks, even on a
@@ -342,6 +385,44 @@ void Poll(const FunctionCallbackInfo<Value>& info) {
   std::shared_ptr<v8::BackingStore> store = revents->Buffer()->GetBackingStore();
   memcpy(static_cast<char*>(store->Data()) + revents->ByteOffset(), out, n * sizeof(int32_t));
   info.GetReturnValue().Set(r);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// TAP devices
+
+// tunOpen(name, multiQueue) -> { fd, name }: opens /dev/net/tun (non-blocking, close-on-exec) and attaches it to the
+// TAP interface `name` (created if missing; "" lets the kernel pick a name such as "tap0"), without the
+// packet-information header: each read() returns one Ethernet frame, each write() sends one. The interface is not
+// persistent: it goes away when its last queue fd is closed. `name` is the kernel's final interface name.
+void TunOpen(const FunctionCallbackInfo<Value>& info) {
+  Isolate* isolate = info.GetIsolate();
+  Local<Context> context = isolate->GetCurrentContext();
+  if (!info[0]->IsString()) return ThrowInvalid(isolate, "ioctl", "name must be a string");
+  String::Utf8Value name(isolate, info[0]);
+  if (name.length() < 0 || static_cast<size_t>(name.length()) >= IFNAMSIZ ||
+      strlen(*name) != static_cast<size_t>(name.length())) {
+    return ThrowInvalid(isolate, "ioctl", "interface name must be shorter than 16 bytes, without NUL");
+  }
+  struct ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  memcpy(ifr.ifr_name, *name, name.length());
+  ifr.ifr_flags = IFF_TAP | IFF_NO_PI | (info[1]->IsTrue() ? IFF_MULTI_QUEUE : 0);
+  int fd;
+  do fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+  while (fd < 0 && errno == EINTR);
+  if (fd < 0) return ThrowErrno(isolate, errno, "open");
+  if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+    int err = errno;
+    close(fd);
+    return ThrowErrno(isolate, err, "ioctl");
+  }
+  char actual[IFNAMSIZ + 1];
+  memcpy(actual, ifr.ifr_name, IFNAMSIZ);
+  actual[IFNAMSIZ] = '\0';
+  Local<Object> out = Object::New(isolate);
+  out->Set(context, Str(isolate, "fd"), Integer::New(isolate, fd)).Check();
+  out->Set(context, Str(isolate, "name"), Str(isolate, actual)).Check();
+  info.GetReturnValue().Set(out);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -657,10 +738,14 @@ NODE_MODULE_INIT(/* exports, module, context */) {
   SetMethod(isolate, context, exports, "fstat", Fstat, data);
   SetMethod(isolate, context, exports, "close", Close, data);
   SetMethod(isolate, context, exports, "dup", Dup, data);
+  SetMethod(isolate, context, exports, "getSeals", GetSeals, data);
+  SetMethod(isolate, context, exports, "addSeals", AddSeals, data);
   SetMethod(isolate, context, exports, "eventfd", EventfdCreate, data);
+  SetMethod(isolate, context, exports, "isEventfd", IsEventfd, data);
   SetMethod(isolate, context, exports, "eventfdRead", EventfdRead, data);
   SetMethod(isolate, context, exports, "eventfdWrite", EventfdWrite, data);
   SetMethod(isolate, context, exports, "poll", Poll, data);
+  SetMethod(isolate, context, exports, "tunOpen", TunOpen, data);
   SetMethod(isolate, context, exports, "listen", Listen, data);
   SetMethod(isolate, context, exports, "accept", Accept, data);
   SetMethod(isolate, context, exports, "connect", Connect, data);

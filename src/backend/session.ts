@@ -77,7 +77,15 @@ export const OFFERED_PROTOCOL_FEATURES =
   bit(ProtocolFeature.STATUS) |
   bit(ProtocolFeature.RESET_DEVICE);
 
-/** Requests whose reply is part of the message (sent whether or not REPLY_ACK asked for one). */
+/**
+ * Requests whose reply is part of the message (sent whether or not REPLY_ACK asked for one). When one fails there is
+ * no reply to send: a REPLY_ACK u64 under its request code would be read as that reply, so the connection is
+ * dropped instead. This includes the requests this backend does not implement (their features are not offered)
+ * whose reply is a payload of its own: GET_INFLIGHT_FD (inflight description and an fd), POSTCOPY_ADVISE (the
+ * userfault fd), SET_DEVICE_STATE_FD (u64 and maybe an fd), CHECK_DEVICE_STATE (a u64 result QEMU awaits without
+ * NEED_REPLY), GET_SHARED_OBJECT, CREATE_CRYPTO_SESSION, GET_SHMEM_CONFIG. Not POSTCOPY_LISTEN / POSTCOPY_END nor
+ * IOTLB_MSG: their reply is the REPLY_ACK u64 itself (QEMU reads it with process_message_reply), so a nack is right.
+ */
 const REPLYING_REQUESTS = new Set<number>([
   FrontendRequest.GET_FEATURES,
   FrontendRequest.GET_PROTOCOL_FEATURES,
@@ -86,7 +94,27 @@ const REPLYING_REQUESTS = new Set<number>([
   FrontendRequest.GET_CONFIG,
   FrontendRequest.GET_MAX_MEM_SLOTS,
   FrontendRequest.GET_STATUS,
+  FrontendRequest.GET_INFLIGHT_FD,
+  FrontendRequest.POSTCOPY_ADVISE,
+  FrontendRequest.SET_DEVICE_STATE_FD,
+  FrontendRequest.CHECK_DEVICE_STATE,
+  FrontendRequest.GET_SHARED_OBJECT,
+  FrontendRequest.CREATE_CRYPTO_SESSION,
+  FrontendRequest.GET_SHMEM_CONFIG,
 ]);
+
+/**
+ * An error no reply can express (a memory change that took effect but could not complete): the connection is
+ * dropped even when REPLY_ACK asked for an ack.
+ */
+class DisconnectError extends VhostError {}
+
+/**
+ * How long a memory change that already took effect in the workers may wait for them and for I/O in flight on its
+ * old regions (docs/memory-sync.md) before the connection is dropped. Well above a slow disk's I/O time; QEMU and
+ * the kernel's vhost wait without a bound.
+ */
+const APPLIED_CHANGE_TIMEOUT_MS = 60_000;
 
 /** Requests that change the memory table. */
 const MEMORY_REQUESTS = new Set<number>([FrontendRequest.SET_MEM_TABLE, FrontendRequest.ADD_MEM_REG, FrontendRequest.REM_MEM_REG]);
@@ -138,6 +166,8 @@ export class BackendSession {
   #features = 0n;
   #protocolFeatures = 0n;
   #memory: MemoryTable = MemoryTable.EMPTY;
+  /** Regions added again by identical ADD_MEM_REGs (QEMU's per-queue-pair vhost devices): how many times more. */
+  readonly #extraRegionRefs = new Map<MappedRegion, number>();
   #vrings: Vring[];
   #status = 0;
   #needsReset = false;
@@ -156,7 +186,7 @@ export class BackendSession {
     this.device = options.device;
     this.#send = send;
     this.#log = log;
-    this.#workerCount = options.workers ?? options.device.numQueues;
+    this.#workerCount = options.workers ?? Math.ceil(options.device.numQueues / (options.device.queuesPerWorker ?? 1));
     this.#syncMode = options.sync ?? 'qsbr';
     this.#memSlots = options.memSlots ?? MAX_MEM_SLOTS;
     if (!Number.isInteger(this.#memSlots) || this.#memSlots < 0 || this.#memSlots > MAX_MEM_SLOTS) {
@@ -197,7 +227,7 @@ export class BackendSession {
       }
     } catch (err) {
       this.#log.warn({ err, request: name }, 'request failed');
-      if (ackWanted && !REPLYING_REQUESTS.has(msg.request)) {
+      if (ackWanted && !REPLYING_REQUESTS.has(msg.request) && !(err instanceof DisconnectError)) {
         this.#reply(msg.request, u64Payload.encode(1n));
         return true;
       }
@@ -259,7 +289,7 @@ export class BackendSession {
         await this.#resetDevice();
         return undefined;
       case R.GET_QUEUE_NUM:
-        return u64Payload.encode(BigInt(this.device.numQueues));
+        return u64Payload.encode(BigInt(this.device.vhostQueueNum ?? this.device.numQueues));
       case R.GET_MAX_MEM_SLOTS:
         return u64Payload.encode(BigInt(this.#memSlots));
       case R.SET_MEM_TABLE:
@@ -374,6 +404,7 @@ export class BackendSession {
         else added.push(this.#mapRegion(desc, fd));
       });
       await this.#publish(new MemoryTable([...kept, ...added]));
+      this.#extraRegionRefs.clear(); // a whole new table: every region is in it once
     } catch (err) {
       this.#release(added.filter((r) => !this.#memory.regions.includes(r)));
       throw err;
@@ -381,6 +412,14 @@ export class BackendSession {
   }
 
   async #addRegion(desc: MemoryRegion, fd: number): Promise<void> {
+    const same = this.#memory.regions.find((r) => regionMatches(r, desc, native.fstat(fd)));
+    if (same !== undefined) {
+      // QEMU runs one vhost device per virtio-net queue pair over the same socket, and each adds every region
+      // (SET_MEM_TABLE is sent once, ADD_MEM_REG is not): the same region, same file, same addresses. Count it,
+      // and remove it with the last matching REM_MEM_REG.
+      this.#extraRegionRefs.set(same, (this.#extraRegionRefs.get(same) ?? 0) + 1);
+      return;
+    }
     if (this.#memory.regions.length >= this.#regionLimit()) {
       throw new ProtocolError('VHOST_PROTOCOL_TOO_MANY_REGIONS', `all ${this.#regionLimit()} memory slots are in use`);
     }
@@ -399,6 +438,12 @@ export class BackendSession {
     );
     if (region === undefined) {
       throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', `no region at guest address 0x${desc.guestPhysAddr.toString(16)} to remove`);
+    }
+    const extra = this.#extraRegionRefs.get(region) ?? 0;
+    if (extra > 0) {
+      if (extra === 1) this.#extraRegionRefs.delete(region);
+      else this.#extraRegionRefs.set(region, extra - 1);
+      return;
     }
     await this.#publish(this.#memory.with([], [region]));
   }
@@ -435,7 +480,8 @@ export class BackendSession {
    * the frontend comes after the change took effect.
    */
   async #publish(next: MemoryTable): Promise<void> {
-    const removed = this.#memory.regions.filter((r) => !next.regions.includes(r));
+    const previous = this.#memory;
+    const removed = previous.regions.filter((r) => !next.regions.includes(r));
     const gen = ++this.#gen;
     this.#memory = next;
     const revoke = (): void => this.#release(removed);
@@ -443,10 +489,49 @@ export class BackendSession {
       this.#sync.publish(gen);
       revoke();
     } else {
+      const pool = this.#pool;
       const running = this.#vrings.flatMap((v, i) => (v.started ? [i] : []));
-      await this.#pool.publishMemory(gen, toWorkerRegions(next), removed.map((r) => r.slot), running, revoke);
+      try {
+        await pool.publishMemory(gen, toWorkerRegions(next), removed.map((r) => r.slot), running, revoke);
+      } catch (err) {
+        // Not published (--sync lock: a queue lock could not be taken before the table was posted): nothing
+        // changed, so the request can be refused.
+        if (this.#sync.loadGen() < gen) {
+          this.#memory = previous;
+          throw err;
+        }
+        // Published: workers may already use the new table, so a NACK would be a lie (the frontend would believe
+        // the regions are still there, and retry a removal we would refuse). The 5 s bound of each wait only
+        // means "slow" now: keep waiting for the grace period and the pins (I/O in flight), up to a bound after
+        // which no reply is right (neither "refused" nor "done": the memory may still be in use): disconnect.
+        const deadline = Date.now() + APPLIED_CHANGE_TIMEOUT_MS;
+        let last = err;
+        for (;;) {
+          if (Date.now() >= deadline) {
+            revoke(); // stale readers see anonymous memory, never the frontend's; the session is ending anyway
+            throw new DisconnectError('VHOST_GRACE_PERIOD_TIMEOUT', `memory table ${gen} took effect but its old regions stay in use after ${APPLIED_CHANGE_TIMEOUT_MS} ms`, { cause: last });
+          }
+          this.#log.warn({ err: last, gen }, 'memory change took effect; still waiting for workers or I/O in flight');
+          try {
+            if (this.#syncMode !== 'lock') await this.#sync.waitForReaders(pool.size, gen); // lock: passed already
+            for (const r of removed) await this.#sync.waitForPins(r.slot);
+            break;
+          } catch (again) {
+            last = again;
+          }
+        }
+        revoke();
+      }
     }
     this.#log.info({ gen, regions: next.regions.map((r) => ({ gpa: r.gpa, size: r.size })) }, 'memory table');
+    // memory/region.ts: files that cannot be sealed (DPDK --no-huge memfds, tmpfs / hugetlbfs / regular files).
+    const truncatable = next.regions.filter((r) => r.truncatable === true && !previous.regions.includes(r));
+    if (truncatable.length > 0) {
+      this.#log.warn(
+        { gpas: truncatable.map((r) => r.gpa) },
+        'guest memory in files that cannot be sealed against shrinking: if the frontend truncates them, this process dies (SIGBUS)',
+      );
+    }
   }
 
   // ---- vrings ----------------------------------------------------------------------------------------------------
@@ -459,6 +544,11 @@ export class BackendSession {
     }
     if (noFd && msg.request === FrontendRequest.SET_VRING_KICK) {
       throw new ProtocolError('VHOST_PROTOCOL_UNSUPPORTED_REQUEST', 'polling mode (SET_VRING_KICK without fd) is not supported');
+    }
+    // The workers read and write these fds as eventfds (8-byte counters): anything else (a socket, a file) would
+    // fail or misbehave later in a worker, blamed on the guest. Refused here, the fd is closed with the message.
+    if (!noFd && !native.isEventfd(msg.fds[0] as number)) {
+      throw new ProtocolError('VHOST_PROTOCOL_BAD_FD', `${requestName(msg.request)} fd is not an eventfd`);
     }
     const fd = noFd ? -1 : (msg.fds.shift() as number); // this session owns the fd from here on
     switch (msg.request) {
@@ -546,6 +636,7 @@ export class BackendSession {
     if (this.#pool === undefined) {
       const pool = new WorkerPool(this.#workerCount, this.device.worker, this.#sync, this.#syncMode, (ev) =>
         this.#onWorkerEvent(ev),
+        this.device.queuesPerWorker,
       );
       this.#pool = pool;
       // New workers find the current table in their port at their first quiescent point (gen is already published).
@@ -590,6 +681,7 @@ export class BackendSession {
       for (const vring of this.#vrings) this.#closeVringFds(vring);
       this.#release(this.#memory.regions);
       this.#memory = MemoryTable.EMPTY;
+      this.#extraRegionRefs.clear();
     }
   }
 }

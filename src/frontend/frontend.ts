@@ -153,6 +153,11 @@ export interface StartOptions {
   readonly status?: number;
   /** The frontend takes the guest RAM over: `close()` closes it too (default false: the caller closes it). */
   readonly ownMemory?: boolean;
+  /**
+   * Queues per unit of GET_QUEUE_NUM (default 1). vhost-user-net backends answer in queue pairs, as QEMU expects:
+   * pass 2 so that queue indices are checked against 2 * GET_QUEUE_NUM.
+   */
+  readonly queueNumUnit?: number;
 }
 
 /**
@@ -658,8 +663,9 @@ export class VhostUserFrontend {
     for (const q of queues) {
       if (seen.has(q.index)) throw new VhostError(FrontendErrorCode.BAD_STATE, `queue ${q.index} is listed twice`);
       seen.add(q.index);
-      if (this.hasProtocolFeature(ProtocolFeature.MQ) && q.index >= this.#queueNum) {
-        throw new VhostError(FrontendErrorCode.BAD_STATE, `queue ${q.index}: the backend has ${this.#queueNum} queues`);
+      const queueCount = this.#queueNum * (options.queueNumUnit ?? 1);
+      if (this.hasProtocolFeature(ProtocolFeature.MQ) && q.index >= queueCount) {
+        throw new VhostError(FrontendErrorCode.BAD_STATE, `queue ${q.index}: the backend has ${queueCount} queues`);
       }
     }
     const mode = options.memoryMode ?? 'table';

@@ -149,13 +149,26 @@ export class GuestRam implements GuestMemory {
     return this.#closed;
   }
 
-  /** Creates a memfd of `size` bytes (page multiple) owned by this RAM; map parts of it with `addRegion`. */
-  createFile(size: number, name = 'guest-ram'): GuestRamFile {
+  /**
+   * Creates a memfd of `size` bytes (page multiple) owned by this RAM; map parts of it with `addRegion`. The memfd
+   * is sealed against shrinking and growing, as QEMU seals its memfd backends (seal=on): a backend that maps it can
+   * rely on its size (shrinking mapped memory makes the mapper's next access SIGBUS). `seal: false` leaves it
+   * unsealed (still sealable), for tests of frontends that do not seal.
+   */
+  createFile(size: number, name = 'guest-ram', options: { readonly seal?: boolean } = {}): GuestRamFile {
     this.#checkOpen();
     checkPageMultiple(size, 'file size');
     if (size === 0) throw new RangeError('file size must not be 0');
     if (size > UVA_FILE_STRIDE) throw new RangeError(`file size ${size} is over ${UVA_FILE_STRIDE}`);
     const fd = native.memfdCreate(name, size);
+    if (options.seal ?? true) {
+      try {
+        native.addSeals(fd, native.F_SEAL_SHRINK | native.F_SEAL_GROW);
+      } catch (err) {
+        native.close(fd);
+        throw err;
+      }
+    }
     const file: GuestRamFile = { fd, size, name, uvaBase: UVA_BASE + UVA_FILE_STRIDE * this.#nextFile++ };
     this.#files.push(file);
     return file;

@@ -1,4 +1,4 @@
-/** The vhost-user frontend (driver side): guest RAM, the protocol client, and a virtio-blk driver. */
+/** The vhost-user frontend (driver side): guest RAM, the protocol client, and virtio-blk and virtio-net drivers. */
 export {
   GuestRam,
   UVA_BASE,
@@ -28,3 +28,12 @@ export {
   type BlkReadResult,
   type BlkStartOptions,
 } from './blk-driver.js';
+export {
+  NetDriver,
+  NetDriverErrorCode,
+  parseNetConfig,
+  type NetConfig,
+  type NetDriverOptions,
+  type NetStartOptions,
+  type TxLayout,
+} from './net-driver.js';

@@ -2,6 +2,21 @@
  * One region of guest memory as the frontend describes it (vhost-user `VhostUserMemoryRegion`), mapped into this
  * process. The frontend's numbers are hostile until checked: `mapRegion` validates every field against overflow
  * and against the file's real size before anything is mapped (a mapping past the end of a file would SIGBUS).
+ *
+ * The file's size must also stay that way: if the frontend shrinks the file afterwards, the next access to a page
+ * past its new end raises SIGBUS, which kills this whole process (every device, every frontend), and JS accesses
+ * cannot be guarded against it. The kernel's answer is the seal F_SEAL_SHRINK, which makes every ftruncate() that
+ * shrinks the file fail (EPERM), for every process. `mapRegion` therefore makes sure the file carries it:
+ * - already sealed against shrinking (QEMU's memory-backend-memfd, seal=on by default; our GuestRam): nothing to do;
+ * - a memfd that can still be sealed (created with MFD_ALLOW_SEALING, no F_SEAL_SEAL: QEMU seal=off, frontends
+ *   that do not bother): the backend adds F_SEAL_SHRINK itself. Seals belong to the file, so this is visible to
+ *   the frontend: it can no longer shrink that memfd, ever; growing it and punching holes (how VMMs discard guest
+ *   memory) still work. Shrinking memory a backend maps is never legitimate, so this only removes the crash;
+ * - a file that cannot be sealed: a memfd created without MFD_ALLOW_SEALING (DPDK's --no-huge memory, checked with
+ *   DPDK 22.11: `memfd_create("nohuge", 0)`, F_GET_SEALS = F_SEAL_SEAL), a tmpfs or hugetlbfs file (QEMU's
+ *   memory-backend-file share=on, the classic hugepage setup), a regular file. Refusing those would break real
+ *   frontends, so they are accepted and marked `truncatable`: the residual risk is that such a frontend can crash
+ *   this process by truncating its own memory. The session logs a warning for each.
  */
 import { ProtocolError } from '../errors.js';
 import * as native from '../native/index.js';
@@ -32,6 +47,11 @@ export interface MappedRegion {
   readonly ino: bigint;
   /** The memory slot (0..508): indexes the region's pin counter shared with the workers. */
   readonly slot: number;
+  /**
+   * True when the file could not be sealed against shrinking (see above): the frontend can still truncate it,
+   * which would crash this process at the next access. Absent means false.
+   */
+  readonly truncatable?: boolean;
 }
 
 function checkedNumber(value: bigint, what: string): number {
@@ -54,6 +74,8 @@ export function mapRegion(desc: RegionDescriptor, fd: number, slot = 0): MappedR
   if (gpa + size > MAX_ADDRESS || uva + size > MAX_ADDRESS || fileOffset + size > MAX_ADDRESS) {
     throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', 'region end overflows');
   }
+  // Sealed first, sized second: a frontend shrinking the file in between must not pass the size check below.
+  const truncatable = !sealAgainstShrinking(fd);
   let stat: native.FileStat;
   try {
     stat = native.fstat(fd);
@@ -74,7 +96,31 @@ export function mapRegion(desc: RegionDescriptor, fd: number, slot = 0): MappedR
   } catch (err) {
     throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', 'region cannot be mapped', { cause: err });
   }
-  return { gpa, size, uva, fileOffset, buffer, bufferOffset, dev: stat.dev, ino: stat.ino, slot };
+  return { gpa, size, uva, fileOffset, buffer, bufferOffset, dev: stat.dev, ino: stat.ino, slot, truncatable };
+}
+
+/**
+ * Makes sure the file cannot shrink (F_SEAL_SHRINK), adding the seal when the file allows it. Returns false when
+ * the file cannot be sealed (see the file comment). Runs before the size check, so the size checked then holds for
+ * as long as the file lives.
+ */
+function sealAgainstShrinking(fd: number): boolean {
+  let seals: number;
+  try {
+    seals = native.getSeals(fd);
+  } catch (err) {
+    throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', 'region fd is not usable', { cause: err });
+  }
+  if (seals < 0) return false; // not a memfd, tmpfs or hugetlbfs file: no seals at all
+  if ((seals & native.F_SEAL_SHRINK) !== 0) return true;
+  if ((seals & native.F_SEAL_SEAL) !== 0) return false; // sealing is closed (or was never allowed)
+  try {
+    native.addSeals(fd, native.F_SEAL_SHRINK);
+    return true;
+  } catch {
+    // EPERM: an fd without write access (mapping it writable fails next anyway), or F_SEAL_SEAL added meanwhile
+    return (native.getSeals(fd) & native.F_SEAL_SHRINK) !== 0;
+  }
 }
 
 /** True when two regions are the same memory at the same addresses (fd numbers do not matter, files do). */

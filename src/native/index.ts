@@ -15,8 +15,18 @@ export interface FileStat {
   mode: number;
 }
 
+/** Result of `tunOpen`. */
+export interface TapDevice {
+  /** The queue fd (non-blocking, close-on-exec): read() returns one Ethernet frame, write() sends one. */
+  fd: number;
+  /** The interface name the kernel used (the requested one, or the one it picked for ''). */
+  name: string;
+}
+
 interface Addon {
   memfdCreate(name: string, size: number | bigint): number;
+  getSeals(fd: number): number;
+  addSeals(fd: number, seals: number): void;
   mapShared(fd: number, offset: number | bigint, length: number | bigint, writable: boolean): SharedArrayBuffer;
   revoke(buffer: SharedArrayBuffer): void;
   isRevoked(buffer: SharedArrayBuffer): boolean;
@@ -25,9 +35,11 @@ interface Addon {
   close(fd: number): void;
   dup(fd: number): number;
   eventfd(initval: number, nonblocking: boolean): number;
+  isEventfd(fd: number): boolean;
   eventfdRead(fd: number): number;
   eventfdWrite(fd: number, value?: number | bigint): void;
   poll(fds: Int32Array, revents: Int32Array, timeoutMs: number): number;
+  tunOpen(name: string, multiQueue: boolean): TapDevice;
   listen(path: string, backlog: number): number;
   accept(fd: number): number;
   connect(path: string): number;
@@ -61,6 +73,30 @@ export const WATCH_WRITABLE = 2;
 /** Creates an anonymous memory file (memfd, close-on-exec, sealable) of `size` bytes; returns its fd. */
 export function memfdCreate(name: string, size: number | bigint): number {
   return addon.memfdCreate(name, size);
+}
+
+/** File seals (fcntl F_ADD_SEALS / F_GET_SEALS; Linux values). */
+export const F_SEAL_SEAL = 0x1;
+export const F_SEAL_SHRINK = 0x2;
+export const F_SEAL_GROW = 0x4;
+export const F_SEAL_WRITE = 0x8;
+export const F_SEAL_FUTURE_WRITE = 0x10;
+
+/**
+ * The seals of a file (F_SEAL_* bits), or -1 when the file cannot be sealed at all (a regular file on disk, a
+ * socket: anything but a memfd / shmem / hugetlbfs file). A memfd created without MFD_ALLOW_SEALING, or a file in
+ * /dev/shm, reports F_SEAL_SEAL only.
+ */
+export function getSeals(fd: number): number {
+  return addon.getSeals(fd);
+}
+
+/**
+ * Adds seals (F_SEAL_* bits) to a memfd. EPERM once F_SEAL_SEAL is set, EBUSY for F_SEAL_WRITE while a writable
+ * shared mapping exists, EINVAL for a file that cannot be sealed.
+ */
+export function addSeals(fd: number, seals: number): void {
+  addon.addSeals(fd, seals);
 }
 
 /**
@@ -111,6 +147,11 @@ export function eventfdCreate(initval = 0, nonblocking = true): number {
   return addon.eventfd(initval, nonblocking);
 }
 
+/** True when `fd` is an eventfd (its /proc/self/fd link is "anon_inode:[eventfd]"); EBADF for a closed fd. */
+export function isEventfd(fd: number): boolean {
+  return addon.isEventfd(fd);
+}
+
 /**
  * Reads and resets an eventfd's counter; returns 0 when it was not signalled. Never blocks, even on a blocking
  * eventfd (as QEMU's kick fds may be).
@@ -131,6 +172,19 @@ export function eventfdWrite(fd: number, value?: number): void {
  */
 export function poll(fds: Int32Array, revents: Int32Array, timeoutMs: number): number {
   return addon.poll(fds, revents, timeoutMs);
+}
+
+// ----- TAP devices ----------------------------------------------------------------------------------------------
+
+/**
+ * Opens a queue of TAP interface `name` (created if it does not exist; '' lets the kernel choose a name such as
+ * tap0), in IFF_TAP | IFF_NO_PI mode, plus IFF_MULTI_QUEUE when `multiQueue` (open it once per queue with the same
+ * name). The fd is non-blocking and close-on-exec; it works with node:fs `readSync` (one frame per read, EAGAIN
+ * when none is waiting) and `writeSync` (one frame per write), and with `watch`. The interface is not persistent:
+ * it disappears when its last queue fd is closed. Needs CAP_NET_ADMIN to create an interface.
+ */
+export function tunOpen(name: string, multiQueue = false): TapDevice {
+  return addon.tunOpen(name, multiQueue);
 }
 
 // ----- unix stream sockets with SCM_RIGHTS ----------------------------------------------------------------------

@@ -5,13 +5,21 @@
  * Incoming bytes and fds are handed on as they arrive (`onData(bytes, fds)`); framing is the caller's business
  * (protocol/message-reader.ts), because the kernel merges fd-less bytes with the next fd-bearing send.
  * Outgoing data is sent at once when the socket buffer has room, else queued and flushed when it is writable.
+ *
+ * A peer that hangs up may have sent data first (its last replies, with fds): that data is always delivered before
+ * `onClose`. So a send that fails because the peer is gone (EPIPE) only stops sending, and reading goes on until
+ * the end of the stream; a poll error (the peer closed with our data unread: ECONNRESET) reads what is left at once
+ * (libuv stops a watcher that reported an error), then reports the close.
  */
 import * as native from '../native/index.js';
 
 export interface FdSocketHandlers {
   /** Bytes (a view valid only during the call) and the fds that arrived with them (now owned by the callee). */
   onData(bytes: Uint8Array, fds: number[]): void;
-  /** The peer closed the connection or the socket failed. Called once; the socket is closed afterwards. */
+  /**
+   * The peer closed the connection or the socket failed. Called once, after every byte and fd the peer sent before
+   * that was delivered to `onData`; the socket is closed afterwards.
+   */
   onClose(error?: Error): void;
 }
 
@@ -28,6 +36,10 @@ export class FdSocket {
   #closed = false;
   #waitingWritable = false;
   #reading = true;
+  /** A send failed because the peer is gone: nothing more is sent; reading goes on until the end of the stream. */
+  #sendError: Error | undefined;
+  /** The watcher reported an error (and libuv stopped it): what is left is read without waiting, then close. */
+  #hangup: Error | undefined;
 
   constructor(fd: number, handlers: FdSocketHandlers) {
     this.fd = fd;
@@ -44,7 +56,7 @@ export class FdSocket {
    * socket buffer is full the message waits in the outbox, and the kernel duplicates the fds only at sendmsg().
    */
   send(bytes: Uint8Array, fds: readonly number[] = []): void {
-    if (this.#closed) return;
+    if (this.#closed || this.#sendError !== undefined || this.#hangup !== undefined) return;
     this.#outbox.push({ bytes, fds });
     if (this.#outbox.length === 1) this.#flush();
     else if (this.#outbox.length === MAX_OUTBOX) this.#rewatch();
@@ -58,7 +70,8 @@ export class FdSocket {
 
   resumeReading(): void {
     this.#reading = true;
-    this.#rewatch();
+    if (this.#hangup !== undefined) this.#drainAfterHangup();
+    else this.#rewatch();
   }
 
   /**
@@ -70,7 +83,7 @@ export class FdSocket {
   }
 
   #rewatch(): void {
-    if (this.#closed) return;
+    if (this.#closed || this.#hangup !== undefined) return; // after a poll error libuv has stopped the watcher
     const events = (this.#readable() ? native.WATCH_READABLE : 0) | (this.#waitingWritable ? native.WATCH_WRITABLE : 0);
     native.rewatch(this.#watchId, events);
   }
@@ -91,7 +104,9 @@ export class FdSocket {
       try {
         n = native.sendmsg(this.fd, next.bytes, next.fds);
       } catch (err) {
-        return this.#fail(err as Error);
+        const code = (err as { code?: unknown }).code;
+        if (code !== 'EPIPE' && code !== 'ECONNRESET') return this.#fail(err as Error);
+        return this.#stopSending(err as Error);
       }
       if (n === next.bytes.length) {
         this.#outbox.shift();
@@ -109,9 +124,28 @@ export class FdSocket {
     }
   }
 
+  /**
+   * The peer is gone (EPIPE): drop what waits to be sent and keep reading; the end of the stream (recvmsg 0) or a
+   * read error then closes the socket, reporting this error.
+   */
+  #stopSending(error: Error): void {
+    this.#sendError = error;
+    this.#outbox.length = 0;
+    this.#waitingWritable = false;
+    this.#rewatch();
+  }
+
   #onEvents(events: number): void {
     if (this.#closed) return;
-    if (events < 0) return this.#fail(new Error(`socket poll failed (libuv status ${events})`));
+    if (events < 0) {
+      // POLLERR, typically ECONNRESET: the peer closed while data we sent was unread. What it sent before is still
+      // in our receive queue. libuv stopped the watcher, so it is read now (or when reading resumes).
+      this.#hangup = new Error(`socket poll failed (libuv status ${events})`);
+      this.#outbox.length = 0;
+      this.#waitingWritable = false;
+      if (this.#reading) this.#drainAfterHangup();
+      return;
+    }
     if (events & native.WATCH_WRITABLE) this.#flush();
     if (!(events & native.WATCH_READABLE) || !this.#readable()) return;
     for (;;) {
@@ -125,11 +159,37 @@ export class FdSocket {
       if (n < 0) return; // drained
       if (n === 0) {
         for (const fd of fds) native.close(fd);
-        return this.#fail();
+        return this.#fail(this.#sendError);
       }
       this.#handlers.onData(this.#buffer.subarray(0, n), fds);
       if (this.#closed || !this.#readable()) return;
     }
+  }
+
+  /**
+   * After a poll error: delivers what is left in the receive queue until recvmsg returns 0 (end of stream), nothing
+   * (-1: there is no watcher left to wait with) or throws (the pending socket error, e.g. ECONNRESET), then closes.
+   * Stops early if the owner pauses reading in onData (resumeReading continues) or closes the socket.
+   */
+  #drainAfterHangup(): void {
+    let error = this.#hangup;
+    for (;;) {
+      const fds: number[] = [];
+      let n: number;
+      try {
+        n = native.recvmsg(this.fd, this.#buffer, fds);
+      } catch (err) {
+        error = err as Error;
+        break;
+      }
+      if (n <= 0) {
+        for (const fd of fds) native.close(fd);
+        break;
+      }
+      this.#handlers.onData(this.#buffer.subarray(0, n), fds);
+      if (this.#closed || !this.#reading) return;
+    }
+    this.#fail(error);
   }
 
   #fail(error?: Error): void {

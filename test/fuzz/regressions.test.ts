@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VhostUserFrontend } from '../../src/frontend/frontend.js';
-import { GuestRam } from '../../src/frontend/guest-ram.js';
+import { GuestRam, type GuestRamFile } from '../../src/frontend/guest-ram.js';
 import * as native from '../../src/native/index.js';
 import { FrontendRequest, VirtioFeature, featureBit } from '../../src/protocol/constants.js';
 import { vringFilePayload, vringStatePayload } from '../../src/protocol/payloads.js';
@@ -69,10 +69,14 @@ async function otherQueueWorks(r: Rig, token: number): Promise<void> {
 
 test(
   'a kick fd that is not an eventfd (a socket holding 3 bytes) is refused, or fails its queue as an fd error',
-  { todo: 'bug (half fixed): SET_VRING_KICK/CALL/ERR accept any fd (session.ts #setVringFd checks only the count). Before cdd1604 the failed read() of the kick fd (3 bytes: the addon throws EIO) escaped the worker loop and killed the worker thread with every queue on it; now processQueue reads the kick inside its try, so only queue 0 stops, but as VHOST_INTERNAL "read EIO" with NEEDS_RESET: a frontend error reported as an internal one and blamed on the guest. Fix: refuse fds that are not eventfds at SET_VRING_KICK/CALL/ERR (readlink /proc/self/fd/N is "anon_inode:[eventfd]", or an addon check), and report a failing eventfd as VHOST_FD_INVALID' },
+  // Fixed: session.ts #setVringFd NACKs SET_VRING_KICK/CALL/ERR whose fd is not an eventfd (VHOST_PROTOCOL_BAD_FD, native.isEventfd reads its /proc/self/fd link); the fd is closed with the message
+  {},
   async () => {
     // Found by the protocol fuzzer with VHOST_FUZZ_KNOWN_BUGS=1 (fd kind 'socket' for SET_VRING_KICK). Before
     // cdd1604: VHOST_WORKER_CRASHED "read EIO", queue 1's request never completed, the frontend was disconnected.
+    // Bug (half fixed by cdd1604): SET_VRING_KICK/CALL/ERR accepted any fd (session.ts #setVringFd checked only the
+    // count). processQueue then read the kick inside its try, so only queue 0 stopped, but as VHOST_INTERNAL "read
+    // EIO" with NEEDS_RESET: a frontend error reported as an internal one and blamed on the guest.
     const r = await rig();
     const [a, b] = native.socketPair();
     try {
@@ -99,8 +103,8 @@ test(
 );
 
 test(
-  'an err fd that cannot be written (a read-only file) must not crash the worker when the guest errs',
-  // Fixed bug: queue-worker.ts failQueue writes the err eventfd with native.eventfdWrite (EBADF on a read-only fd) inside processQueue's catch block: the exception escapes and kills the worker thread (VHOST_WORKER_CRASHED), taking queue 1 with it
+  'an err fd that cannot be written (a read-only file) is refused, or must not crash the worker when the guest errs',
+  // Fixed bug: queue-worker.ts failQueue writes the err eventfd with native.eventfdWrite (EBADF on a read-only fd) inside processQueue's catch block: the exception escapes and kills the worker thread (VHOST_WORKER_CRASHED), taking queue 1 with it. Since SET_VRING_ERR refuses fds that are not eventfds (first test above), the file no longer gets that far; the guest error must still be handled
   {},
   async () => {
     const dir = mkdtempSync(join(tmpdir(), 'vu-reg-'));
@@ -108,7 +112,11 @@ test(
     const ro = openSync(join(dir, 'ro'), 'r');
     const r = await rig();
     try {
-      await r.fe.requestWithAck(FrontendRequest.SET_VRING_ERR, vringFilePayload.encode({ index: 0, noFd: false }), [ro]);
+      try {
+        await r.fe.requestWithAck(FrontendRequest.SET_VRING_ERR, vringFilePayload.encode({ index: 0, noFd: false }), [ro]);
+      } catch {
+        // refused (NACK): the queue has no err fd, the guest error below must still stop only queue 0
+      }
       // The guest offers head 200 on a queue of 16: a guest error.
       const d = r.fe.queue(0).driver;
       d.pushAvailRaw(200);
@@ -211,8 +219,13 @@ test(
 
 test(
   'a memory change that times out must not be NACKed after it already took effect',
-  { todo: 'bug: session.ts #publish stores this.#memory = next before awaiting the workers and pins; when the wait times out (VHOST_GRACE_PERIOD_TIMEOUT, here a request of a slow disk holding its region for 6 s) the frontend gets a NACK although the workers already switched: the region is gone from the table, never revoked, its slot never freed, and the retried REM_MEM_REG is refused as "no region". Fix: on timeout either keep waiting (bounded by the I/O) or roll the table back; never both NACK and apply' },
+  // Fixed: session.ts #publish refuses a change only when it failed before the new generation was published (--sync lock); once published, a wait that times out (5 s) is logged and waited again, up to 60 s, after which the connection is dropped (docs/memory-sync.md)
+  {},
   async () => {
+    // Bug: session.ts #publish stored this.#memory = next before awaiting the workers and pins; when the wait timed
+    // out (VHOST_GRACE_PERIOD_TIMEOUT, here a request of a slow disk holding its region for 6 s) the frontend got a
+    // NACK although the workers had already switched: the region was gone from the table, never revoked, its slot
+    // never freed, and the retried REM_MEM_REG was refused as "no region".
     const r = await rig({ io: 'async', completionDelayMs: 6000 }, 30_000);
     try {
       const hot = r.ram.addRegion({ gpa: 0x1_0000_0000, size: MiB });
@@ -416,19 +429,28 @@ test(
 
 test(
   'a frontend that shrinks a memfd after SET_MEM_TABLE must not kill the backend (SIGBUS)',
-  { todo: 'bug: memory/region.ts mapRegion checks the file size only when mapping; a frontend that ftruncates the memfd afterwards makes the next device access to that region fault past the end of the file, and SIGBUS kills the whole backend process (every device, every frontend). Fix: require F_SEAL_SHRINK on memfd regions (QEMU seals its memfd backends by default) and refuse unsealed memfds, or handle SIGBUS in the addon' },
+  // Fixed: memory/region.ts mapRegion seals every sealable memfd against shrinking (F_SEAL_SHRINK, added by the backend when the frontend did not) before checking its size, so the frontend's ftruncate fails with EPERM; GuestRam seals its own memfds as QEMU does. Files that cannot be sealed (DPDK --no-huge memfds, tmpfs / hugetlbfs / regular files) are still accepted, with a warning: that residual risk is documented in region.ts
+  {},
   async () => {
+    // Bug: memory/region.ts mapRegion checked the file size only when mapping; a frontend that ftruncates the memfd
+    // afterwards makes the next device access to that region fault past the end of the file, and SIGBUS kills the
+    // whole backend process (every device, every frontend).
     // Needs the real process boundary: the backend runs as `vhost-user blk` in a child process.
     const dir = mkdtempSync(join(tmpdir(), 'vu-reg-'));
     const backend = await startBackend({ socketPath: join(dir, 'sock'), args: ['--null', '1M'] });
     const ram = GuestRam.create(4 * MiB);
     let fe: VhostUserFrontend | undefined;
     try {
+      const sealed = native.F_SEAL_SHRINK | native.F_SEAL_GROW;
+      assert.equal(native.getSeals((ram.files[0] as GuestRamFile).fd) & sealed, sealed, 'GuestRam seals its memfds as QEMU does');
       fe = await VhostUserFrontend.connect(backend.socketPath);
       await fe.start({ features: FEATURES, queues: [{ index: 0, size: 16 }], memory: ram });
-      const victim = ram.addRegion({ gpa: 0x1_0000_0000, size: MiB });
+      // A frontend that did not seal its memfd (QEMU seal=off, or one that does not care): the backend seals it.
+      const file = ram.createFile(MiB, 'victim', { seal: false });
+      assert.equal(native.getSeals(file.fd), 0);
+      const victim = ram.addRegion({ gpa: 0x1_0000_0000, size: MiB, file });
       await fe.addMemoryRegion(victim);
-      // GET_ID writes 20 bytes into a buffer in the victim region, which the frontend shrinks to 0 bytes first.
+      // GET_ID writes 20 bytes into a buffer in the victim region, which the frontend tries to shrink to 0 bytes first.
       const slot = blkSlot(ram, BlkRequestType.GET_ID);
       const id = ram.alloc(20, { region: victim });
       const q = fe.queue(0);
@@ -440,11 +462,19 @@ test(
         ],
         1,
       );
-      ftruncateSync(victim.file.fd, 0);
+      let shrunk = true;
+      try {
+        ftruncateSync(file.fd, 0);
+      } catch (err) {
+        assert.equal((err as { code?: unknown }).code, 'EPERM');
+        shrunk = false;
+      }
       q.publishAndKick();
-      await sleep(500);
+      const done = await collect(q, 1, 2000); // with the memory shrunk, the backend would die on this request
       assert.doesNotThrow(() => process.kill(backend.pid, 0), 'the backend process is alive');
       assert.ok(!fe.isClosed, 'the connection is still up');
+      assert.ok(!shrunk, 'the memfd could not be shrunk once the backend mapped it');
+      assert.deepEqual(done, [1], 'the request completed');
     } finally {
       fe?.close();
       ram.close();
@@ -458,10 +488,17 @@ test(
 
 test(
   'an unimplemented request that has a reply of its own (GET_INFLIGHT_FD) gets an answer a frontend can frame',
-  { todo: 'bug: session.ts answers every non-REPLYING_REQUESTS request that fails with a REPLY_ACK u64 under its own request code; for requests whose reply is a different payload (GET_INFLIGHT_FD: inflight description plus one fd; likewise CHECK_DEVICE_STATE, SET_DEVICE_STATE_FD, GET_SHARED_OBJECT, POSTCOPY_ADVISE/END) a frontend takes it as that reply: this project\'s own reader (protocol/fds.ts, direction "replies") fails with "GET_INFLIGHT_FD reply needs 1 fd(s)" and drops the connection. Fix: treat those as replying requests (drop the connection when they fail, as for a failing GET_VRING_BASE), or never ack them' },
+  // Fixed: session.ts REPLYING_REQUESTS lists the unimplemented requests whose reply is a payload of its own (GET_INFLIGHT_FD, POSTCOPY_ADVISE, SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE, GET_SHARED_OBJECT, CREATE_CRYPTO_SESSION, GET_SHMEM_CONFIG): failing, they drop the connection (logged) instead of a u64 nack
+  {},
   async () => {
     // Found by the protocol fuzzer: after SET_PROTOCOL_FEATURES with REPLY_ACK, GET_INFLIGHT_FD with NEED_REPLY was
     // answered with a 12-byte header and a u64 1, which the fuzzer's reply reader (then src/'s MessageReader) refused.
+    // Bug: session.ts answered every request outside REPLYING_REQUESTS that failed with a REPLY_ACK u64 under its own
+    // request code; for requests whose reply is a different payload (GET_INFLIGHT_FD: inflight description plus one
+    // fd; likewise CHECK_DEVICE_STATE, SET_DEVICE_STATE_FD, GET_SHARED_OBJECT, POSTCOPY_ADVISE) a frontend takes it
+    // as that reply: this project's own reader (protocol/fds.ts, direction "replies") fails with "GET_INFLIGHT_FD
+    // reply needs 1 fd(s)" and drops the connection. POSTCOPY_LISTEN/END and IOTLB_MSG keep their nack: their reply
+    // is that u64.
     const { MessageReader } = await import('../../src/protocol/message-reader.js');
     const { OFFERED_PROTOCOL_FEATURES } = await import('../../src/backend/session.js');
     const backend = startServer({ queues: 1 });
@@ -488,10 +525,15 @@ test(
 
 test(
   'FdSocket: data the peer sent before hanging up is delivered even when a send fails first',
-  { todo: 'bug: transport/fd-socket.ts #flush turns a failed sendmsg (EPIPE: the peer closed) into #fail(), which closes the socket at once: bytes and fds the peer sent before closing, still in the receive queue, are never read. The frontend (VhostUserFrontend) loses the last replies of a backend that answers and then disconnects whenever it sends in between (their requests fail with DISCONNECTED); fds in them leak until close. Fix: on a send error stop sending, but keep reading until EOF before reporting onClose' },
+  // Fixed: fd-socket.ts #flush turns EPIPE (or ECONNRESET) into #stopSending: the outbox is dropped and nothing more is sent, reading goes on until recvmsg returns 0, which reports onClose with the send error
+  {},
   async () => {
     // Found while writing the fuzzer's raw client on top of FdSocket: a GET_FEATURES reply sent by the backend just
     // before it dropped the connection never reached the client, which had sent its next message meanwhile.
+    // Bug: transport/fd-socket.ts #flush turned a failed sendmsg (EPIPE: the peer closed) into #fail(), which closed
+    // the socket at once: bytes and fds the peer sent before closing, still in the receive queue, were never read.
+    // The frontend (VhostUserFrontend) lost the last replies of a backend that answers and then disconnects whenever
+    // it sent in between (their requests failed with DISCONNECTED); fds in them leaked until close.
     const { FdSocket } = await import('../../src/transport/fd-socket.js');
     const [a, b] = native.socketPair();
     const got: number[] = [];
@@ -509,10 +551,17 @@ test(
 
 test(
   'FdSocket: data the peer sent before closing with unread data (ECONNRESET) is delivered',
-  { todo: 'bug: transport/fd-socket.ts #onEvents fails the socket at once on a negative libuv status; a peer that closes while our data is unread in its queue sets ECONNRESET, libuv reports POLLERR as UV_EBADF, and the bytes the peer sent before closing (still readable) are dropped. Since cdd1604 the backend pauses reading while it handles a message, so when a message makes it disconnect the frontend\'s later messages are unread: the frontend (VhostUserFrontend, and the fuzzer\'s client before it read until the error) loses the replies sent just before, e.g. GET_STATUS answered, then a refused SET_MEM_TABLE without REPLY_ACK. Fix: on a negative status, read until recvmsg returns 0 or throws, then report onClose' },
+  // Fixed: fd-socket.ts #onEvents, on a negative libuv status, stops sending and #drainAfterHangup reads what is left (until recvmsg returns 0, -1 or throws ECONNRESET) before onClose; if the owner paused reading, resumeReading does it
+  {},
   async () => {
     // Found by the protocol fuzzer on cdd1604 (seed 138403207): [GET_STATUS, SET_MEM_TABLE with an mmap offset past
     // the end of its file, no REPLY_ACK] lost the GET_STATUS reply about once in ten runs.
+    // Bug: transport/fd-socket.ts #onEvents failed the socket at once on a negative libuv status; a peer that closes
+    // while our data is unread in its queue sets ECONNRESET, libuv reports POLLERR as UV_EBADF, and the bytes the
+    // peer sent before closing (still readable) were dropped. Since cdd1604 the backend pauses reading while it
+    // handles a message, so when a message makes it disconnect the frontend's later messages are unread: the
+    // frontend (VhostUserFrontend, and the fuzzer's client before it read until the error) lost the replies sent
+    // just before, e.g. GET_STATUS answered, then a refused SET_MEM_TABLE without REPLY_ACK.
     const { FdSocket } = await import('../../src/transport/fd-socket.js');
     const [a, b] = native.socketPair();
     const got: number[] = [];

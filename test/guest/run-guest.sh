@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# run-guest.sh - boot the test guest in QEMU (TCG) with vhost-user-blk disks served by an external backend.
+# run-guest.sh - boot the test guest in QEMU (TCG) with vhost-user-blk disks and vhost-user-net NICs served by
+# external backends.
 #
 # Needs the Debian packages qemu-system-x86, busybox-static and linux-image-amd64; downloads nothing.
 # The backend must already listen on each socket (QEMU fails if it cannot connect).
@@ -10,6 +11,12 @@
 #   --vhost-user-blk SOCK   add a vhost-user-blk-pci disk (repeatable; /dev/vda, /dev/vdb, ...)
 #   --blk-queues N          num-queues of the disks added after this option (default 1; it must not
 #                           exceed the backend's number of queues)
+#   --vhost-user-net SOCK[,mac=MAC][,queues=N]
+#                           add a virtio-net-pci NIC (repeatable; eth0, eth1, ... in this order) whose
+#                           backend listens on SOCK (no commas in SOCK); MAC default 52:54:00:12:34:5X
+#                           (X = 6, 7, ... per NIC); queues = queue pairs (default 1, <= the backend's).
+#                           Always vectors=0 (INTx): Debian's QEMU 7.2 crashes with MSI-X on
+#                           vhost-user netdevs.
 #   --mem SIZE              guest RAM (default 512M), always a shared memfd (share=on), as vhost-user needs
 #   --maxmem SIZE           allow memory hotplug up to SIZE: -m SIZE,slots=N,maxmem=SIZE (QMP object-add
 #   --slots N               memory-backend-memfd + device_add pc-dimm); slots default 4
@@ -29,7 +36,7 @@ set -euo pipefail
 die() { echo "run-guest.sh: ERROR: $*" >&2; exit 125; }
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-GUEST_SCRIPT=""; GUEST_FILES=(); BLK=(); QUEUES=1; MEM=512M; MAXMEM=""; SLOTS=4; SMP=1; ACCEL=tcg
+GUEST_SCRIPT=""; GUEST_FILES=(); BLK=(); NET=(); QUEUES=1; MEM=512M; MAXMEM=""; SLOTS=4; SMP=1; ACCEL=tcg
 QMP=""; APPEND=""; KERNEL=""; INITRD=""; RUN_DIR=""; EXEC=0; PRINT_CMD=0; EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,6 +44,7 @@ while [ $# -gt 0 ]; do
     --guest-file) GUEST_FILES+=("$2"); shift 2 ;;
     --vhost-user-blk) BLK+=("$QUEUES:$2"); shift 2 ;;
     --blk-queues) QUEUES=$2; shift 2 ;;
+    --vhost-user-net) NET+=("$2"); shift 2 ;;
     --mem) MEM=$2; shift 2 ;;
     --maxmem) MAXMEM=$2; shift 2 ;;
     --slots) SLOTS=$2; shift 2 ;;
@@ -74,6 +82,25 @@ fi
 [ -z "$GUEST_SCRIPT" ] || [ -r "$GUEST_SCRIPT" ] || die "guest script $GUEST_SCRIPT not readable"
 for d in "${BLK[@]}"; do
   [ -S "${d#*:}" ] || die "vhost-user socket ${d#*:} does not exist (start the backend first)"
+done
+# --vhost-user-net SOCK[,mac=MAC][,queues=N] -> NET_SOCK[i] NET_MAC[i] NET_QUEUES[i]
+NET_SOCK=(); NET_MAC=(); NET_QUEUES=()
+i=0
+for n in "${NET[@]}"; do
+  IFS=, read -r -a parts <<< "$n"
+  sock=${parts[0]:-}; mac=$(printf '52:54:00:12:34:%02x' $((0x56 + i))); q=1
+  for kv in "${parts[@]:1}"; do
+    case "$kv" in
+      mac=*) mac=${kv#mac=} ;;
+      queues=*) q=${kv#queues=} ;;
+      *) die "--vhost-user-net $n: unknown option $kv (mac=, queues=)" ;;
+    esac
+  done
+  [[ "$mac" =~ ^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$ ]] || die "--vhost-user-net $n: bad MAC $mac"
+  [[ "$q" =~ ^[1-9][0-9]*$ ]] || die "--vhost-user-net $n: bad queues=$q"
+  [ -S "$sock" ] || die "vhost-user socket $sock does not exist (start the backend first)"
+  NET_SOCK+=("$sock"); NET_MAC+=("$mac"); NET_QUEUES+=("$q")
+  i=$((i + 1))
 done
 
 if [ -z "$RUN_DIR" ]; then
@@ -117,6 +144,13 @@ for d in "${BLK[@]}"; do
   CMD+=(-chardev "socket,id=vublk$i,path=${p//,/,,}"
         -device "vhost-user-blk-pci,id=vublk$i,chardev=vublk$i,num-queues=${d%%:*}")
   i=$((i + 1))
+done
+for (( i=0; i<${#NET_SOCK[@]}; i++ )); do
+  q=${NET_QUEUES[$i]}; mq=""
+  [ "$q" = 1 ] || mq=",mq=on"
+  CMD+=(-chardev "socket,id=vunet$i,path=${NET_SOCK[$i]}"
+        -netdev "vhost-user,id=vunet$i,chardev=vunet$i,queues=$q"
+        -device "virtio-net-pci,id=nic$i,netdev=vunet$i,mac=${NET_MAC[$i]},romfile=,vectors=0$mq")
 done
 CMD+=("${EXTRA[@]}")
 [ "$PRINT_CMD" = 0 ] || { printf '%q ' "${CMD[@]}" >&2; echo >&2; }

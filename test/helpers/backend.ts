@@ -1,6 +1,6 @@
 /**
- * Our own backend as a separate process, started through the real CLI (`bin/vhost-user.js blk`), as a user would.
- * Its JSON log lines (stderr) are collected so tests can check what it saw.
+ * Our own backend as a separate process, started through the real CLI (`bin/vhost-user.js blk`, or another device
+ * subcommand such as `net`), as a user would. Its JSON log lines (stderr) are collected so tests can check what it saw.
  */
 import type { ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
@@ -17,9 +17,23 @@ export interface BackendProcess {
   stop(): Promise<number | null>;
 }
 
-export async function startBackend(args: { socketPath: string; args: readonly string[] }): Promise<BackendProcess> {
+export interface StartBackendOptions {
+  readonly socketPath: string;
+  /** Device options after `--socket PATH --log-level L`. */
+  readonly args: readonly string[];
+  /** The device subcommand (default 'blk'). */
+  readonly command?: string;
+  /** Default 'debug'. */
+  readonly logLevel?: string;
+  /** A command that execs node with the rest (same PID), e.g. ['taskset', '-c', '0'] to pin the backend. */
+  readonly wrapper?: readonly string[];
+}
+
+export async function startBackend(args: StartBackendOptions): Promise<BackendProcess> {
   const bin = join(repoRoot(), 'bin', 'vhost-user.js');
-  const child: ChildProcess = spawnOwned(process.execPath, [bin, 'blk', '--socket', args.socketPath, '--log-level', 'debug', ...args.args]);
+  const argv = [bin, args.command ?? 'blk', '--socket', args.socketPath, '--log-level', args.logLevel ?? 'debug', ...args.args];
+  const [exe, ...pre] = args.wrapper !== undefined && args.wrapper.length > 0 ? [...args.wrapper, process.execPath] : [process.execPath];
+  const child: ChildProcess = spawnOwned(exe, [...pre, ...argv]);
   let text = '';
   child.stderr?.setEncoding('utf8');
   child.stderr?.on('data', (chunk: string) => (text += chunk));
@@ -27,6 +41,7 @@ export async function startBackend(args: { socketPath: string; args: readonly st
   const logs = (): Record<string, unknown>[] =>
     text
       .split('\n')
+      .slice(0, -1) // complete lines only: the last piece may be a line still being written
       .filter((l) => l.startsWith('{'))
       .map((l) => JSON.parse(l) as Record<string, unknown>);
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));

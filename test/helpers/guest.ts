@@ -1,7 +1,7 @@
 /**
- * Boots a real Linux guest (Debian's kernel, a busybox initramfs) in QEMU under TCG, with its disks served
- * by external vhost-user-blk backends, and runs a shell script inside it. The scripts are in test/guest/
- * (see its README.md for the guest side contract).
+ * Boots a real Linux guest (Debian's kernel, a busybox initramfs) in QEMU under TCG, with its disks and NICs
+ * served by external vhost-user-blk and vhost-user-net backends, and runs a shell script inside it. The scripts
+ * are in test/guest/ (see its README.md for the guest side contract).
  *
  *     const r = await bootGuest({ blk: [{ socketPath }], script: { file: guestScript('blk-pattern.sh') } });
  *     assert.equal(r.exitCode, 0);
@@ -225,6 +225,15 @@ export interface BlkDeviceOptions {
   readonly numQueues?: number;
 }
 
+export interface NetDeviceOptions {
+  /** The backend's vhost-user-net socket; it must already accept connections. */
+  readonly socketPath: string;
+  /** The NIC's MAC address (default 52:54:00:12:34:56 for the first NIC, ...:57 for the second, ...). */
+  readonly mac?: string;
+  /** Queue pairs (default 1); must not exceed what the backend offers. */
+  readonly queuePairs?: number;
+}
+
 /** The script run in the guest as /guest/test.sh: its text, or a file (e.g. guestScript('blk-pattern.sh')). */
 export type GuestScript = string | { readonly file: string };
 
@@ -245,6 +254,8 @@ export interface GuestMemoryOptions {
 export interface BootGuestOptions {
   /** vhost-user-blk-pci disks, seen by the guest as /dev/vda, /dev/vdb, ... */
   readonly blk?: readonly BlkDeviceOptions[];
+  /** virtio-net-pci NICs (vhost-user netdevs, INTx only), seen by the guest as eth0, eth1, ... */
+  readonly net?: readonly NetDeviceOptions[];
   /** Without a script, the guest lists its disks as GUEST-RESULT lines and exits 0. */
   readonly script?: GuestScript;
   readonly files?: readonly GuestFile[];
@@ -316,6 +327,7 @@ export interface RunningGuest {
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
 const ENV_RE = /^[A-Za-z_][A-Za-z0-9_]*$/;
+const MAC_RE = /^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$/;
 const STDERR_LIMIT = 64 * 1024;
 
 function tail(text: string, lines = 30): string {
@@ -380,6 +392,17 @@ export async function startGuest(opts: BootGuestOptions): Promise<RunningGuest> 
     for (const f of guestFiles) args.push('--guest-file', f);
     for (const d of opts.blk ?? []) {
       args.push('--blk-queues', String(d.numQueues ?? 1), '--vhost-user-blk', d.socketPath);
+    }
+    for (const n of opts.net ?? []) {
+      if (n.socketPath.includes(',')) throw new Error(`a net socket path cannot contain a comma: ${n.socketPath}`);
+      if (n.mac !== undefined && !MAC_RE.test(n.mac)) throw new Error(`bad MAC address ${n.mac}`);
+      if (n.queuePairs !== undefined && !(Number.isInteger(n.queuePairs) && n.queuePairs >= 1)) {
+        throw new Error(`bad queuePairs ${n.queuePairs}`);
+      }
+      let spec = n.socketPath;
+      if (n.mac !== undefined) spec += `,mac=${n.mac}`;
+      if (n.queuePairs !== undefined) spec += `,queues=${n.queuePairs}`;
+      args.push('--vhost-user-net', spec);
     }
     if (opts.append !== undefined) args.push('--append', opts.append);
     args.push('--', ...(opts.extraQemuArgs ?? []));

@@ -11,7 +11,8 @@ import type { TestContext } from 'node:test';
 /**
  * Debian packages the test suite needs. `.ci/run` installs exactly these (a test checks that it does), and
  * the docs list them. xz-utils is only needed to extract the uncompressed kernel (boots about 2 s faster
- * under TCG); without it the guest boots the bzImage.
+ * under TCG); without it the guest boots the bzImage. dpdk-dev ships dpdk-testpmd, the third-party vhost-user-net
+ * frontend and backend of the net system tests and the net benchmark.
  */
 export const DEBIAN_TEST_PACKAGES = [
   'qemu-system-x86',
@@ -20,6 +21,8 @@ export const DEBIAN_TEST_PACKAGES = [
   'linux-image-amd64',
   'xz-utils',
   'spin',
+  'dpdk-dev',
+  'iproute2',
 ] as const;
 
 export type DebianPackage = (typeof DEBIAN_TEST_PACKAGES)[number];

@@ -2,8 +2,9 @@
 // with SCM_RIGHTS, worker threads and a child process. Every test checks that fds come back to where they were.
 import { test, afterEach, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { createSocket } from 'node:dgram';
+import { closeSync, ftruncateSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -198,6 +199,51 @@ test('the deleter unmaps only after every thread dropped the buffer', async () =
   worker.postMessage('drop');
   await new Promise((resolve) => worker.once('exit', resolve));
   await dropAllMappings(baseline);
+});
+
+test('seals: a memfd can be sealed against shrinking and growing; files that cannot be sealed say so', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'vu-native-'));
+  const fd = native.memfdCreate('sealed', 2 * native.PAGE_SIZE);
+  const file = openSync(join(dir, 'plain'), 'w+');
+  const [a, b] = native.socketPair();
+  try {
+    assert.equal(native.getSeals(fd), 0, 'memfdCreate makes sealable memfds with no seal yet');
+    native.addSeals(fd, native.F_SEAL_SHRINK | native.F_SEAL_GROW);
+    assert.equal(native.getSeals(fd), native.F_SEAL_SHRINK | native.F_SEAL_GROW);
+    assertSystemError(() => ftruncateSync(fd, 0), 'EPERM');
+    assertSystemError(() => ftruncateSync(fd, 4 * native.PAGE_SIZE), 'EPERM');
+    assert.equal(native.fstat(fd).size, 2 * native.PAGE_SIZE);
+    writeSync(fd, Buffer.from('still writable'), 0, 14, 0); // within the size: F_SEAL_WRITE was not asked for
+    native.addSeals(fd, native.F_SEAL_SEAL);
+    assertSystemError(() => native.addSeals(fd, native.F_SEAL_WRITE), 'EPERM', 'fcntl');
+    // A regular file, a socket: no sealing at all (-1), not an error.
+    assert.equal(native.getSeals(file), -1);
+    assert.equal(native.getSeals(a), -1);
+    assertSystemError(() => native.addSeals(file, native.F_SEAL_SHRINK), 'EINVAL', 'fcntl');
+    assertSystemError(() => native.getSeals(987654), 'EBADF', 'fcntl');
+  } finally {
+    native.close(fd);
+    closeSync(file);
+    native.close(a);
+    native.close(b);
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('isEventfd: true for eventfds only', () => {
+  const efd = native.eventfdCreate(0, false);
+  const memfd = native.memfdCreate('not-an-eventfd', native.PAGE_SIZE);
+  const [a, b] = native.socketPair();
+  try {
+    assert.equal(native.isEventfd(efd), true);
+    for (const fd of [memfd, a, 0]) assert.equal(native.isEventfd(fd), false);
+    assertSystemError(() => native.isEventfd(987654), 'EBADF', 'fcntl');
+  } finally {
+    native.close(efd);
+    native.close(memfd);
+    native.close(a);
+    native.close(b);
+  }
 });
 
 test('eventfd: write adds, read returns and resets, an empty non-blocking read returns 0', () => {
@@ -399,4 +445,82 @@ test('regions over 4 GiB are mapped and reachable through windowed views', async
     native.close(fd);
   }
   await dropAllMappings(baseline);
+});
+
+// ---- TAP devices --------------------------------------------------------------------------------------------------
+
+function linkExists(name: string): boolean {
+  try {
+    execFileSync('ip', ['link', 'show', 'dev', name], { stdio: 'pipe' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+test('tunOpen: a TAP interface exists while its fd is open, carries frames both ways with node:fs, and goes away on close', async () => {
+  const name = `vutest${process.pid}`.slice(0, 15);
+  // 198.18.0.0/15 is reserved for network tests; a /30 per pid keeps concurrent runs apart.
+  const n = (process.pid % 32768) * 4;
+  const ip = (k: number): string => `198.${18 + ((n + k) >> 16)}.${((n + k) >> 8) & 255}.${(n + k) & 255}`;
+  const tap = native.tunOpen(name, false);
+  const udp = createSocket('udp4');
+  let watchId = -1;
+  try {
+    assert.equal(tap.name, name);
+    assert.ok(linkExists(name), '`ip link show` sees the interface while its fd is open');
+    const frame = Buffer.alloc(60);
+    frame.fill(0xff, 0, 6); // broadcast
+    frame.writeUInt16BE(0x88b5, 12); // the IEEE local experimental ethertype
+    // Down, the kernel refuses the frame; up, a write() is one frame received by the interface.
+    assertSystemError(() => writeSync(tap.fd, frame), 'EIO');
+    assertSystemError(() => readSync(tap.fd, Buffer.alloc(2048)), 'EAGAIN'); // non-blocking, nothing waiting
+    writeFileSync(`/proc/sys/net/ipv6/conf/${name}/disable_ipv6`, '1'); // no IPv6 chatter to read past
+    execFileSync('ip', ['addr', 'add', `${ip(1)}/30`, 'dev', name]);
+    execFileSync('ip', ['link', 'set', 'dev', name, 'up']);
+    const rxBefore = Number(readFileSync(`/sys/class/net/${name}/statistics/rx_packets`, 'utf8'));
+    assert.equal(writeSync(tap.fd, frame), 60);
+    assert.equal(Number(readFileSync(`/sys/class/net/${name}/statistics/rx_packets`, 'utf8')), rxBefore + 1);
+    // The other way: a datagram to the neighbour makes the kernel ask for its MAC address (ARP) on the interface,
+    // which is one frame to read (waiting with watch, as a TAP port would).
+    const arp = new Promise<Buffer>((resolve) => {
+      watchId = native.watch(tap.fd, native.WATCH_READABLE, () => {
+        const buf = Buffer.alloc(2048);
+        for (;;) {
+          let len: number;
+          try {
+            len = readSync(tap.fd, buf);
+          } catch {
+            return; // EAGAIN: wait for the next frame
+          }
+          if (buf.readUInt16BE(12) === 0x0806) return resolve(Buffer.from(buf.subarray(0, len)));
+        }
+      });
+    });
+    udp.send('x', 9, ip(2));
+    const request = await arp;
+    assert.equal(request.readUInt16BE(20), 1, 'an ARP request');
+    assert.deepEqual([...request.subarray(38, 42)], ip(2).split('.').map(Number), 'for the neighbour address');
+  } finally {
+    udp.close();
+    if (watchId >= 0) native.unwatch(watchId);
+    native.close(tap.fd);
+  }
+  assert.ok(!linkExists(name), 'a non-persistent TAP interface goes away with its last fd');
+});
+
+test('tunOpen: multi-queue interfaces take one fd per queue; bad names are refused', () => {
+  const name = `vutestmq${process.pid}`.slice(0, 15);
+  const q0 = native.tunOpen(name, true);
+  try {
+    const q1 = native.tunOpen(name, true);
+    assert.equal(q1.name, name);
+    native.close(q1.fd);
+    assert.ok(linkExists(name), 'the interface lives while one queue is open');
+    assertSystemError(() => native.tunOpen(name, false), 'EINVAL', 'ioctl'); // a multi-queue interface needs the flag
+  } finally {
+    native.close(q0.fd);
+  }
+  assert.ok(!linkExists(name));
+  assertSystemError(() => native.tunOpen('x'.repeat(16), false), 'EINVAL', 'ioctl');
 });

@@ -285,8 +285,10 @@ class NetRxHandler implements QueueHandler, QueueProducer {
           let n = Math.min(segLen - segDone, total - done);
           if (done < hdrSize) {
             n = Math.min(n, hdrSize - done);
-            if (count === 0 && hdrSize === NetHdr.size) {
-              // Remember where bytes 10 and 11 of the header go, to write num_buffers once it is known.
+            if (hdrSize === NetHdr.size) {
+              // Remember where bytes 10 and 11 of the header go, to write num_buffers once it is known. The header is
+              // a byte stream like the frame: with buffers smaller than it (a driver error, §5.1.6.3.1) it continues
+              // in the next chain, as in Linux vhost-net.
               for (let b = 0; b < n; b++) {
                 if (done + b === NetHdr.numBuffers) numBuffersGpa = gpa + segDone + b;
                 if (done + b === NetHdr.numBuffers + 1) numBuffersGpa2 = gpa + segDone + b;
