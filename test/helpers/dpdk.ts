@@ -26,10 +26,10 @@
  */
 import type { ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, rmSync } from 'node:fs';
-import { connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ToolRequirement } from './require-tool.js';
 import { hasExited, spawnOwned } from './tmp.js';
+import { tryConnect } from './unix-socket.js';
 
 /** dpdk-testpmd is only in dpdk-dev (not in the dpdk runtime package); it pulls in the virtio and vhost PMDs. */
 export const DPDK_TOOLS: readonly ToolRequirement[] = [{ bin: 'dpdk-testpmd', pkg: 'dpdk-dev' }];
@@ -168,19 +168,6 @@ export function processCpuSeconds(pid: number): number | undefined {
   }
 }
 
-function tryConnect(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const sock = connect(path);
-    sock.once('connect', () => {
-      sock.destroy();
-      resolve(true);
-    });
-    sock.once('error', () => {
-      sock.destroy();
-      resolve(false);
-    });
-  });
-}
 
 /** The testpmd command line for these options (without the binary). */
 export function testpmdArgs(o: TestpmdOptions, prefix: string): string[] {

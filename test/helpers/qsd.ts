@@ -4,10 +4,10 @@
  * after a disconnect, so one daemon can serve several guest boots (or benchmark runs) in a row.
  */
 import type { ChildProcess } from 'node:child_process';
-import { connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { findBinary, type ToolRequirement } from './require-tool.js';
 import { hasExited, spawnOwned, stopProcess } from './tmp.js';
+import { tryConnect } from './unix-socket.js';
 
 /** qemu-storage-daemon is in qemu-system-common, which qemu-system-x86 depends on. */
 export const QSD_TOOLS: readonly ToolRequirement[] = [{ bin: 'qemu-storage-daemon', pkg: 'qemu-system-x86' }];
@@ -43,19 +43,6 @@ export interface Qsd {
 
 const OUTPUT_LIMIT = 64 * 1024;
 
-function tryConnect(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const sock = connect(path);
-    sock.once('connect', () => {
-      sock.destroy();
-      resolve(true);
-    });
-    sock.once('error', () => {
-      sock.destroy();
-      resolve(false);
-    });
-  });
-}
 
 /** Starts the daemon and resolves once its socket accepts a connection (a probe that is closed at once). */
 export async function startQsd(opts: QsdOptions): Promise<Qsd> {

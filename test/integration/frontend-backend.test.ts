@@ -13,7 +13,7 @@ import { VhostError } from '../../src/errors.js';
 import { BlkDriver, FrontendErrorCode, GuestRam, VhostUserFrontend, parseBlkConfig } from '../../src/frontend/index.js';
 import { FrontendRequest, ProtocolFeature, VirtioFeature, featureBit, hasFeature } from '../../src/protocol/constants.js';
 import { vringStatePayload } from '../../src/protocol/payloads.js';
-import { collectGarbage, snapshotResources, type ResourceSnapshot } from '../helpers/fds.js';
+import { assertBaseline, settledBaseline } from '../helpers/fds.js';
 import { testTempDir, type TempDir } from '../helpers/tmp.js';
 
 const KiB = 1024;
@@ -75,29 +75,6 @@ function randomBytes(rand: () => number, length: number): Uint8Array {
   return b;
 }
 
-/** The fds and mappings of the process once garbage (earlier tests' buffers) is collected. */
-async function settledBaseline(): Promise<ResourceSnapshot> {
-  let prev = snapshotResources();
-  for (let i = 0; i < 20; i++) {
-    collectGarbage();
-    await sleep(20);
-    const now = snapshotResources();
-    if (now.fds === prev.fds && now.mappings === prev.mappings) return now;
-    prev = now;
-  }
-  return prev;
-}
-
-/** Waits (gc between tries) until fds and mappings are back to `baseline`; fails with what is left otherwise. */
-async function assertBaseline(baseline: ResourceSnapshot): Promise<void> {
-  let now = snapshotResources();
-  for (let i = 0; i < 100 && (now.fds !== baseline.fds || now.mappings !== baseline.mappings); i++) {
-    collectGarbage();
-    await sleep(20);
-    now = snapshotResources();
-  }
-  assert.deepEqual(now, baseline, 'fds or mappings leaked');
-}
 
 interface Backend {
   server: VhostUserServer;

@@ -4,11 +4,10 @@
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { BlkStatus } from '../../src/devices/blk/constants.js';
 import { BlkDriver, GuestRam, VhostUserFrontend, parseBlkConfig } from '../../src/frontend/index.js';
 import { ProtocolFeature } from '../../src/protocol/constants.js';
-import { collectGarbage, snapshotResources, type ResourceSnapshot } from '../helpers/fds.js';
+import { assertBaseline, settledBaseline } from '../helpers/fds.js';
 import { startQsd, type Qsd } from '../helpers/qsd.js';
 import { findBinary } from '../helpers/require-tool.js';
 import { testTempDir } from '../helpers/tmp.js';
@@ -80,27 +79,6 @@ async function writeAndVerify(blk: BlkDriver, rand: () => number, model: Buffer,
   });
 }
 
-async function settledBaseline(): Promise<ResourceSnapshot> {
-  let prev = snapshotResources();
-  for (let i = 0; i < 20; i++) {
-    collectGarbage();
-    await sleep(20);
-    const now = snapshotResources();
-    if (now.fds === prev.fds && now.mappings === prev.mappings) return now;
-    prev = now;
-  }
-  return prev;
-}
-
-async function assertBaseline(baseline: ResourceSnapshot): Promise<void> {
-  let now = snapshotResources();
-  for (let i = 0; i < 100 && (now.fds !== baseline.fds || now.mappings !== baseline.mappings); i++) {
-    collectGarbage();
-    await sleep(20);
-    now = snapshotResources();
-  }
-  assert.deepEqual(now, baseline, 'fds or mappings leaked');
-}
 
 /** Handshake, two queues of I/O, flush, GET_ID, an error status. */
 async function ioRoundTrip(socketPath: string, image: string, model: Buffer): Promise<void> {

@@ -4,7 +4,6 @@
 // stops one queue while the other pair goes on, disconnect and reconnect; fds and mappings back to the baseline.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { setTimeout as sleep } from 'node:timers/promises';
 import pino from 'pino';
 import { VhostUserServer } from '../../src/backend/server.js';
 import { NET_S_LINK_UP } from '../../src/devices/net/constants.js';
@@ -14,7 +13,7 @@ import { DeviceStatus, FrontendErrorCode, GuestRam, NetDriver, VhostUserFrontend
 import * as native from '../../src/native/index.js';
 import { FrontendRequest, VirtioFeature } from '../../src/protocol/constants.js';
 import { vringFilePayload } from '../../src/protocol/payloads.js';
-import { collectGarbage, snapshotResources, type ResourceSnapshot } from '../helpers/fds.js';
+import { assertBaseline, settledBaseline } from '../helpers/fds.js';
 import { testTempDir, type TempDir } from '../helpers/tmp.js';
 
 const MiB = 1024 * 1024;
@@ -22,29 +21,6 @@ const TIMEOUT = { timeout: 60_000 };
 
 // ---- helpers ------------------------------------------------------------------------------------------------------
 
-/** The fds and mappings of the process once garbage (earlier tests' buffers) is collected. */
-async function settledBaseline(): Promise<ResourceSnapshot> {
-  let prev = snapshotResources();
-  for (let i = 0; i < 20; i++) {
-    collectGarbage();
-    await sleep(20);
-    const now = snapshotResources();
-    if (now.fds === prev.fds && now.mappings === prev.mappings) return now;
-    prev = now;
-  }
-  return prev;
-}
-
-/** Waits (gc between tries) until fds and mappings are back to `baseline`; fails with what is left otherwise. */
-async function assertBaseline(baseline: ResourceSnapshot): Promise<void> {
-  let now = snapshotResources();
-  for (let i = 0; i < 100 && (now.fds !== baseline.fds || now.mappings !== baseline.mappings); i++) {
-    collectGarbage();
-    await sleep(20);
-    now = snapshotResources();
-  }
-  assert.deepEqual(now, baseline, 'fds or mappings leaked');
-}
 
 interface Backend {
   readonly server: VhostUserServer;

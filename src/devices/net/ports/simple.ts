@@ -87,7 +87,13 @@ const PATTERN_START = 22;
 export class SourcePort implements NetPort {
   readonly inputFd = undefined;
   readonly frame: Frame;
-  readonly #frameLen: number;
+  /**
+   * Distance between two ready frames: the frame length rounded up to 8 bytes, so that every frame starts 8-byte
+   * aligned, as a NIC's DMA buffers do. V8 copies into a SharedArrayBuffer (guest memory) word by word only when
+   * source and destination agree modulo 8, else byte by byte: 2.8x slower for 1500 bytes (measured here). DPDK's
+   * receive buffers put the frame at a 128-byte boundary (the header just before it).
+   */
+  readonly #stride: number;
   /** 256 ready frames, one per value of seq & 0xff; only the sequence number changes between uses. */
   readonly #frames: Uint8Array;
   readonly #framesView: DataView;
@@ -97,14 +103,14 @@ export class SourcePort implements NetPort {
   #seq = 0;
 
   constructor(frameLen: number, mac: readonly number[], stats: Float64Array) {
-    this.#frameLen = frameLen;
+    this.#stride = (frameLen + 7) & ~7;
     this.#stats = stats;
     this.#pattern = new Uint8Array(256 + 65536);
     for (let k = 0; k < this.#pattern.length; k++) this.#pattern[k] = k & 0xff;
-    this.#frames = new Uint8Array(256 * frameLen);
+    this.#frames = new Uint8Array(256 * this.#stride);
     this.#framesView = new DataView(this.#frames.buffer);
     for (let s = 0; s < 256; s++) {
-      const base = s * frameLen;
+      const base = s * this.#stride;
       this.#frames.fill(0xff, base, base + 6); // broadcast: any receiver takes it
       this.#frames.set(mac, base + 6);
       this.#framesView.setUint16(base + 12, SOURCE_ETHERTYPE);
@@ -134,7 +140,7 @@ export class SourcePort implements NetPort {
 
   next(): boolean {
     const s = this.#seq & 0xff;
-    this.frame.offset = s * this.#frameLen;
+    this.frame.offset = s * this.#stride;
     this.#framesView.setUint32(this.frame.offset + 18, this.#seq >>> 0);
     return true;
   }
