@@ -6,7 +6,7 @@
  * - frontend sends: testpmd txonly -> ours `--port sink` / the vhost PMD in rxonly;
  * - backend sends: ours `--port source` / the vhost PMD in txonly -> testpmd rxonly.
  * The figure is the frontend's packet rate (its Tx-pps or Rx-pps, averaged over testpmd's stats intervals without
- * the warm-up one, as /work/shared/peers/dpdk-pair.sh computes it). Each run starts a fresh backend and a fresh
+ * the warm-up one, as the DPDK pair recipe this was adapted from computes it). Each run starts a fresh backend and a fresh
  * frontend. Every workload runs against ours and DPDK back to back (A B, which one goes first alternates between
  * rounds), over several rounds: the ratio ours / DPDK is taken per round, then the median over rounds.
  *

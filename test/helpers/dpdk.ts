@@ -316,7 +316,7 @@ export function stripAnsi(s: string): string {
 }
 
 /**
- * testpmd's output -> figures. The rate is computed as /work/shared/peers/dpdk-pair.sh does (its RESULT line):
+ * testpmd's output -> figures. The rate is computed as the DPDK pair recipe this helper was adapted from does:
  * mean of the per-interval Tx-pps (txonly) or Rx-pps (other modes), without the leading intervals with no traffic
  * and the first one with traffic (warm-up, only when there are at least two); a backend also drops the intervals
  * after its peer left and, when at least three remain, the partial last one.
