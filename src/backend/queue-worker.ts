@@ -297,7 +297,7 @@ function processQueue(q: RunningQueue, rearm: boolean): void {
     if (queues.get(index) !== q) return; // failed by a table switch in quiescent()
     queue.disableNotification();
     let handled = 0;
-    for (;;) {
+    for (let round = 1; ; round++) {
       while (handled < BATCH_LIMIT && queue.popChain(memory, chain)) {
         if (q.inflight.has(chain.head)) {
           // The driver made a head available again while its request is still in flight (async I/O): a driver
@@ -316,8 +316,11 @@ function processQueue(q: RunningQueue, rearm: boolean): void {
         q.kicked = false;
         native.eventfdRead(q.start.kickFd);
       }
-      if (handled >= BATCH_LIMIT) {
-        q.pending = true; // come back after the other queues and the port had their turn
+      if (handled >= BATCH_LIMIT || round >= BATCH_LIMIT) {
+        // Come back after the other queues and the port had their turn. Rounds are bounded too: each re-check that
+        // finds "more" takes a chain or fails (split-queue.ts enableNotification), but a turn must end whatever
+        // the ring says.
+        q.pending = true;
         return;
       }
       if (!rearm) break;
@@ -350,7 +353,7 @@ function produceQueue(q: RunningQueue, producer: QueueProducer, rearm: boolean):
   try {
     if (queues.get(index) !== q) return; // failed by a table switch in quiescent()
     queue.disableNotification();
-    for (;;) {
+    for (let round = 1; ; round++) {
       const result = producer.produce(memory, queue, BATCH_LIMIT);
       publish(q);
       if (q.kicked) {
@@ -370,6 +373,11 @@ function produceQueue(q: RunningQueue, producer: QueueProducer, rearm: boolean):
       q.starved = true;
       q.starvedAvail = queue.seenAvailIdx;
       if (!rearm) break;
+      if (round >= BATCH_LIMIT) {
+        // A driver that keeps adding one buffer too few per re-check: the turn ends, the next one goes on.
+        q.pending = true;
+        return;
+      }
       // Ask for a kick when buffers come, then re-check: buffers that raced in are used now.
       if (!queue.enableNotification(q.starvedAvail)) break;
       queue.disableNotification();

@@ -414,12 +414,16 @@ export class SplitQueue {
     // driver adds a buffer after our last avail.idx read, then (its own mb) reads avail_event / used.flags while they
     // still said "don't notify", so it does not kick. Either it reads our new value and kicks, or we read its new
     // avail.idx here and return true. Pairs with the driver's virtio_mb() in virtqueue_kick_prepare.
-    const availIdx = le16(Atomics.load(v.availU16, 1));
+    // The index read here becomes the shadow (checked like every read of avail.idx), so that true always means
+    // the next popChain takes a chain or fails: it does not read avail.idx again before it reached this one. Else
+    // a driver that moves avail.idx back, or rings laid out so that our own used.flags / avail_event stores land on
+    // avail.idx, could make this say "more" and the pop "nothing" forever (found by `npm run fuzz`).
+    const availIdx = this.#loadAvailIdx(v);
     return availIdx !== seen;
   }
 
   /**
-   * The avail.idx that `popChain` last read: when a pop fails, the chains the device has seen. A device that stops
+   * The avail.idx that `popChain` or `enableNotification` last read: when a pop fails, the chains the device has seen. A device that stops
    * for want of buffers waits for the driver to move avail.idx past this value (`enableNotification(seenAvailIdx)`),
    * not past a fresh read, which may already include buffers it has not tried.
    */

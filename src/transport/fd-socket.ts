@@ -70,7 +70,7 @@ export class FdSocket {
 
   resumeReading(): void {
     this.#reading = true;
-    if (this.#hangup !== undefined) this.#drainAfterHangup();
+    if (this.#hangup !== undefined) this.#readAvailable();
     else this.#rewatch();
   }
 
@@ -143,53 +143,37 @@ export class FdSocket {
       this.#hangup = new Error(`socket poll failed (libuv status ${events})`);
       this.#outbox.length = 0;
       this.#waitingWritable = false;
-      if (this.#reading) this.#drainAfterHangup();
+      if (this.#reading) this.#readAvailable();
       return;
     }
     if (events & native.WATCH_WRITABLE) this.#flush();
-    if (!(events & native.WATCH_READABLE) || !this.#readable()) return;
+    if ((events & native.WATCH_READABLE) !== 0 && this.#readable()) this.#readAvailable();
+  }
+
+  /**
+   * Delivers what the receive queue holds, until it is drained (recvmsg -1: the watcher reports more), the end of
+   * the stream (0) or a read error, which close the socket. After a poll error (#hangup) there is no watcher left
+   * (libuv stopped it), so a drained queue ends the connection too. Stops early when the owner pauses reading in
+   * onData (resumeReading continues) or closes the socket. The outbox is empty after a hangup, so #readable() is
+   * #reading then.
+   */
+  #readAvailable(): void {
     for (;;) {
       const fds: number[] = [];
       let n: number;
       try {
         n = native.recvmsg(this.fd, this.#buffer, fds);
       } catch (err) {
-        return this.#fail(err as Error);
+        return this.#fail(err as Error); // after a hangup: the pending socket error, e.g. ECONNRESET
       }
-      if (n < 0) return; // drained
-      if (n === 0) {
+      if (n < 0 && this.#hangup === undefined) return; // drained
+      if (n <= 0) {
         for (const fd of fds) native.close(fd);
-        return this.#fail(this.#sendError);
+        return this.#fail(this.#hangup ?? this.#sendError);
       }
       this.#handlers.onData(this.#buffer.subarray(0, n), fds);
       if (this.#closed || !this.#readable()) return;
     }
-  }
-
-  /**
-   * After a poll error: delivers what is left in the receive queue until recvmsg returns 0 (end of stream), nothing
-   * (-1: there is no watcher left to wait with) or throws (the pending socket error, e.g. ECONNRESET), then closes.
-   * Stops early if the owner pauses reading in onData (resumeReading continues) or closes the socket.
-   */
-  #drainAfterHangup(): void {
-    let error = this.#hangup;
-    for (;;) {
-      const fds: number[] = [];
-      let n: number;
-      try {
-        n = native.recvmsg(this.fd, this.#buffer, fds);
-      } catch (err) {
-        error = err as Error;
-        break;
-      }
-      if (n <= 0) {
-        for (const fd of fds) native.close(fd);
-        break;
-      }
-      this.#handlers.onData(this.#buffer.subarray(0, n), fds);
-      if (this.#closed || !this.#reading) return;
-    }
-    this.#fail(error);
   }
 
   #fail(error?: Error): void {

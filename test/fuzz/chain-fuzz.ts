@@ -626,7 +626,7 @@ export function runChainCase(rig: ChainRig, s: ChainScenario, counts: ChainCount
   for (let batch = 0; batch < 3 && !stopped; batch++) {
     queue.disableNotification();
     let handled = 0;
-    for (;;) {
+    for (let round = 1; ; round++) {
       while (handled < WORKER_BATCH_LIMIT) {
         const at = queue.lastAvailIdx;
         // What the device should do, mirroring its shadow of avail.idx (re-read only once it caught up with it).
@@ -702,10 +702,11 @@ export function runChainCase(rig: ChainRig, s: ChainScenario, counts: ChainCount
       if (stopped) break;
       queue.publishUsed();
       queue.needsNotification();
-      if (handled >= WORKER_BATCH_LIMIT) break;
+      if (handled >= WORKER_BATCH_LIMIT || round >= WORKER_BATCH_LIMIT) break;
       let more: boolean;
       try {
         more = queue.enableNotification();
+        shadow = queue.seenAvailIdx; // the device's shadow moves with this read too
       } catch (err) {
         if (!(err instanceof VirtioError)) throw new Error(`enableNotification threw ${String(err)}`, { cause: err });
         stopped = true;

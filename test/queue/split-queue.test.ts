@@ -589,3 +589,36 @@ test('the canonical device loop of the SplitQueue docs drains everything and sle
     assert.equal(queue.availableCount(), 0);
   }
 });
+
+test('rings laid out so that used.flags is avail.idx: the worker loop ends (a re-check that says "more" takes a chain or fails)', () => {
+  // The story (found by `npm run fuzz -- --seconds 180`): the used ring 2 bytes after the avail ring, so the
+  // device's own stores of used.flags (VRING_USED_F_NO_NOTIFY off in enableNotification, on in
+  // disableNotification) rewrite avail.idx. The worker's loop (pop until empty, re-enable, re-check, disable) ran
+  // forever: the re-check read avail.idx = 0 ("more", the device had seen 1), disableNotification made it 1 again,
+  // the pop re-read it, found nothing, and so on. That worker never came back to its other queues, to memory
+  // changes or to poll(). Now the index the re-check reads is the one the next pop uses (and is checked as every
+  // read of avail.idx is), and the worker ends a turn after BATCH_LIMIT rounds whatever the ring says.
+  const mem = standardMemory();
+  const size = 8;
+  const availAddr = RING_BASE + 0x102; // 2-byte aligned, as the avail ring must be
+  const queue = new SplitQueue({ size, descAddr: RING_BASE, availAddr, usedAddr: availAddr + 2, eventIdx: false, indirect: true });
+  queue.attach(mem);
+  const chain = queue.createChain();
+  let rounds = 0;
+  let code: string | undefined;
+  try {
+    queue.disableNotification();
+    for (; rounds < 1000; rounds++) {
+      while (queue.popChain(mem, chain)) queue.pushUsed(chain.head, 0);
+      queue.publishUsed();
+      if (!queue.enableNotification()) break;
+      queue.disableNotification();
+    }
+  } catch (err) {
+    code = codeOf(() => {
+      throw err;
+    });
+  }
+  assert.ok(rounds < 4, `the loop ended after ${rounds} rounds`);
+  assert.equal(code, 'VIRTIO_AVAIL_INDEX_INVALID', 'avail.idx moved back (our own store): the queue stops');
+});
