@@ -398,8 +398,7 @@ export class BackendSession {
     try {
       regions.forEach((desc, i) => {
         const fd = fds[i] as number;
-        const stat = native.fstat(fd);
-        const same = this.#memory.regions.find((r) => regionMatches(r, desc, stat));
+        const same = this.#findMapped(desc, fd);
         if (same !== undefined) kept.push(same);
         else added.push(this.#mapRegion(desc, fd));
       });
@@ -411,8 +410,19 @@ export class BackendSession {
     }
   }
 
+  /** The region of the current table that `desc` and `fd` describe again (same file, offset and addresses). */
+  #findMapped(desc: MemoryRegion, fd: number): MappedRegion | undefined {
+    let stat: native.FileStat;
+    try {
+      stat = native.fstat(fd); // once, not per region compared
+    } catch (err) {
+      throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', 'region fd is not usable', { cause: err });
+    }
+    return this.#memory.regions.find((r) => regionMatches(r, desc, stat));
+  }
+
   async #addRegion(desc: MemoryRegion, fd: number): Promise<void> {
-    const same = this.#memory.regions.find((r) => regionMatches(r, desc, native.fstat(fd)));
+    const same = this.#findMapped(desc, fd);
     if (same !== undefined) {
       // QEMU runs one vhost device per virtio-net queue pair over the same socket, and each adds every region
       // (SET_MEM_TABLE is sent once, ADD_MEM_REG is not): the same region, same file, same addresses. Count it,

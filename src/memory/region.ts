@@ -119,7 +119,8 @@ function sealAgainstShrinking(fd: number): boolean {
     return true;
   } catch {
     // EPERM: an fd without write access (mapping it writable fails next anyway), or F_SEAL_SEAL added meanwhile
-    return (native.getSeals(fd) & native.F_SEAL_SHRINK) !== 0;
+    const now = native.getSeals(fd);
+    return now >= 0 && (now & native.F_SEAL_SHRINK) !== 0;
   }
 }
 
