@@ -1,8 +1,10 @@
 /**
- * A queue worker thread: owns some virtqueues of one device and processes them straight out of guest memory.
+ * A queue worker thread of a pool: runs virtqueues of any number of sessions (connected frontends, each with its own
+ * device, memory table and sync block) and processes them straight out of guest memory.
  *
  * The loop (docs/memory-sync.md has the protocol; model/memory-sync.pml checks it):
- *   quiescent point: load `gen`; if it changed, drain the port, switch tables, store `seen[w]`
+ *   quiescent point: load `epoch[w]`; if it changed, drain the port, and for each session whose `gen` changed:
+ *                    switch to its new table, store its `seen[w]`
  *   batch:           each queue with work: at most BATCH_LIMIT chains, notifications off while draining, then
  *                    re-enabled and the ring re-checked (both touch guest memory: the worker is still a reader)
  *   idle:            store idle[w] = 1, block in poll() on kick eventfds + control eventfd (+ completion fds),
@@ -15,6 +17,8 @@
  * says the driver added buffers. Out of buffers with input left, the queue is "starved": it re-enables kicks and
  * waits for one, and stops polling its input fd (the input stays queued where it is, or is dropped by its source).
  */
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { VhostError, VirtioError } from '../errors.js';
 import { MemoryTable } from '../memory/memory-table.js';
@@ -23,13 +27,32 @@ import * as native from '../native/index.js';
 import type { DescriptorChain } from '../queue/descriptor-chain.js';
 import { SplitQueue } from '../queue/split-queue.js';
 import { PENDING, ProduceResult, type DeviceWorkerModule, type QueueHandler, type QueueProducer } from '../devices/device.js';
-import { SyncBlock, UNSYNCHRONIZED } from './sync-block.js';
-import type { QueueStart, WorkerCommand, WorkerInit, WorkerRegion, WorkerToControl } from './worker-messages.js';
+import { countStat, QueueStat, queueStatsRow } from '../devices/queue-stats.js';
+import { MAX_QUEUES, PoolBlock, SyncBlock, UNSYNCHRONIZED } from './sync-block.js';
+import type { QueueStart, SessionAttach, WorkerCommand, WorkerInit, WorkerRegion, WorkerToControl } from './worker-messages.js';
 
 /** Most chains handled per queue before the worker looks at its other queues and its port (fairness). */
 const BATCH_LIMIT = 256;
 
+/** A session (one connected frontend of one device) as this worker knows it. */
+interface WorkerSession {
+  readonly id: number;
+  readonly sync: SyncBlock;
+  /** The table in use, and its generation. */
+  memory: MemoryTable;
+  memoryGen: number;
+  /** The generation last reported in this session's seen[me]. */
+  seenGen: number;
+  /** undefined while the module loads (no queue of the session can start before the attach is acknowledged). */
+  device: DeviceWorkerModule | undefined;
+  readonly attach: SessionAttach;
+}
+
 interface RunningQueue {
+  readonly session: WorkerSession;
+  /** The key of `queues`: session and queue index. */
+  readonly key: number;
+  readonly stats: Float64Array;
   readonly start: QueueStart;
   readonly queue: SplitQueue;
   readonly chain: DescriptorChain;
@@ -56,7 +79,7 @@ interface RunningQueue {
 
 const init = workerData as WorkerInit;
 const port: MessagePort = init.port;
-const sync = new SyncBlock(init.sync);
+const pool = new PoolBlock(init.pool);
 const me = init.workerId;
 const useLocks = init.mode === 'lock';
 const unsynchronized = init.mode === UNSYNCHRONIZED;
@@ -65,13 +88,29 @@ const unsynchronized = init.mode === UNSYNCHRONIZED;
  * Not in lock mode, where every look at a ring must hold the queue's lock.
  */
 const BUSY_POLL_MS = useLocks ? 0 : Math.min(Math.max(Number(process.env.VHOST_USER_BUSY_POLL_US ?? 0) || 0, 0), 1_000_000) / 1000;
-const device = (await import(init.deviceModule)) as DeviceWorkerModule;
 
-let memory: MemoryTable = MemoryTable.EMPTY;
-let memoryGen = 0; // generation of `memory`
-let seenGen = 0; // generation last reported in seen[me]
+const sessions = new Map<number, WorkerSession>();
+/** Device worker modules by URL, loaded once per worker. */
+const modules = new Map<string, DeviceWorkerModule>();
+/** Module loads in progress: the loop awaits them (idle: it touches no guest memory meanwhile). */
+const loading: Promise<void>[] = [];
 const queues = new Map<number, RunningQueue>();
+/**
+ * A full garbage collection of this worker's heap. A session's guest memory stays mapped (revoked: anonymous
+ * memory, but address space and a mapping) until every thread has dropped its SharedArrayBuffers; a worker that
+ * outlives its sessions, idle in poll(), may not collect for a long time. After a detach it collects once before it
+ * sleeps. `gc` is exposed through V8's flag, as jest and other leak detectors do: a worker cannot get --expose-gc.
+ */
+setFlagsFromString('--expose-gc');
+const collectGarbage = runInNewContext('gc') as () => void;
+let garbage = false;
+/** The epoch[me] value of the last scan of the sessions' generations. */
+let seenEpoch = 0;
 let running = true;
+
+function queueKey(session: number, index: number): number {
+  return session * MAX_QUEUES + index;
+}
 
 function send(msg: WorkerToControl): void {
   port.postMessage(msg);
@@ -89,22 +128,23 @@ function errorInfo(err: unknown): { code: string; message: string } {
 
 // ---- memory: the quiescent point and pins ---------------------------------------------------------------------------
 
-function setMemory(gen: number, regions: readonly WorkerRegion[]): void {
-  if (gen <= memoryGen) return;
-  memoryGen = gen;
+function setMemory(s: WorkerSession, gen: number, regions: readonly WorkerRegion[]): void {
+  if (gen <= s.memoryGen) return;
+  s.memoryGen = gen;
   try {
-    memory = toTable(regions);
+    s.memory = toTable(regions);
   } catch (err) {
-    // Control validated this table, so this is a bug; never keep using the old one: stop every queue.
-    memory = MemoryTable.EMPTY;
-    for (const q of [...queues.values()]) failQueue(q, err);
-    send({ type: 'queue-error', index: -1, ...errorInfo(err) });
+    // Control validated this table, so this is a bug; never keep using the old one: stop the session's queues.
+    s.memory = MemoryTable.EMPTY;
+    for (const q of [...queues.values()]) if (q.session === s) failQueue(q, err);
+    send({ type: 'queue-error', session: s.id, index: -1, ...errorInfo(err) });
     return;
   }
   // Ring views point into the old mappings: rebuild them from the new table before anything touches a ring.
   for (const q of [...queues.values()]) {
+    if (q.session !== s) continue;
     try {
-      q.queue.attach(memory);
+      q.queue.attach(s.memory);
     } catch (err) {
       failQueue(q, err);
     }
@@ -112,31 +152,39 @@ function setMemory(gen: number, regions: readonly WorkerRegion[]): void {
 }
 
 /**
- * The quiescent point: called when this worker holds no reference into guest memory that it will use again. If a
- * new table was published, switch to it and report it. The table is posted before `gen` is stored, so once the
- * load below sees generation g the message for g is in the port.
+ * The quiescent point: called when this worker holds no reference into guest memory that it will use again. While
+ * nothing was published for this worker it costs one load (epoch[me]). Otherwise: remember the epoch first (a bump
+ * during the scan below makes the next quiescent point scan again: the model's BROKEN_EPOCH_LATE), drain the port,
+ * then switch every session whose generation changed and report it. A session's table is posted before its `gen`
+ * is stored and `gen` before the epoch is bumped, so once the loads below see generation g the table for g is in
+ * the port.
  */
 function quiescent(): void {
   if (unsynchronized) return; // the benchmark's ceiling: tables are taken whenever the port is drained
-  const g = sync.loadGen();
-  if (g === seenGen) return;
+  const e = pool.loadEpoch(me);
+  if (e === seenEpoch) return;
+  seenEpoch = e;
   drainCommands();
-  if (memoryGen < g) throw new VhostError('VHOST_INTERNAL', `generation ${g} published but its table is not in the port`);
-  seenGen = g;
-  sync.markSeen(me, g);
+  for (const s of sessions.values()) {
+    const g = s.sync.loadGen();
+    if (g === s.seenGen) continue;
+    if (s.memoryGen < g) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: generation ${g} published but its table is not in the port`);
+    s.seenGen = g;
+    s.sync.markSeen(me, g);
+  }
 }
 
 /** Pins every region the chain's buffers use (a request that completes outside this batch). */
-function pinChain(chain: DescriptorChain): number[] {
+function pinChain(s: WorkerSession, chain: DescriptorChain): number[] {
   const slots: number[] = [];
   for (let i = 0; i < chain.count; i++) {
     let gpa = chain.addr[i] as number;
     let left = chain.len[i] as number;
     do {
-      const r = memory.findRegion(gpa);
+      const r = s.memory.findRegion(gpa);
       if (r === undefined) break; // the handler already validated the buffers; nothing to pin in a hole
       if (!slots.includes(r.slot)) {
-        sync.pin(r.slot);
+        s.sync.pin(r.slot);
         slots.push(r.slot);
       }
       const step = Math.min(left, r.gpa + r.size - gpa);
@@ -147,15 +195,17 @@ function pinChain(chain: DescriptorChain): number[] {
   return slots;
 }
 
-function unpinAll(slots: readonly number[]): void {
-  for (const s of slots) sync.unpin(s);
+function unpinAll(s: WorkerSession, slots: readonly number[]): void {
+  for (const slot of slots) s.sync.unpin(slot);
 }
 
 // ---- queues ---------------------------------------------------------------------------------------------------------
 
 /** A queue hit a guest error (or a handler bug): it stops for good, the error eventfd fires, control is told. */
 function failQueue(q: RunningQueue, err: unknown): void {
-  queues.delete(q.start.index);
+  queues.delete(q.key);
+  countStat(q.stats, QueueStat.failures);
+  if (err instanceof VirtioError) countStat(q.stats, QueueStat.malformed);
   q.queue.detach();
   closeHandler(q);
   try {
@@ -163,17 +213,20 @@ function failQueue(q: RunningQueue, err: unknown): void {
   } catch {
     // an err fd that cannot be written (not an eventfd, closed by the frontend): control is told below anyway
   }
-  send({ type: 'queue-error', index: q.start.index, ...errorInfo(err) });
+  send({ type: 'queue-error', session: q.session.id, index: q.start.index, ...errorInfo(err) });
   if (q.stopRequest !== undefined) send({ type: 'queue-stopped', id: q.stopRequest, index: q.start.index, lastAvailIdx: -1 });
 }
 
 function closeHandler(q: RunningQueue): void {
   q.handler.close();
-  for (const slots of q.inflight.values()) unpinAll(slots); // abandoned: the handler's thread is gone
+  for (const slots of q.inflight.values()) unpinAll(q.session, slots); // abandoned: the handler's thread is gone
   q.inflight.clear();
 }
 
-function startQueue(start: QueueStart): void {
+function startQueue(s: WorkerSession, start: QueueStart): void {
+  if (s.device === undefined) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: queue started before its device module loaded`);
+  const key = queueKey(s.id, start.index);
+  if (queues.has(key)) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: queue ${start.index} is already running`);
   const queue = new SplitQueue({
     size: start.size,
     descAddr: start.descAddr,
@@ -183,12 +236,16 @@ function startQueue(start: QueueStart): void {
     indirect: start.indirect,
     cacheViews: init.mode !== 'copy',
   });
-  queue.attach(memory);
+  queue.attach(s.memory);
   // Resume where the driver's state says: avail from SET_VRING_BASE, used from the ring itself (as libvhost-user
   // and DPDK do), which is what the driver last saw.
   queue.setBase(start.lastAvailIdx, queue.ringUsedIdx());
-  const handler = device.createQueueHandler(init.deviceOptions, { queueIndex: start.index, features: start.features });
-  queues.set(start.index, {
+  const stats = queueStatsRow(s.attach.stats, start.index);
+  const handler = s.device.createQueueHandler(s.attach.deviceOptions, { queueIndex: start.index, features: start.features, instance: s.id, stats });
+  queues.set(key, {
+    session: s,
+    key,
+    stats,
     start,
     queue,
     chain: queue.createChain(),
@@ -209,26 +266,89 @@ function startQueue(start: QueueStart): void {
 /** Stops a queue once nothing is in flight; reports where it stopped. */
 function finishStop(q: RunningQueue): void {
   if (q.stopRequest === undefined || q.inflight.size > 0) return;
-  queues.delete(q.start.index);
+  queues.delete(q.key);
   const lastAvailIdx = q.queue.lastAvailIdx;
   q.queue.detach();
   closeHandler(q);
   send({ type: 'queue-stopped', id: q.stopRequest, index: q.start.index, lastAvailIdx });
 }
 
+/** The session a command names; unknown: the command fails (control attaches before anything else). */
+function sessionOf(id: number): WorkerSession {
+  const s = sessions.get(id);
+  if (s === undefined) throw new VhostError('VHOST_INTERNAL', `session ${id} is not attached to worker ${me}`);
+  return s;
+}
+
+function attachSession(id: number, cmdId: number, a: SessionAttach): void {
+  if (sessions.has(id)) throw new VhostError('VHOST_INTERNAL', `session ${id} is already attached to worker ${me}`);
+  const s: WorkerSession = {
+    id,
+    sync: new SyncBlock(pool, a.sync),
+    memory: toTable(a.regions),
+    memoryGen: a.gen,
+    seenGen: a.gen,
+    device: modules.get(a.deviceModule),
+    attach: a,
+  };
+  sessions.set(id, s);
+  s.sync.markSeen(me, a.gen);
+  if (s.device !== undefined) {
+    send({ type: 'ack', id: cmdId });
+    return;
+  }
+  loading.push(
+    import(a.deviceModule).then(
+      (m: DeviceWorkerModule) => {
+        modules.set(a.deviceModule, m);
+        s.device = m;
+        send({ type: 'ack', id: cmdId });
+      },
+      (err: unknown) => {
+        sessions.delete(id);
+        send({ type: 'failed', id: cmdId, ...errorInfo(err) });
+      },
+    ),
+  );
+}
+
+/** Forgets a session: its queues stop here (requests in flight are abandoned: the frontend is gone). */
+function detachSession(id: number): void {
+  const s = sessions.get(id);
+  if (s === undefined) return;
+  for (const q of [...queues.values()]) {
+    if (q.session !== s) continue;
+    queues.delete(q.key);
+    q.queue.detach();
+    closeHandler(q);
+    if (q.stopRequest !== undefined) send({ type: 'queue-stopped', id: q.stopRequest, index: q.start.index, lastAvailIdx: -1 });
+  }
+  sessions.delete(id);
+  garbage = true;
+}
+
 function apply(cmd: WorkerCommand): void {
   try {
     switch (cmd.type) {
-      case 'memory':
-        setMemory(cmd.gen, cmd.regions);
+      case 'memory': {
+        const s = sessions.get(cmd.session);
+        if (s !== undefined) setMemory(s, cmd.gen, cmd.regions);
+        break;
+      }
+      case 'attach':
+        attachSession(cmd.session, cmd.id, cmd.attach);
+        break;
+      case 'detach':
+        detachSession(cmd.session);
+        send({ type: 'ack', id: cmd.id });
         break;
       case 'start-queue':
-        startQueue(cmd.queue);
+        startQueue(sessionOf(cmd.session), cmd.queue);
         send({ type: 'ack', id: cmd.id });
         break;
       case 'set-call':
       case 'set-err': {
-        const q = queues.get(cmd.index);
+        const q = queues.get(queueKey(cmd.session, cmd.index));
         if (q !== undefined) {
           if (cmd.type === 'set-call') q.callFd = cmd.callFd;
           else q.errFd = cmd.errFd;
@@ -237,7 +357,7 @@ function apply(cmd: WorkerCommand): void {
         break;
       }
       case 'stop-queue': {
-        const q = queues.get(cmd.index);
+        const q = queues.get(queueKey(cmd.session, cmd.index));
         if (q === undefined) {
           send({ type: 'queue-stopped', id: cmd.id, index: cmd.index, lastAvailIdx: -1 });
           break;
@@ -249,8 +369,7 @@ function apply(cmd: WorkerCommand): void {
         break;
       }
       case 'exit':
-        for (const q of queues.values()) closeHandler(q);
-        queues.clear();
+        for (const id of [...sessions.keys()]) detachSession(id);
         running = false;
         send({ type: 'ack', id: cmd.id });
         break;
@@ -290,11 +409,13 @@ function processQueue(q: RunningQueue, rearm: boolean): void {
   const { queue, chain, handler } = q;
   const index = q.start.index;
   if (useLocks) {
-    sync.lockQueue(index);
+    q.session.sync.lockQueue(index);
     quiescent();
   }
   try {
-    if (queues.get(index) !== q) return; // failed by a table switch in quiescent()
+    if (queues.get(q.key) !== q) return; // failed by a table switch in quiescent()
+    const memory = q.session.memory; // no quiescent point inside the batch: the table stays the same
+    const stats = q.stats;
     queue.disableNotification();
     let handled = 0;
     for (let round = 1; ; round++) {
@@ -304,8 +425,9 @@ function processQueue(q: RunningQueue, rearm: boolean): void {
           // bug; accepting it would lose the first request's pins. This also bounds requests in flight by the size.
           throw new VirtioError('VIRTIO_HEAD_IN_FLIGHT', `queue ${index}: descriptor ${chain.head} is already in flight`);
         }
+        countStat(stats, QueueStat.requests);
         const len = handler.process(memory, chain);
-        if (len === PENDING) q.inflight.set(chain.head, pinChain(chain));
+        if (len === PENDING) q.inflight.set(chain.head, pinChain(q.session, chain));
         else queue.pushUsed(chain.head, len);
         handled++;
       }
@@ -333,7 +455,7 @@ function processQueue(q: RunningQueue, rearm: boolean): void {
   } catch (err) {
     failQueue(q, err);
   } finally {
-    if (useLocks) sync.unlockQueue(index);
+    if (useLocks) q.session.sync.unlockQueue(index);
   }
 }
 
@@ -347,11 +469,12 @@ function produceQueue(q: RunningQueue, producer: QueueProducer, rearm: boolean):
   const { queue } = q;
   const index = q.start.index;
   if (useLocks) {
-    sync.lockQueue(index);
+    q.session.sync.lockQueue(index);
     quiescent();
   }
   try {
-    if (queues.get(index) !== q) return; // failed by a table switch in quiescent()
+    if (queues.get(q.key) !== q) return; // failed by a table switch in quiescent()
+    const memory = q.session.memory;
     queue.disableNotification();
     for (let round = 1; ; round++) {
       const result = producer.produce(memory, queue, BATCH_LIMIT);
@@ -388,7 +511,7 @@ function produceQueue(q: RunningQueue, producer: QueueProducer, rearm: boolean):
   } catch (err) {
     failQueue(q, err);
   } finally {
-    if (useLocks) sync.unlockQueue(index);
+    if (useLocks) q.session.sync.unlockQueue(index);
   }
 }
 
@@ -438,11 +561,11 @@ function busyPoll(): boolean {
 function reapQueue(q: RunningQueue): void {
   const index = q.start.index;
   if (useLocks) {
-    sync.lockQueue(index);
+    q.session.sync.lockQueue(index);
     quiescent();
   }
   try {
-    if (queues.get(index) !== q) return;
+    if (queues.get(q.key) !== q) return;
     const released: number[][] = [];
     q.handler.reap?.((head, len) => {
       const slots = q.inflight.get(head);
@@ -454,39 +577,54 @@ function reapQueue(q: RunningQueue): void {
     publish(q);
     // The other thread is done with these buffers (reap's contract) and the completions are published: drop the
     // pins now, so a removal that waited for them is acknowledged after the driver can see the completions.
-    for (const slots of released) unpinAll(slots);
+    for (const slots of released) unpinAll(q.session, slots);
     finishStop(q);
   } catch (err) {
     failQueue(q, err);
   } finally {
-    if (useLocks) sync.unlockQueue(index);
+    if (useLocks) q.session.sync.unlockQueue(index);
   }
 }
 
 // ---- the loop -------------------------------------------------------------------------------------------------------
 
-const MAX_POLL_FDS = 1 + 3 * 64;
-const pollFds = new Int32Array(MAX_POLL_FDS);
-const revents = new Int32Array(MAX_POLL_FDS);
+/** poll set capacity: the control eventfd, then per queue its kick, its producer's input and its completion fd. */
+let pollCapacity = 0;
+let pollFds = new Int32Array(0);
+let revents = new Int32Array(0);
 /** For poll slot i: the queue, and what the fd is: 1 its kick, 2 its producer's input, 0 its completion fd. */
-const pollQueues: (RunningQueue | undefined)[] = new Array<RunningQueue | undefined>(MAX_POLL_FDS);
-const pollIsKick = new Uint8Array(MAX_POLL_FDS);
-
+let pollQueues: (RunningQueue | undefined)[] = [];
+let pollIsKick = new Uint8Array(0);
 /** `pollFds` views by length, made once each (poll takes the set as a typed array). */
-const pollViews: Int32Array[] = [];
+let pollViews: Int32Array[] = [];
+
+/** Grows the poll set's arrays to hold every running queue (allocates only when queues are added). */
+function reservePollSet(): void {
+  const need = 1 + 3 * queues.size;
+  if (need <= pollCapacity) return;
+  pollCapacity = Math.max(need, 2 * pollCapacity, 16);
+  pollFds = new Int32Array(pollCapacity);
+  revents = new Int32Array(pollCapacity);
+  pollQueues = new Array<RunningQueue | undefined>(pollCapacity);
+  pollIsKick = new Uint8Array(pollCapacity);
+  pollViews = [];
+}
+
 function pollSet(n: number): Int32Array {
   return (pollViews[n] ??= pollFds.subarray(0, n));
 }
 /** Set by buildPollSet: some queue already has work. */
 let anyPending = false;
+/** The size of the last poll set built (its slots past a smaller new set are cleared: no stale queue is kept). */
+let lastPollSize = 1;
 
 /** Fills the poll set; returns its size and sets `anyPending`. */
 function buildPollSet(): number {
+  reservePollSet();
   let n = 1;
   pollFds[0] = init.controlFd;
   anyPending = false;
   for (const q of queues.values()) {
-    if (n + 3 > MAX_POLL_FDS) break;
     if (q.stopRequest === undefined) {
       pollFds[n] = q.start.kickFd;
       pollQueues[n] = q;
@@ -509,6 +647,9 @@ function buildPollSet(): number {
     }
     anyPending ||= hasWork(q);
   }
+  // A stopped or detached queue must not stay reachable from a slot (it holds views of its session's memory).
+  pollQueues.fill(undefined, n, lastPollSize);
+  lastPollSize = n;
   return n;
 }
 
@@ -522,7 +663,7 @@ function dispatchReady(n: number): void {
     const q = pollQueues[i] as RunningQueue;
     pollQueues[i] = undefined;
     const ev = revents[i] ?? 0;
-    if (ev === 0 || queues.get(q.start.index) !== q) continue;
+    if (ev === 0 || queues.get(q.key) !== q) continue;
     if (ev & (native.POLLNVAL | native.POLLERR)) {
       failQueue(q, new VhostError('VHOST_FD_INVALID', `an eventfd of queue ${q.start.index} failed (revents ${ev})`));
       continue;
@@ -544,8 +685,15 @@ function dispatchReady(n: number): void {
 const POLL_EVERY = 16;
 let busyRounds = 0;
 
-send({ type: 'ready' });
-while (running) {
+/** When this worker last left poll(-1): the time since is busy time (PoolBlock.addBusy). */
+let awakeSince = performance.now();
+
+/**
+ * One round of the loop, up to the decision to sleep: runs the queues with work, then either collects kicks and
+ * commands without sleeping (and returns -1) or returns the size of the poll set to sleep on. A function of its own
+ * so that no local of it (a queue, a chain) outlives the round in a frame: `collectGarbage` runs outside it.
+ */
+function round(): number {
   if (!useLocks) quiescent();
   // Map iteration tolerates queues failed (deleted) or started (added) by what runs inside.
   for (const q of queues.values()) if (hasWork(q)) processQueue(q, BUSY_POLL_MS === 0);
@@ -557,23 +705,48 @@ while (running) {
     if (idle && !busyPoll()) for (const q of queues.values()) if (!q.armed || q.pending) processQueue(q, true);
   }
   const n = buildPollSet();
-  if (anyPending) {
-    // Work is waiting: collect kicks and commands without sleeping, but only every POLL_EVERY rounds while busy: a
-    // syscall per round costs as much as the work of a short batch (a producer kept short of buffers, a busy-poll).
-    // Memory changes do not wait for it (quiescent() loads gen every round), other commands and kicks at most
-    // POLL_EVERY rounds.
-    if (++busyRounds % POLL_EVERY !== 0) continue;
+  if (!anyPending) return n;
+  // Work is waiting: collect kicks and commands without sleeping, but only every POLL_EVERY rounds while busy: a
+  // syscall per round costs as much as the work of a short batch (a producer kept short of buffers, a busy-poll).
+  // Memory changes do not wait for it (quiescent() loads the epoch every round), other commands and kicks at most
+  // POLL_EVERY rounds.
+  if (++busyRounds % POLL_EVERY === 0) {
     native.poll(pollSet(n), revents, 0);
-  } else {
-    // Every queue's notifications are enabled and its ring was re-checked empty. From the store of idle = 1 until
-    // the store of idle = 0 this worker touches no guest memory; a kick in between stays counted in its eventfd.
-    sync.setIdle(me, true);
-    native.poll(pollSet(n), revents, -1);
-    sync.setIdle(me, false);
-    // Next: the quiescent point (load gen) before anything below touches guest memory.
-    if (!useLocks) quiescent();
+    dispatchReady(n);
   }
+  return -1;
+}
+
+/** Sleeps in poll() on a set of `n` fds, as an idle worker, and handles what woke it. */
+function sleep(n: number): void {
+  // Every queue's notifications are enabled and its ring was re-checked empty. From the store of idle = 1 until
+  // the store of idle = 0 this worker touches no guest memory; a kick in between stays counted in its eventfd.
+  pool.addBusy(me, performance.now() - awakeSince);
+  pool.setIdle(me, true);
+  native.poll(pollSet(n), revents, -1);
+  pool.setIdle(me, false);
+  awakeSince = performance.now();
+  // Next: the quiescent point (load epoch, then gen) before anything below touches guest memory.
+  if (!useLocks) quiescent();
   dispatchReady(n);
 }
-sync.setIdle(me, true);
+
+send({ type: 'ready' });
+while (running) {
+  if (loading.length > 0) {
+    // A session's device module is loading: wait for it as an idle worker (no guest memory is referenced here).
+    pool.setIdle(me, true);
+    await Promise.all(loading.splice(0));
+    pool.setIdle(me, false);
+  }
+  const n = round();
+  if (n < 0) continue;
+  if (garbage) {
+    garbage = false;
+    collectGarbage(); // a detached session's memory: see collectGarbage
+  }
+  sleep(n);
+}
+pool.addBusy(me, performance.now() - awakeSince);
+pool.setIdle(me, true);
 port.close();

@@ -1,6 +1,7 @@
 /**
- * The vhost-user backend server: listens on a unix socket (the VMM connects as a client, as it does to
- * qemu-storage-daemon), serves one frontend at a time, and goes back to listening when it leaves.
+ * The vhost-user backend server of one device: listens on a unix socket (the VMM connects as a client, as it does to
+ * qemu-storage-daemon), serves one frontend at a time, and goes back to listening when it leaves. Its queues run on
+ * a worker pool: the daemon's, shared with other devices, or one of its own.
  */
 import { lstatSync, unlinkSync } from 'node:fs';
 import pino, { type Logger } from 'pino';
@@ -10,20 +11,29 @@ import { MessageReader } from '../protocol/message-reader.js';
 import type { Message } from '../protocol/message-reader.js';
 import type { VirtioDevice } from '../devices/device.js';
 import { FdSocket } from '../transport/fd-socket.js';
+import { createQueueStats } from '../devices/queue-stats.js';
 import { BackendSession, type SessionOptions } from './session.js';
 import type { WorkerSyncMode } from './sync-block.js';
+import { WorkerPool } from './worker-pool.js';
 
 export interface ServerOptions {
   socketPath: string;
   device: VirtioDevice;
   /** pino-compatible logger; silent by default. */
   logger?: Logger;
-  /** Worker threads for the queues (default: one per queue). */
+  /**
+   * The worker pool to run the queues on, shared with other servers (not stopped by `close`). Without one the
+   * server starts a pool of its own when it listens (`workers` threads, `sync` mode) and stops it when it closes.
+   */
+  pool?: WorkerPool;
+  /** Own pool only: worker threads (default: one per queue, or per queue pair for net). */
   workers?: number;
-  /** How workers are kept off memory that is being removed (default qsbr). */
+  /** Own pool only: how workers are kept off memory that is being removed (default qsbr). */
   sync?: WorkerSyncMode;
   /** Memory slots offered; 0 = no CONFIGURE_MEM_SLOTS (SET_MEM_TABLE only). Default 509. */
   memSlots?: number;
+  /** Called with the duration (ms) of each memory-table change, from its arrival to its reply. */
+  onMemoryChange?: (durationMs: number) => void;
 }
 
 /** One connected frontend: frames messages and feeds them, one at a time, to its session. */
@@ -104,8 +114,16 @@ class Connection {
 
 export class VhostUserServer {
   readonly socketPath: string;
-  readonly #options: SessionOptions;
+  readonly device: VirtioDevice;
+  /** The device's per-queue counters (devices/queue-stats.ts), kept across connections. */
+  readonly queueStats: SharedArrayBuffer;
+  readonly #options: ServerOptions;
   readonly #log: Logger;
+  #pool: WorkerPool | undefined;
+  readonly #ownPool: boolean;
+  /** Frontends accepted so far. */
+  #connections = 0;
+  #connectedAt: Date | undefined;
   #listenFd = -1;
   #watchId = -1;
   #connection: Connection | undefined;
@@ -115,26 +133,43 @@ export class VhostUserServer {
 
   constructor(options: ServerOptions) {
     this.socketPath = options.socketPath;
+    this.device = options.device;
+    this.queueStats = createQueueStats(options.device.numQueues);
     this.#log = options.logger ?? pino({ level: 'silent' });
-    this.#options = {
-      device: options.device,
-      ...(options.workers !== undefined ? { workers: options.workers } : {}),
-      ...(options.sync !== undefined ? { sync: options.sync } : {}),
-      ...(options.memSlots !== undefined ? { memSlots: options.memSlots } : {}),
-    };
+    this.#options = options;
+    this.#pool = options.pool;
+    this.#ownPool = options.pool === undefined;
   }
 
-  /** Starts listening. A stale socket file at the path is replaced; any other file is an error. */
+  /**
+   * Starts listening. A stale socket file at the path (nothing accepts on it) is replaced; a live socket or any
+   * other file is VHOST_SOCKET_IN_USE; a path where no socket can be made is VHOST_SOCKET_UNAVAILABLE.
+   */
   listen(): void {
     if (this.#listenFd >= 0) throw new VhostError('VHOST_SERVER_LISTENING', 'already listening');
+    claimSocketPath(this.socketPath);
     try {
-      if (lstatSync(this.socketPath).isSocket()) unlinkSync(this.socketPath);
+      this.#listenFd = native.listenUnix(this.socketPath);
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      const code = (err as NodeJS.ErrnoException).code;
+      throw new VhostError(
+        code === 'EADDRINUSE' ? 'VHOST_SOCKET_IN_USE' : 'VHOST_SOCKET_UNAVAILABLE',
+        `cannot listen on ${this.socketPath}: ${(err as Error).message}`,
+        { cause: err },
+      );
     }
-    this.#listenFd = native.listenUnix(this.socketPath);
+    if (this.#pool === undefined) {
+      const device = this.#options.device;
+      const threads = this.#options.workers ?? Math.ceil(device.numQueues / (device.queuesPerWorker ?? 1));
+      this.#pool = new WorkerPool({ threads, ...(this.#options.sync !== undefined ? { sync: this.#options.sync } : {}) });
+    }
     this.#watchListen();
-    this.#log.info({ socket: this.socketPath, device: this.#options.device.name }, 'listening');
+    this.#log.info({ socket: this.socketPath, deviceType: this.device.name }, 'listening');
+  }
+
+  /** Frontends accepted since the server started, and since when the current one is connected. */
+  get connections(): { total: number; connectedSince: Date | undefined } {
+    return { total: this.#connections, connectedSince: this.#connection !== undefined ? this.#connectedAt : undefined };
   }
 
   /** The session of the connected frontend, if any. */
@@ -159,7 +194,16 @@ export class VhostUserServer {
     native.unwatch(this.#watchId);
     this.#watchId = -1;
     this.#log.info('frontend connected');
-    const connection = new Connection(fd, this.#options, this.#log);
+    this.#connections++;
+    this.#connectedAt = new Date();
+    const pool = this.#pool as WorkerPool; // made by listen()
+    const options: SessionOptions = {
+      device: this.device,
+      lease: pool.lease(this.device, this.queueStats),
+      ...(this.#options.memSlots !== undefined ? { memSlots: this.#options.memSlots } : {}),
+      ...(this.#options.onMemoryChange !== undefined ? { onMemoryChange: this.#options.onMemoryChange } : {}),
+    };
+    const connection = new Connection(fd, options, this.#log);
     this.#connection = connection;
     void connection.closed.then(() => {
       this.#connection = undefined;
@@ -168,7 +212,7 @@ export class VhostUserServer {
     });
   }
 
-  /** Disconnects the frontend, releases everything and stops listening. */
+  /** Disconnects the frontend, releases everything and stops listening (and its own pool, if it has one). */
   async close(): Promise<void> {
     this.#closing = true;
     if (this.#watchId >= 0) native.unwatch(this.#watchId);
@@ -183,5 +227,37 @@ export class VhostUserServer {
         // already gone
       }
     }
+    if (this.#ownPool) {
+      await this.#pool?.stop();
+      this.#pool = undefined;
+    }
   }
+}
+
+/**
+ * Makes `path` free for a new listening socket: a stale socket file (nothing accepts on it: ECONNREFUSED) is removed;
+ * a live socket or another kind of file is VHOST_SOCKET_IN_USE. A missing path is fine.
+ */
+function claimSocketPath(path: string): void {
+  let isSocket: boolean;
+  try {
+    isSocket = lstatSync(path).isSocket();
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return;
+    throw new VhostError('VHOST_SOCKET_UNAVAILABLE', `cannot use ${path}: ${(err as Error).message}`, { cause: err });
+  }
+  if (!isSocket) throw new VhostError('VHOST_SOCKET_IN_USE', `${path} exists and is not a socket`);
+  let fd: number;
+  try {
+    fd = native.connectUnix(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ECONNREFUSED') {
+      throw new VhostError('VHOST_SOCKET_IN_USE', `${path} is a socket that cannot be probed: ${(err as Error).message}`, { cause: err });
+    }
+    unlinkSync(path); // stale: left by a process that is gone
+    return;
+  }
+  native.close(fd);
+  throw new VhostError('VHOST_SOCKET_IN_USE', `${path} is a socket another process listens on`);
 }

@@ -37,21 +37,34 @@ import {
 import { isValidQueueSize } from '../queue/split-queue.js';
 import { availRingSize, descTableSize, usedRingSize } from '../queue/constants.js';
 import type { VirtioDevice } from '../devices/device.js';
-import type { WorkerEvent, WorkerRegion } from './worker-messages.js';
-import { WorkerPool } from './worker-pool.js';
-import { SyncBlock, type WorkerSyncMode } from './sync-block.js';
+import type { WorkerRegion } from './worker-messages.js';
+import type { PoolLease } from './worker-pool.js';
 
 export interface SessionOptions {
   device: VirtioDevice;
-  /** Worker threads for the queues (default: one per queue). */
-  workers?: number;
-  /** How workers are kept off memory that is being removed (default qsbr; docs/memory-sync.md). */
-  sync?: WorkerSyncMode;
+  /** This session's share of the worker pool (released by `close`). */
+  lease: PoolLease;
+  /** Called with the time (ms) from the arrival of each memory-table change to its reply (for metrics). */
+  onMemoryChange?: (durationMs: number) => void;
   /**
    * Memory slots offered (GET_MAX_MEM_SLOTS), 1..509, default 509. 0: CONFIGURE_MEM_SLOTS is not offered, so the
    * frontend sends whole tables with SET_MEM_TABLE (at most 8 regions).
    */
   memSlots?: number;
+}
+
+/** A session's state for the management API and metrics (`BackendSession.snapshot`). */
+export interface SessionSnapshot {
+  offeredFeatures: bigint;
+  features: bigint;
+  protocolFeatures: bigint;
+  needsReset: boolean;
+  /** Times a guest error stopped a queue. */
+  queueFailures: number;
+  /** Memory-table changes handled (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG). */
+  memoryChanges: number;
+  memory: { regions: number; bytes: number };
+  queues: { index: number; started: boolean; failed: boolean; worker: number }[];
 }
 
 /** Memory slots offered with CONFIGURE_MEM_SLOTS (as rust-vmm; QEMU's own limit for vhost-user is 509 too). */
@@ -161,7 +174,6 @@ export class BackendSession {
   readonly device: VirtioDevice;
   readonly #send: (bytes: Uint8Array, fds: readonly number[]) => void;
   readonly #log: Logger;
-  readonly #workerCount: number;
   readonly #offeredFeatures: bigint;
   #features = 0n;
   #protocolFeatures = 0n;
@@ -171,10 +183,13 @@ export class BackendSession {
   #vrings: Vring[];
   #status = 0;
   #needsReset = false;
-  #pool: WorkerPool | undefined;
+  /** Times a guest error stopped a queue (NEEDS_RESET), for metrics. */
+  #queueFailures = 0;
+  /** Memory-table changes that took effect, for metrics. */
+  #memoryChanges = 0;
+  readonly #pool: PoolLease;
+  readonly #onMemoryChange: ((durationMs: number) => void) | undefined;
   #closed = false;
-  readonly #sync = new SyncBlock();
-  readonly #syncMode: WorkerSyncMode;
   /** Generation of #memory (published in the sync block). */
   #gen = 0;
   /** Memory slots not used by any region (each slot has a pin counter in the sync block). */
@@ -186,8 +201,9 @@ export class BackendSession {
     this.device = options.device;
     this.#send = send;
     this.#log = log;
-    this.#workerCount = options.workers ?? Math.ceil(options.device.numQueues / (options.device.queuesPerWorker ?? 1));
-    this.#syncMode = options.sync ?? 'qsbr';
+    this.#pool = options.lease;
+    this.#onMemoryChange = options.onMemoryChange;
+    this.#pool.onEvent = (ev) => this.#onQueueError(ev);
     this.#memSlots = options.memSlots ?? MAX_MEM_SLOTS;
     if (!Number.isInteger(this.#memSlots) || this.#memSlots < 0 || this.#memSlots > MAX_MEM_SLOTS) {
       throw new VhostError('VHOST_BAD_OPTION', `memSlots must be 0..${MAX_MEM_SLOTS}`);
@@ -208,6 +224,20 @@ export class BackendSession {
     return this.#needsReset;
   }
 
+  /** What the management API and metrics report of this session. */
+  snapshot(): SessionSnapshot {
+    return {
+      offeredFeatures: this.#offeredFeatures,
+      features: this.#features,
+      protocolFeatures: this.#protocolFeatures,
+      needsReset: this.#needsReset,
+      queueFailures: this.#queueFailures,
+      memoryChanges: this.#memoryChanges,
+      memory: { regions: this.#memory.regions.length, bytes: this.#memory.regions.reduce((n, r) => n + r.size, 0) },
+      queues: this.#vrings.map((v, index) => ({ index, started: v.started, failed: v.failed, worker: this.#pool.workerOf(index) ?? -1 })),
+    };
+  }
+
   /**
    * Handles one message and sends its reply. Returns false when the connection must be dropped (a protocol error
    * the frontend cannot be told about through a reply).
@@ -217,13 +247,18 @@ export class BackendSession {
     const ackWanted =
       (msg.flags & HeaderFlag.NEED_REPLY) !== 0 && (this.#protocolFeatures & bit(ProtocolFeature.REPLY_ACK)) !== 0n;
     this.#log.debug({ request: name, size: msg.payload.length, fds: msg.fds.length }, 'message');
-    const t0 = memoryChannel.hasSubscribers && MEMORY_REQUESTS.has(msg.request) ? performance.now() : -1;
+    const t0 = MEMORY_REQUESTS.has(msg.request) ? performance.now() : -1;
     let reply: Uint8Array | undefined;
     try {
       reply = await this.#dispatch(msg);
       if (t0 >= 0) {
-        const event: MemoryChangeEvent = { request: name, gen: this.#gen, durationMs: performance.now() - t0 };
-        memoryChannel.publish(event);
+        const durationMs = performance.now() - t0;
+        this.#memoryChanges++;
+        this.#onMemoryChange?.(durationMs);
+        if (memoryChannel.hasSubscribers) {
+          const event: MemoryChangeEvent = { request: name, gen: this.#gen, durationMs };
+          memoryChannel.publish(event);
+        }
       }
     } catch (err) {
       this.#log.warn({ err, request: name }, 'request failed');
@@ -495,43 +530,38 @@ export class BackendSession {
     const gen = ++this.#gen;
     this.#memory = next;
     const revoke = (): void => this.#release(removed);
-    if (this.#pool === undefined) {
-      this.#sync.publish(gen);
-      revoke();
-    } else {
-      const pool = this.#pool;
-      const running = this.#vrings.flatMap((v, i) => (v.started ? [i] : []));
-      try {
-        await pool.publishMemory(gen, toWorkerRegions(next), removed.map((r) => r.slot), running, revoke);
-      } catch (err) {
-        // Not published (--sync lock: a queue lock could not be taken before the table was posted): nothing
-        // changed, so the request can be refused.
-        if (this.#sync.loadGen() < gen) {
-          this.#memory = previous;
-          throw err;
-        }
-        // Published: workers may already use the new table, so a NACK would be a lie (the frontend would believe
-        // the regions are still there, and retry a removal we would refuse). The 5 s bound of each wait only
-        // means "slow" now: keep waiting for the grace period and the pins (I/O in flight), up to a bound after
-        // which no reply is right (neither "refused" nor "done": the memory may still be in use): disconnect.
-        const deadline = Date.now() + APPLIED_CHANGE_TIMEOUT_MS;
-        let last = err;
-        for (;;) {
-          if (Date.now() >= deadline) {
-            revoke(); // stale readers see anonymous memory, never the frontend's; the session is ending anyway
-            throw new DisconnectError('VHOST_GRACE_PERIOD_TIMEOUT', `memory table ${gen} took effect but its old regions stay in use after ${APPLIED_CHANGE_TIMEOUT_MS} ms`, { cause: last });
-          }
-          this.#log.warn({ err: last, gen }, 'memory change took effect; still waiting for workers or I/O in flight');
-          try {
-            if (this.#syncMode !== 'lock') await this.#sync.waitForReaders(pool.size, gen); // lock: passed already
-            for (const r of removed) await this.#sync.waitForPins(r.slot);
-            break;
-          } catch (again) {
-            last = again;
-          }
-        }
-        revoke();
+    const pool = this.#pool;
+    const running = this.#vrings.flatMap((v, i) => (v.started ? [i] : []));
+    try {
+      await pool.publishMemory(gen, toWorkerRegions(next), removed.map((r) => r.slot), running, revoke);
+    } catch (err) {
+      // Not published (--sync lock: a queue lock could not be taken before the table was posted): nothing
+      // changed, so the request can be refused.
+      if (pool.sync.loadGen() < gen) {
+        this.#memory = previous;
+        throw err;
       }
+      // Published: workers may already use the new table, so a NACK would be a lie (the frontend would believe
+      // the regions are still there, and retry a removal we would refuse). The 5 s bound of each wait only
+      // means "slow" now: keep waiting for the grace period and the pins (I/O in flight), up to a bound after
+      // which no reply is right (neither "refused" nor "done": the memory may still be in use): disconnect.
+      const deadline = Date.now() + APPLIED_CHANGE_TIMEOUT_MS;
+      let last = err;
+      for (;;) {
+        if (Date.now() >= deadline) {
+          revoke(); // stale readers see anonymous memory, never the frontend's; the session is ending anyway
+          throw new DisconnectError('VHOST_GRACE_PERIOD_TIMEOUT', `memory table ${gen} took effect but its old regions stay in use after ${APPLIED_CHANGE_TIMEOUT_MS} ms`, { cause: last });
+        }
+        this.#log.warn({ err: last, gen }, 'memory change took effect; still waiting for workers or I/O in flight');
+        try {
+          if (pool.mode !== 'lock') await pool.waitForReaders(gen); // lock: passed already
+          for (const r of removed) await pool.sync.waitForPins(r.slot);
+          break;
+        } catch (again) {
+          last = again;
+        }
+      }
+      revoke();
     }
     this.#log.info({ gen, regions: next.regions.map((r) => ({ gpa: r.gpa, size: r.size })) }, 'memory table');
     // memory/region.ts: files that cannot be sealed (DPDK --no-huge memfds, tmpfs / hugetlbfs / regular files).
@@ -584,7 +614,7 @@ export class BackendSession {
         const old = vring[key];
         vring[key] = fd;
         // The worker switches before the old fd is closed, so it never writes to a closed (or reused) fd number.
-        if (vring.started && this.#pool !== undefined) {
+        if (vring.started) {
           if (key === 'callFd') await this.#pool.setCall(index, fd);
           else await this.#pool.setErr(index, fd);
         }
@@ -626,8 +656,7 @@ export class BackendSession {
       indirect: this.#hasFeature(VirtioFeature.RING_INDIRECT_DESC),
       features: this.#features,
     };
-    const pool = await this.#ensurePool();
-    await pool.startQueue(start);
+    await this.#pool.startQueue(start);
     vring.started = true;
     this.#log.info({ queue: index, size: n, base: vring.base }, 'ring started');
   }
@@ -635,30 +664,17 @@ export class BackendSession {
   /** Stops a running ring; its base becomes where the worker stopped. */
   async #stopRing(index: number): Promise<void> {
     const vring = this.#vring(index);
-    if (!vring.started || this.#pool === undefined) return;
+    if (!vring.started) return;
     const last = await this.#pool.stopQueue(index);
     vring.started = false;
     if (last >= 0) vring.base = last;
     this.#log.info({ queue: index, base: vring.base }, 'ring stopped');
   }
 
-  async #ensurePool(): Promise<WorkerPool> {
-    if (this.#pool === undefined) {
-      const pool = new WorkerPool(this.#workerCount, this.device.worker, this.#sync, this.#syncMode, (ev) =>
-        this.#onWorkerEvent(ev),
-        this.device.queuesPerWorker,
-      );
-      this.#pool = pool;
-      // New workers find the current table in their port at their first quiescent point (gen is already published).
-      await pool.publishMemory(this.#gen, toWorkerRegions(this.#memory), [], [], () => undefined);
-    }
-    return this.#pool;
-  }
-
-  #onWorkerEvent(ev: WorkerEvent): void {
-    if (ev.type !== 'queue-error') return;
+  #onQueueError(ev: { index: number; code: string; message: string }): void {
     this.#log.error({ queue: ev.index, code: ev.code, message: ev.message }, 'queue stopped by an error: device needs reset');
     this.#needsReset = true;
+    this.#queueFailures++;
     const vring = this.#vrings[ev.index];
     if (vring !== undefined) {
       vring.started = false;
@@ -685,9 +701,8 @@ export class BackendSession {
     if (this.#closed) return;
     this.#closed = true;
     try {
-      await this.#pool?.stop();
+      await this.#pool.release();
     } finally {
-      this.#pool = undefined;
       for (const vring of this.#vrings) this.#closeVringFds(vring);
       this.#release(this.#memory.regions);
       this.#memory = MemoryTable.EMPTY;

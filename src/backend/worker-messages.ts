@@ -1,10 +1,11 @@
 /**
- * Messages between the control thread and the queue workers.
+ * Messages between the control thread and the queue workers of a pool.
  *
  * A busy worker does not run its event loop, so every command travels as a message on the worker's MessagePort
  * plus a write to the worker's control eventfd; the worker, blocked in poll() or between batches, sees the eventfd
  * and drains its port synchronously (receiveMessageOnPort). Every command carries an `id` and is acknowledged
- * with a `WorkerReply` of the same id once it has taken effect.
+ * with a `WorkerReply` of the same id once it has taken effect. A worker serves queues of many sessions (one per
+ * connected frontend): every session-scoped command names its session.
  */
 import type { MessagePort } from 'node:worker_threads';
 import type { WorkerSyncMode } from './sync-block.js';
@@ -38,13 +39,31 @@ export interface QueueStart {
   features: bigint;
 }
 
+/** What a worker learns of a session the first time it is given one of its queues. */
+export interface SessionAttach {
+  /** The session's SyncBlock buffer (its generation, what each worker has seen, pins, queue locks). */
+  sync: SharedArrayBuffer;
+  /** The current memory table. */
+  gen: number;
+  regions: WorkerRegion[];
+  /** The device's worker module (loaded once per worker) and the options its handlers get. */
+  deviceModule: string;
+  deviceOptions: unknown;
+  /** The device's per-queue counters (devices/queue-stats.ts). */
+  stats: SharedArrayBuffer;
+}
+
 export type WorkerCommand =
   /** A new memory table for generation `gen`. Not acknowledged: control waits for the grace period instead. */
-  | { type: 'memory'; id: number; gen: number; regions: WorkerRegion[] }
-  | { type: 'start-queue'; id: number; queue: QueueStart }
-  | { type: 'set-call'; id: number; index: number; callFd: number }
-  | { type: 'set-err'; id: number; index: number; errFd: number }
-  | { type: 'stop-queue'; id: number; index: number }
+  | { type: 'memory'; id: number; session: number; gen: number; regions: WorkerRegion[] }
+  /** Acknowledged once the device module is loaded. */
+  | { type: 'attach'; id: number; session: number; attach: SessionAttach }
+  /** Stops the session's queues here (requests in flight are abandoned) and forgets it. */
+  | { type: 'detach'; id: number; session: number }
+  | { type: 'start-queue'; id: number; session: number; queue: QueueStart }
+  | { type: 'set-call'; id: number; session: number; index: number; callFd: number }
+  | { type: 'set-err'; id: number; session: number; index: number; errFd: number }
+  | { type: 'stop-queue'; id: number; session: number; index: number }
   | { type: 'exit'; id: number };
 
 export type WorkerReply =
@@ -52,10 +71,10 @@ export type WorkerReply =
   | { type: 'queue-stopped'; id: number; index: number; lastAvailIdx: number }
   | { type: 'failed'; id: number; code: string; message: string };
 
-/** Unsolicited events from a worker. */
+/** Unsolicited events from a worker. `session` -1 and `index` -1: the worker itself failed. */
 export type WorkerEvent =
   | { type: 'ready' }
-  | { type: 'queue-error'; index: number; code: string; message: string };
+  | { type: 'queue-error'; session: number; index: number; code: string; message: string };
 
 export type WorkerToControl = WorkerReply | WorkerEvent;
 
@@ -63,10 +82,8 @@ export type WorkerToControl = WorkerReply | WorkerEvent;
 export interface WorkerInit {
   workerId: number;
   controlFd: number;
-  /** The session's SyncBlock buffer, and how it is used. */
-  sync: SharedArrayBuffer;
+  /** The pool's PoolBlock buffer (idle flags, epochs, busy time). */
+  pool: SharedArrayBuffer;
   mode: WorkerSyncMode;
   port: MessagePort;
-  deviceModule: string;
-  deviceOptions: unknown;
 }

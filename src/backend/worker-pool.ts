@@ -1,11 +1,18 @@
 /**
- * The control thread's side of the queue workers: starts them, publishes memory tables to them, sends them commands
- * and awaits the acknowledgements, stops them. Queue `i` runs on worker `floor(i / queuesPerWorker) % workers`.
+ * The control thread's side of a pool of queue workers, shared by every device of a process (`vhost-user serve`
+ * serves all its devices from one pool; a one-device command has a pool of its own).
+ *
+ * `WorkerPool` starts and stops the threads and places queues on them; each session (a connected frontend of one
+ * device) gets a `PoolLease`, through which it publishes its memory tables, starts and stops its queues, and waits
+ * only for the workers that serve its queues (docs/memory-sync.md). A device's queues run in groups of
+ * `queuesPerWorker` consecutive queues (a net queue pair); each group goes to the worker with the fewest groups when
+ * it first starts, and stays there until the session ends.
  */
 import { MessageChannel, Worker } from 'node:worker_threads';
 import { VhostError } from '../errors.js';
 import * as native from '../native/index.js';
-import { MAX_WORKERS, UNSYNCHRONIZED, type SyncBlock, type WorkerSyncMode } from './sync-block.js';
+import type { VirtioDevice } from '../devices/device.js';
+import { MAX_WORKERS, PoolBlock, SyncBlock, UNSYNCHRONIZED, type WorkerSyncMode } from './sync-block.js';
 import type { QueueStart, WorkerCommand, WorkerEvent, WorkerRegion, WorkerReply, WorkerToControl } from './worker-messages.js';
 
 /** How long a worker may take to acknowledge a command before it is declared stuck. */
@@ -20,6 +27,7 @@ interface Pending {
   timer: NodeJS.Timeout;
 }
 
+/** One thread of the pool. */
 class QueueWorker {
   readonly id: number;
   readonly #worker: Worker;
@@ -32,26 +40,13 @@ class QueueWorker {
   #closed = false;
   #exited = false;
 
-  constructor(
-    id: number,
-    device: { module: string; options: unknown },
-    sync: { buffer: SharedArrayBuffer; mode: WorkerSyncMode },
-    onEvent: (ev: WorkerEvent) => void,
-  ) {
+  constructor(id: number, pool: SharedArrayBuffer, mode: WorkerSyncMode, onEvent: (ev: WorkerEvent) => void) {
     this.id = id;
     this.#controlFd = native.eventfdCreate(0, true);
     const { port1, port2 } = new MessageChannel();
     this.#port = port1;
     this.#worker = new Worker(new URL('./queue-worker.js', import.meta.url), {
-      workerData: {
-        workerId: id,
-        controlFd: this.#controlFd,
-        sync: sync.buffer,
-        mode: sync.mode,
-        port: port2,
-        deviceModule: device.module,
-        deviceOptions: device.options,
-      },
+      workerData: { workerId: id, controlFd: this.#controlFd, pool, mode, port: port2 },
       transferList: [port2],
     });
     let markReady: () => void = () => undefined;
@@ -60,7 +55,7 @@ class QueueWorker {
     this.#worker.on('error', (err) => {
       // An exception that escaped the worker (a bug): fail whatever waits on it.
       this.#failPending(err);
-      onEvent({ type: 'queue-error', index: -1, code: 'VHOST_WORKER_CRASHED', message: err.message });
+      onEvent({ type: 'queue-error', session: -1, index: -1, code: 'VHOST_WORKER_CRASHED', message: err.message });
     });
     this.#worker.once('exit', () => {
       this.#exited = true;
@@ -133,26 +128,48 @@ class QueueWorker {
   }
 }
 
-export class WorkerPool {
-  readonly #workers: QueueWorker[] = [];
-  readonly #sync: SyncBlock;
-  readonly #mode: WorkerSyncMode;
-  readonly #queuesPerWorker: number;
+/** A queue of a session stopped by an error (index -1: a worker failed as a whole). */
+export interface QueueErrorEvent {
+  index: number;
+  code: string;
+  message: string;
+}
 
-  constructor(
-    count: number,
-    device: { module: string; options: unknown },
-    sync: SyncBlock,
-    mode: WorkerSyncMode,
-    onEvent: (ev: WorkerEvent) => void,
-    queuesPerWorker = 1,
-  ) {
-    if (count < 1 || count > MAX_WORKERS) throw new VhostError('VHOST_BAD_OPTION', `workers must be 1..${MAX_WORKERS}`);
-    this.#sync = sync;
-    this.#mode = mode;
-    this.#queuesPerWorker = queuesPerWorker;
+export interface PoolOptions {
+  /** Worker threads (1..64). */
+  threads: number;
+  /** How workers are kept off memory that is being removed (default qsbr; docs/memory-sync.md). */
+  sync?: WorkerSyncMode;
+}
+
+/** A worker as metrics see it. */
+export interface WorkerInfo {
+  id: number;
+  /** Queue groups placed on it (by every session). */
+  queueGroups: number;
+  /** Milliseconds spent outside poll(-1) since it started. */
+  busyMs: number;
+}
+
+export class WorkerPool {
+  readonly mode: WorkerSyncMode;
+  readonly block = new PoolBlock();
+  readonly #workers: QueueWorker[] = [];
+  /** Queue groups placed on each worker. */
+  readonly #load: number[] = [];
+  readonly #leases = new Map<number, PoolLease>();
+  #nextSession = 1;
+  #stopped = false;
+
+  constructor(options: PoolOptions) {
+    const count = options.threads;
+    if (!Number.isInteger(count) || count < 1 || count > MAX_WORKERS) {
+      throw new VhostError('VHOST_BAD_OPTION', `worker threads must be 1..${MAX_WORKERS}`);
+    }
+    this.mode = options.sync ?? 'qsbr';
     for (let i = 0; i < count; i++) {
-      this.#workers.push(new QueueWorker(i, device, { buffer: sync.buffer, mode }, onEvent));
+      this.#workers.push(new QueueWorker(i, this.block.buffer, this.mode, (ev) => this.#onEvent(ev)));
+      this.#load.push(0);
     }
   }
 
@@ -160,17 +177,123 @@ export class WorkerPool {
     return this.#workers.length;
   }
 
-  #workerFor(queueIndex: number): QueueWorker {
-    return this.#workers[Math.floor(queueIndex / this.#queuesPerWorker) % this.#workers.length] as QueueWorker;
+  /** Resolves once every thread has started (loaded its code). */
+  async ready(): Promise<void> {
+    await Promise.all(this.#workers.map((w) => Promise.race([w.ready, w.exited])));
   }
 
   /**
-   * Publishes memory table generation `gen` (docs/memory-sync.md), then waits until no worker and no request in
-   * flight can use the regions in `removedSlots` any more, and calls `revoke` (which releases them) at that point.
-   * qsbr / copy: post the table to every worker, store gen, wait for the grace period, then for the pins.
-   * lock: take the lock of every running queue (`lockedQueues`), post the table and store gen, release the locks
-   * (a worker takes the new table with its next lock), then wait for the pins. The locks are never held while
-   * waiting for pins: a worker needs its queue's lock to reap a completion and drop its pin.
+   * A lease for one session of `device`: its queues run on this pool. `stats`: the device's per-queue counters
+   * (devices/queue-stats.ts).
+   */
+  lease(device: VirtioDevice, stats: SharedArrayBuffer): PoolLease {
+    if (this.#stopped) throw new VhostError('VHOST_WORKER_CLOSED', 'the worker pool is stopped');
+    const id = this.#nextSession++;
+    const lease = new PoolLease(this, id, device, stats, {
+      worker: (w) => this.#workers[w] as QueueWorker,
+      place: () => this.#place(),
+      unplace: (w) => {
+        this.#load[w] = (this.#load[w] as number) - 1;
+      },
+      forget: () => this.#leases.delete(id),
+    });
+    this.#leases.set(id, lease);
+    return lease;
+  }
+
+  /** The worker with the fewest queue groups (the lowest id among equals). */
+  #place(): number {
+    let best = 0;
+    for (let w = 1; w < this.#load.length; w++) if ((this.#load[w] as number) < (this.#load[best] as number)) best = w;
+    this.#load[best] = (this.#load[best] as number) + 1;
+    return best;
+  }
+
+  #onEvent(ev: WorkerEvent): void {
+    if (ev.type !== 'queue-error') return;
+    if (ev.session < 0) {
+      for (const lease of this.#leases.values()) lease.onEvent({ index: -1, code: ev.code, message: ev.message });
+      return;
+    }
+    this.#leases.get(ev.session)?.onEvent({ index: ev.index, code: ev.code, message: ev.message });
+  }
+
+  workers(): WorkerInfo[] {
+    return this.#workers.map((w, i) => ({ id: w.id, queueGroups: this.#load[i] as number, busyMs: this.block.busyMs(i) }));
+  }
+
+  /** Stops every thread (sessions should have released their leases first; whatever they left is abandoned). */
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    await Promise.all(this.#workers.map((w) => w.stop()));
+  }
+}
+
+/** The pool's internals a lease uses. */
+interface LeaseHost {
+  worker(w: number): QueueWorker;
+  place(): number;
+  unplace(w: number): void;
+  forget(): void;
+}
+
+/**
+ * One session's use of the pool: where its queues run, its sync block, and the workers attached to it (those that
+ * were given one of its queues). Only those get its memory tables and only those are waited for.
+ */
+export class PoolLease {
+  readonly session: number;
+  readonly sync: SyncBlock;
+  readonly mode: WorkerSyncMode;
+  /** Where the session's queue errors go (the session sets it). */
+  onEvent: (ev: QueueErrorEvent) => void = () => undefined;
+  readonly #device: VirtioDevice;
+  readonly #stats: SharedArrayBuffer;
+  readonly #host: LeaseHost;
+  readonly #groupSize: number;
+  /** Queue group -> worker. */
+  readonly #placement = new Map<number, number>();
+  /** Workers attached to this session; the promise settles when the attach is acknowledged. */
+  readonly #attached = new Map<number, Promise<void>>();
+  /** The newest table published, which a newly attached worker starts from. */
+  #gen = 0;
+  #regions: WorkerRegion[] = [];
+  #released = false;
+
+  constructor(
+    pool: WorkerPool,
+    session: number,
+    device: VirtioDevice,
+    stats: SharedArrayBuffer,
+    host: LeaseHost,
+  ) {
+    this.session = session;
+    this.mode = pool.mode;
+    this.sync = new SyncBlock(pool.block);
+    this.#device = device;
+    this.#stats = stats;
+    this.#host = host;
+    this.#groupSize = device.queuesPerWorker ?? 1;
+  }
+
+  /** The worker that runs (or will run) queue `index`, if it was placed. */
+  workerOf(index: number): number | undefined {
+    return this.#placement.get(Math.floor(index / this.#groupSize));
+  }
+
+  /** The workers attached to this session. */
+  get workers(): number[] {
+    return [...this.#attached.keys()];
+  }
+
+  /**
+   * Publishes memory table generation `gen` (docs/memory-sync.md) to the workers of this session, then waits until
+   * none of them and no request in flight can use the regions in `removedSlots` any more, and calls `revoke` (which
+   * releases them) at that point.
+   * qsbr / copy: post the table to each attached worker, store gen and bump their epochs, wait for the grace period,
+   * then for the pins. lock: take the lock of every running queue (`lockedQueues`), post the table and publish,
+   * release the locks (a worker takes the new table with its next lock), then wait for the pins. The locks are never
+   * held while waiting for pins: a worker needs its queue's lock to reap a completion and drop its pin.
    */
   async publishMemory(
     gen: number,
@@ -179,56 +302,119 @@ export class WorkerPool {
     lockedQueues: readonly number[],
     revoke: () => void,
   ): Promise<void> {
-    const sync = this.#sync;
-    if (this.#mode === 'lock') {
+    const sync = this.sync;
+    const workers = this.workers;
+    if (this.mode === 'lock') {
       const locked: number[] = [];
       try {
         for (const q of lockedQueues) {
           await sync.lockQueueForControl(q);
           locked.push(q);
         }
-        this.#post(gen, regions);
+        this.#post(gen, regions, workers);
       } finally {
         for (const q of locked) sync.unlockQueueForControl(q);
       }
     } else {
-      this.#post(gen, regions);
-      if (this.#mode === UNSYNCHRONIZED) {
-        for (const w of this.#workers) w.wake(); // they take the table whenever they next drain their port
+      this.#post(gen, regions, workers);
+      if (this.mode === UNSYNCHRONIZED) {
+        for (const w of workers) this.#host.worker(w).wake(); // they take the table whenever they next drain their port
         revoke();
         return;
       }
-      await sync.waitForReaders(this.#workers.length, gen);
+      await sync.waitForReaders(workers, gen);
     }
     for (const slot of removedSlots) await sync.waitForPins(slot);
     revoke();
   }
 
-  /** The table goes into every port before gen says it exists (workers drain their port when they see a new gen). */
-  #post(gen: number, regions: WorkerRegion[]): void {
-    for (const w of this.#workers) w.post({ type: 'memory', gen, regions });
-    this.#sync.publish(gen);
+  /** The grace period of generation `gen` again (a retry after a timeout). */
+  async waitForReaders(gen: number): Promise<void> {
+    await this.sync.waitForReaders(this.workers, gen);
+  }
+
+  /** The table goes into every port before gen says it exists, and gen is stored before the epochs are bumped. */
+  #post(gen: number, regions: WorkerRegion[], workers: readonly number[]): void {
+    this.#gen = gen;
+    this.#regions = regions;
+    for (const w of workers) this.#host.worker(w).post({ type: 'memory', session: this.session, gen, regions });
+    this.sync.publish(gen, workers);
+  }
+
+  /** Places the queue's group (first start) and attaches its worker to this session (first queue there). */
+  async #workerFor(index: number): Promise<QueueWorker> {
+    if (this.#released) throw new VhostError('VHOST_WORKER_CLOSED', `session ${this.session} released its workers`);
+    const group = Math.floor(index / this.#groupSize);
+    let w = this.#placement.get(group);
+    if (w === undefined) {
+      w = this.#host.place();
+      this.#placement.set(group, w);
+    }
+    const worker = this.#host.worker(w);
+    let attached = this.#attached.get(w);
+    if (attached === undefined) {
+      attached = worker
+        .request({
+          type: 'attach',
+          session: this.session,
+          attach: {
+            sync: this.sync.buffer,
+            gen: this.#gen,
+            regions: this.#regions,
+            deviceModule: this.#device.worker.module,
+            deviceOptions: this.#device.worker.options,
+            stats: this.#stats,
+          },
+        })
+        .then(() => undefined);
+      // In the set before the attach is acknowledged: a table published meanwhile is posted to it (after the
+      // attach, in port order) and its grace period waits for it.
+      this.#attached.set(w, attached);
+      attached.catch(() => this.#attached.delete(w));
+    }
+    await attached;
+    return worker;
   }
 
   async startQueue(queue: QueueStart): Promise<void> {
-    await this.#workerFor(queue.index).request({ type: 'start-queue', queue });
+    const worker = await this.#workerFor(queue.index);
+    await worker.request({ type: 'start-queue', session: this.session, queue });
   }
 
   /** Stops a queue; resolves with its last avail index (-1 if it was not running). */
   async stopQueue(index: number): Promise<number> {
-    const reply = await this.#workerFor(index).request({ type: 'stop-queue', index });
+    const w = this.workerOf(index);
+    if (w === undefined || !this.#attached.has(w)) return -1;
+    const reply = await this.#host.worker(w).request({ type: 'stop-queue', session: this.session, index });
     return reply.type === 'queue-stopped' ? reply.lastAvailIdx : -1;
   }
 
   async setCall(index: number, callFd: number): Promise<void> {
-    await this.#workerFor(index).request({ type: 'set-call', index, callFd });
+    const w = this.workerOf(index);
+    if (w !== undefined && this.#attached.has(w)) await this.#host.worker(w).request({ type: 'set-call', session: this.session, index, callFd });
   }
 
   async setErr(index: number, errFd: number): Promise<void> {
-    await this.#workerFor(index).request({ type: 'set-err', index, errFd });
+    const w = this.workerOf(index);
+    if (w !== undefined && this.#attached.has(w)) await this.#host.worker(w).request({ type: 'set-err', session: this.session, index, errFd });
   }
 
-  async stop(): Promise<void> {
-    await Promise.all(this.#workers.map((w) => w.stop()));
+  /**
+   * Detaches every worker (its queues of this session stop, requests in flight are abandoned) and gives the queue
+   * groups back to the pool. When it resolves no worker references the session's memory any more; a worker that
+   * did not answer is reported by the rejection (the caller must then not reuse the memory: revoke it).
+   */
+  async release(): Promise<void> {
+    if (this.#released) return;
+    this.#released = true;
+    const results = await Promise.allSettled(
+      [...this.#attached.keys()].map((w) => this.#host.worker(w).request({ type: 'detach', session: this.session })),
+    );
+    this.#attached.clear();
+    for (const w of this.#placement.values()) this.#host.unplace(w);
+    this.#placement.clear();
+    this.#host.forget();
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed !== undefined) throw failed.reason;
   }
 }

@@ -2,8 +2,10 @@
 import { Command } from 'commander';
 import { benchCommand } from './bench-command.js';
 import { blkCommand } from './blk-command.js';
+import { ctlCommand } from './ctl-command.js';
 import { demoCommand } from './demo-command.js';
 import { netCommand, switchCommand } from './net-command.js';
+import { serveCommand } from './serve-command.js';
 
 const program = new Command('vhost-user')
   .description('vhost-user device backends (and a frontend) in TypeScript')
@@ -11,8 +13,10 @@ const program = new Command('vhost-user')
   .addCommand(blkCommand())
   .addCommand(netCommand())
   .addCommand(switchCommand())
+  .addCommand(serveCommand())
   .addCommand(demoCommand())
-  .addCommand(benchCommand());
+  .addCommand(benchCommand())
+  .addCommand(ctlCommand());
 
 try {
   await program.parseAsync(process.argv);

@@ -45,6 +45,16 @@ export interface QueueContext {
   readonly queueIndex: number;
   /** Features the driver acknowledged (SET_FEATURES). */
   readonly features: bigint;
+  /**
+   * Identifies the device's connection within the worker pool: a worker serves the queues of many devices, so state
+   * a handler shares with the other queues of its device in the same worker (net: a pair's port) is keyed by it.
+   */
+  readonly instance: number;
+  /**
+   * This queue's counters (queue-stats.ts), single writer: this queue's worker. The worker counts requests and
+   * malformed chains; the handler adds `bytesRead`, `bytesWritten` and `errors` (`QueueStat` indices).
+   */
+  readonly stats: Float64Array;
 }
 
 /** `QueueHandler.process` result: the request completes later, through `reap`. */

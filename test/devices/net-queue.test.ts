@@ -26,6 +26,7 @@ import { copyFromGuest, copyToGuest } from '../../src/queue/descriptor-chain.js'
 import { SplitQueue } from '../../src/queue/split-queue.js';
 import { SplitQueueDriver, type Segment } from '../../src/queue/split-queue-driver.js';
 import { codeOf, standardMemory } from '../queue/test-memory.js';
+import { QUEUE_COUNTERS } from '../../src/devices/queue-stats.js';
 
 // ---- memory -------------------------------------------------------------------------------------------------------
 
@@ -167,8 +168,8 @@ function netPair(options: NetOptions = {}): Net {
   const queueOptions: NetQueueOptions = { port: options.port ?? { kind: 'loopback' }, stats: statsBuffer };
   const rxRing = ringPair(mem, size, RX_RING);
   const txRing = ringPair(mem, size, TX_RING);
-  const rx = createQueueHandler(queueOptions, { queueIndex: 0, features });
-  const tx = createQueueHandler(queueOptions, { queueIndex: 1, features });
+  const rx = createQueueHandler(queueOptions, { queueIndex: 0, features, instance: 0, stats: new Float64Array(QUEUE_COUNTERS.length) });
+  const tx = createQueueHandler(queueOptions, { queueIndex: 1, features, instance: 0, stats: new Float64Array(QUEUE_COUNTERS.length) });
   assert.ok(rx.producer !== undefined, 'the receive queue has a producer');
   assert.equal(tx.producer, undefined, 'the transmit queue has none');
   const producer = rx.producer;

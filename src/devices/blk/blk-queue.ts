@@ -20,6 +20,7 @@ import { ChainReader, type DescriptorChain } from '../../queue/descriptor-chain.
 import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import * as native from '../../native/index.js';
 import { PENDING, type QueueContext, type QueueHandler } from '../device.js';
+import { countStat, QUEUE_COUNTERS, QueueStat } from '../queue-stats.js';
 import { STOP, STOPPED, type IoCompletion, type IoRequest, type IoSpan, type IoThreadInit } from './io-messages.js';
 import { openBlockBackend, type BlockBackend, type BlockBackendOptions } from './block-backend.js';
 import {
@@ -139,11 +140,14 @@ export class BlkQueueHandler implements QueueHandler {
   readonly #segmentView = new DataView(this.#segment.buffer);
   readonly #async: AsyncIo | undefined;
   readonly completionFd: number | undefined;
+  /** This queue's counters (queue-stats.ts): bytes moved and error statuses. */
+  readonly #stats: Float64Array;
 
   /** The region used last (see the module comment). */
   readonly #regions = new RegionCache();
 
-  constructor(options: BlkQueueOptions) {
+  constructor(options: BlkQueueOptions, stats: Float64Array = new Float64Array(QUEUE_COUNTERS.length)) {
+    this.#stats = stats;
     this.#async = options.io === 'async' ? new AsyncIo(options) : undefined;
     this.completionFd = this.#async?.completionFd;
     this.#backend = openBlockBackend(options.backend);
@@ -195,10 +199,12 @@ export class BlkQueueHandler implements QueueHandler {
         }
         if (this.#async !== undefined) {
           this.#submit(mem, chain, isRead, pos, len);
+          countStat(this.#stats, isRead ? QueueStat.bytesRead : QueueStat.bytesWritten, len); // counted when submitted
           return PENDING;
         }
         try {
           this.#transfer(mem, chain, isRead, pos, len);
+          countStat(this.#stats, isRead ? QueueStat.bytesRead : QueueStat.bytesWritten, len);
           if (isRead) written = len;
         } catch (err) {
           if (err instanceof VirtioError) throw err;
@@ -227,6 +233,7 @@ export class BlkQueueHandler implements QueueHandler {
       default:
         status = BlkStatus.UNSUPP;
     }
+    if (status !== BlkStatus.OK) countStat(this.#stats, QueueStat.errors);
     this.#writeStatus(mem, chain, status);
     return written + 1;
   }
@@ -355,6 +362,6 @@ export class BlkQueueHandler implements QueueHandler {
 }
 
 /** The worker-module entry point (see devices/device.ts `DeviceWorkerModule`). */
-export function createQueueHandler(options: unknown, _context: QueueContext): QueueHandler {
-  return new BlkQueueHandler(options as BlkQueueOptions);
+export function createQueueHandler(options: unknown, context: QueueContext): QueueHandler {
+  return new BlkQueueHandler(options as BlkQueueOptions, context.stats);
 }

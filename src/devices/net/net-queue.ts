@@ -70,34 +70,37 @@ function createPort(spec: PortSpec, pair: number, stats: Float64Array): NetPort 
 
 /** A pair's port, shared by its two queue handlers in this worker; closed when both are. */
 class PairPort {
+  readonly key: string;
   readonly port: NetPort;
   refs = 0;
-  constructor(port: NetPort) {
+  constructor(key: string, port: NetPort) {
+    this.key = key;
     this.port = port;
   }
 }
-const pairPorts = new Map<number, PairPort>();
+/** Ports of this worker by device instance and pair (`instance:pair`): a worker serves pairs of many devices. */
+const pairPorts = new Map<string, PairPort>();
 
-function acquirePort(options: NetQueueOptions, pair: number): PairPort {
-  let p = pairPorts.get(pair);
+function acquirePort(options: NetQueueOptions, instance: number, pair: number): PairPort {
+  const key = `${instance}:${pair}`;
+  let p = pairPorts.get(key);
   if (p === undefined) {
-    p = new PairPort(createPort(options.port, pair, statsRow(options.stats, pair)));
-    pairPorts.set(pair, p);
+    p = new PairPort(key, createPort(options.port, pair, statsRow(options.stats, pair)));
+    pairPorts.set(key, p);
   }
   p.refs++;
   return p;
 }
 
-function releasePort(pair: number, p: PairPort): void {
+function releasePort(p: PairPort): void {
   if (--p.refs > 0) return;
-  pairPorts.delete(pair);
+  pairPorts.delete(p.key);
   p.port.close();
 }
 
 // ---- transmit -------------------------------------------------------------------------------------------------------
 
 class NetTxHandler implements QueueHandler {
-  readonly #pair: number;
   readonly #pairPort: PairPort;
   readonly #port: NetPort;
   readonly #stats: Float64Array;
@@ -107,9 +110,8 @@ class NetTxHandler implements QueueHandler {
   readonly #header = new Uint8Array(NetHdr.size);
   #bounce = new Uint8Array(2048);
 
-  constructor(options: NetQueueOptions, pair: number, features: bigint) {
-    this.#pair = pair;
-    this.#pairPort = acquirePort(options, pair);
+  constructor(options: NetQueueOptions, instance: number, pair: number, features: bigint) {
+    this.#pairPort = acquirePort(options, instance, pair);
     this.#port = this.#pairPort.port;
     this.#stats = statsRow(options.stats, pair);
     this.#hdrSize = netHeaderSize(features);
@@ -165,7 +167,7 @@ class NetTxHandler implements QueueHandler {
   }
 
   close(): void {
-    releasePort(this.#pair, this.#pairPort);
+    releasePort(this.#pairPort);
   }
 }
 
@@ -178,7 +180,6 @@ const TOO_LARGE = -2;
 class NetRxHandler implements QueueHandler, QueueProducer {
   readonly producer: QueueProducer = this;
   readonly inputFd: number | undefined;
-  readonly #pair: number;
   readonly #pairPort: PairPort;
   readonly #port: NetPort;
   readonly #stats: Float64Array;
@@ -191,9 +192,8 @@ class NetRxHandler implements QueueHandler, QueueProducer {
   #heads = new Uint32Array(0);
   #lens = new Uint32Array(0);
 
-  constructor(options: NetQueueOptions, pair: number, features: bigint) {
-    this.#pair = pair;
-    this.#pairPort = acquirePort(options, pair);
+  constructor(options: NetQueueOptions, instance: number, pair: number, features: bigint) {
+    this.#pairPort = acquirePort(options, instance, pair);
     this.#port = this.#pairPort.port;
     this.inputFd = this.#port.inputFd;
     this.#stats = statsRow(options.stats, pair);
@@ -325,12 +325,14 @@ class NetRxHandler implements QueueHandler, QueueProducer {
   }
 
   close(): void {
-    releasePort(this.#pair, this.#pairPort);
+    releasePort(this.#pairPort);
   }
 }
 
 export function createQueueHandler(options: unknown, context: QueueContext): QueueHandler {
   const o = options as NetQueueOptions;
   const pair = context.queueIndex >> 1;
-  return isReceiveQueue(context.queueIndex) ? new NetRxHandler(o, pair, context.features) : new NetTxHandler(o, pair, context.features);
+  return isReceiveQueue(context.queueIndex)
+    ? new NetRxHandler(o, context.instance, pair, context.features)
+    : new NetTxHandler(o, context.instance, pair, context.features);
 }

@@ -1,0 +1,39 @@
+/**
+ * Devices from their configuration (config.ts): what `vhost-user serve` starts for each entry of its file or each
+ * `PUT /devices/{id}`, and what the one-device commands (`blk`, `net`) start from their options.
+ */
+import { BlkDevice } from '../devices/blk/blk-device.js';
+import type { VirtioDevice } from '../devices/device.js';
+import { NetDevice, type NetPortOption } from '../devices/net/net-device.js';
+import { parseNetPort, type DeviceConfig } from './config.js';
+
+/** A device and what releases it once its server is closed (net: the TAP queues). */
+export interface ConfiguredDevice {
+  device: VirtioDevice;
+  /** Device-specific counters for the API and metrics (net: frames and drops each way). */
+  stats?: () => Record<string, number>;
+  close(): void;
+}
+
+export function createDevice(config: DeviceConfig): ConfiguredDevice {
+  if (config.type === 'blk') {
+    const device = new BlkDevice({
+      backend: config.image !== undefined ? { kind: 'file', path: config.image } : { kind: 'null', size: config.null ?? 0 },
+      readOnly: config.readOnly,
+      queues: config.queues,
+      maxQueueSize: config.queueSize,
+      serial: config.serial,
+      io: config.io,
+    });
+    return { device, close: () => undefined };
+  }
+  const parsed = parseNetPort(config.port);
+  const port: NetPortOption = parsed.kind === 'source' ? { kind: 'source', frameLen: config.frameLen } : parsed;
+  const device = new NetDevice({
+    port,
+    queuePairs: config.queues,
+    maxQueueSize: config.queueSize,
+    ...(config.mac !== undefined ? { mac: config.mac } : {}),
+  });
+  return { device, stats: () => ({ ...device.stats() }), close: () => device.close() };
+}
