@@ -1,7 +1,7 @@
 /** `vhost-user blk`: serve a raw image (or a null device) as a vhost-user-blk backend on a unix socket. */
 import { Command, Option } from 'commander';
 import { VhostUserServer } from '../backend/server.js';
-import { BlkDevice } from '../devices/blk/blk-device.js';
+import { createDevice } from '../daemon/device-factory.js';
 import { createLogger } from './logger.js';
 import { parseInteger, parseSize } from './parse.js';
 import { addServerOptions, serverOptions, stopSignal, type ServerCliOptions } from './server-options.js';
@@ -41,13 +41,18 @@ export function blkCommand(): Command {
       if ((opts.image === undefined) === (opts.null === undefined)) {
         throw new Error('give exactly one of --image FILE or --null SIZE');
       }
-      const device = new BlkDevice({
-        backend: opts.image !== undefined ? { kind: 'file', path: opts.image } : { kind: 'null', size: opts.null ?? 0 },
+      // The same construction as a daemon's `{"type": "blk", ...}` device (daemon/device-factory.ts).
+      const { device } = createDevice({
+        id: 'blk',
+        type: 'blk',
+        socket: opts.socket,
+        ...(opts.image !== undefined ? { image: opts.image } : { null: opts.null ?? 0 }),
         readOnly: opts.readOnly,
         queues: opts.queues,
-        maxQueueSize: opts.queueSize,
+        queueSize: opts.queueSize,
         serial: opts.serial,
         io: opts.io,
+        memSlots: opts.memSlots,
       });
       const server = new VhostUserServer({
         socketPath: opts.socket,

@@ -1,26 +1,19 @@
 /** `vhost-user net` and `vhost-user switch`: virtio-net backends on unix sockets. */
-import { Command, InvalidArgumentError } from 'commander';
+import { Command } from 'commander';
 import { VhostUserServer } from '../backend/server.js';
-import { MAX_QUEUE_PAIRS, NetDevice, type NetPortOption } from '../devices/net/net-device.js';
+import { WorkerPool } from '../backend/worker-pool.js';
+import { createDevice } from '../daemon/device-factory.js';
+import { MAX_QUEUE_PAIRS, NetDevice } from '../devices/net/net-device.js';
 import { MAX_FRAME, MIN_FRAME } from '../devices/net/constants.js';
 import { MAX_SWITCH_PORTS, SwitchFabric } from '../devices/net/ports/switch.js';
 import { createLogger } from './logger.js';
-import { parseInteger } from './parse.js';
+import { parseInteger, parsePort } from './parse.js';
 import { addServerOptions, serverOptions, stopSignal, type ServerCliOptions } from './server-options.js';
-
-type PortArg = { kind: 'loopback' } | { kind: 'sink' } | { kind: 'source' } | { kind: 'tap'; name: string };
-
-/** Linux interface names: 1..15 bytes, no '/', whitespace or ':'. */
-function parsePort(value: string): PortArg {
-  if (value === 'loopback' || value === 'sink' || value === 'source') return { kind: value };
-  const tap = /^tap:([^/\s:]{1,15})$/.exec(value);
-  if (tap !== null) return { kind: 'tap', name: tap[1] as string };
-  throw new InvalidArgumentError('expected loopback, sink, source or tap:NAME (NAME: an interface name of 1..15 characters)');
-}
 
 interface NetOptions extends ServerCliOptions {
   socket: string;
-  port: PortArg;
+  /** Validated by parsePort, kept as text (the daemon config's form). */
+  port: string;
   queues: number;
   mac?: string;
   queueSize: number;
@@ -39,7 +32,7 @@ export function netCommand(): Command {
     .requiredOption(
       '--port <port>',
       'where frames go: loopback (echo), sink (drop), source (generate; check what comes back), tap:NAME (a new TAP device)',
-      parsePort,
+      (value: string) => (parsePort(value), value),
     )
     .option('--queues <n>', 'queue pairs (VIRTIO_NET_F_MQ when > 1)', parseInteger(1, MAX_QUEUE_PAIRS), 1)
     .option('--mac <mac>', 'MAC address in the config space (and the source port\'s frames)')
@@ -47,13 +40,19 @@ export function netCommand(): Command {
     .option('--frame-len <bytes>', `length of the source port's frames (${MIN_FRAME}..${MAX_FRAME})`, parseInteger(MIN_FRAME, MAX_FRAME), 64);
   return addServerOptions(command, 'worker threads (default: one per queue pair)').action(async (opts: NetOptions) => {
     const log = createLogger(opts.logLevel);
-    const port: NetPortOption = opts.port.kind === 'source' ? { kind: 'source', frameLen: opts.frameLen } : opts.port;
-    const device = new NetDevice({
-      port,
-      queuePairs: opts.queues,
-      maxQueueSize: opts.queueSize,
+    // The same construction as a daemon's `{"type": "net", ...}` device (daemon/device-factory.ts).
+    const net = createDevice({
+      id: 'net',
+      type: 'net',
+      socket: opts.socket,
+      port: opts.port,
+      queues: opts.queues,
+      queueSize: opts.queueSize,
+      frameLen: opts.frameLen,
+      memSlots: opts.memSlots,
       ...(opts.mac !== undefined ? { mac: opts.mac } : {}),
     });
+    const device = net.device;
     const server = new VhostUserServer({ socketPath: opts.socket, device, logger: log, ...serverOptions(opts) });
     try {
       server.listen();
@@ -85,7 +84,7 @@ export function switchCommand(): Command {
       (value: string, previous: string[] | undefined) => [...(previous ?? []), value],
     )
     .option('--queue-size <n>', 'largest queue size the drivers may use (power of two, up to 32768)', parseInteger(2, 32768), 1024);
-  return addServerOptions(command, 'worker threads per port (default: 1)').action(async (opts: SwitchOptions) => {
+  return addServerOptions(command, 'worker threads shared by the ports (default: one per port)').action(async (opts: SwitchOptions) => {
     const log = createLogger(opts.logLevel);
     if (opts.socket.length < 2 || opts.socket.length > MAX_SWITCH_PORTS) {
       throw new Error(`a switch needs 2..${MAX_SWITCH_PORTS} --socket options`);
@@ -94,16 +93,19 @@ export function switchCommand(): Command {
     const devices = opts.socket.map(
       (_, index) => new NetDevice({ port: { kind: 'switch', fabric, index }, maxQueueSize: opts.queueSize }),
     );
+    // One pool for every port, as in the daemon: a port's queue pair goes to the least-loaded worker.
+    const pool = new WorkerPool({ threads: opts.workers ?? devices.length, sync: opts.sync });
     const servers = opts.socket.map(
       (socketPath, i) =>
-        new VhostUserServer({ socketPath, device: devices[i] as NetDevice, logger: log.child({ switchPort: i }), ...serverOptions(opts) }),
+        new VhostUserServer({ socketPath, device: devices[i] as NetDevice, logger: log.child({ switchPort: i }), pool, memSlots: opts.memSlots }),
     );
     try {
       for (const s of servers) s.listen();
-      log.info({ ports: servers.length }, 'vhost-user switch ready');
+      log.info({ ports: servers.length, threads: pool.size }, 'vhost-user switch ready');
       await stopSignal(log);
       await Promise.all(servers.map((s) => s.close()));
     } finally {
+      await pool.stop();
       fabric.close();
     }
     log.info({ ports: devices.map((d) => d.stats()) }, 'switch stats');

@@ -1,5 +1,6 @@
 /** Option parsers shared by the CLI commands (commander calls them with the raw string). */
 import { InvalidArgumentError } from 'commander';
+import { parseNetPort, parseSizeText, type NetPortConfig } from '../daemon/config.js';
 
 export function parseInteger(min: number, max: number): (value: string) => number {
   return (value) => {
@@ -9,14 +10,19 @@ export function parseInteger(min: number, max: number): (value: string) => numbe
   };
 }
 
-const UNITS: Record<string, number> = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
-
-/** Parses sizes like 4096, 4k, 64M, 1G (binary units). */
-export function parseSize(value: string): number {
-  const m = /^(\d+)([kmgt]?)i?b?$/i.exec(value.trim());
-  const unit = UNITS[(m?.[2] ?? '').toLowerCase()];
-  if (m === null || unit === undefined) throw new InvalidArgumentError('expected a size such as 4096, 4k, 64M or 1G');
-  const n = Number(m[1]) * unit;
-  if (!Number.isSafeInteger(n)) throw new InvalidArgumentError('size too large');
-  return n;
+/** Runs a parser of the config module, reporting its RangeError as commander's InvalidArgumentError. */
+function asOption<T>(parse: (value: string) => T): (value: string) => T {
+  return (value) => {
+    try {
+      return parse(value);
+    } catch (err) {
+      throw new InvalidArgumentError(err instanceof Error ? err.message : String(err));
+    }
+  };
 }
+
+/** Parses sizes like 4096, 4k, 64M, 1G (binary units), as the daemon's config file does. */
+export const parseSize: (value: string) => number = asOption(parseSizeText);
+
+/** Parses a net port (loopback, sink, source, tap:NAME), as the daemon's config file does. */
+export const parsePort: (value: string) => NetPortConfig = asOption(parseNetPort);

@@ -5,16 +5,19 @@
 import { BlkDevice } from '../devices/blk/blk-device.js';
 import type { VirtioDevice } from '../devices/device.js';
 import { NetDevice, type NetPortOption } from '../devices/net/net-device.js';
-import { parseNetPort, type DeviceConfig } from './config.js';
+import { parseNetPort, type BlkDeviceConfig, type DeviceConfig, type NetDeviceConfig } from './config.js';
 
 /** A device and what releases it once its server is closed (net: the TAP queues). */
-export interface ConfiguredDevice {
-  device: VirtioDevice;
+export interface ConfiguredDevice<D extends VirtioDevice = VirtioDevice> {
+  device: D;
   /** Device-specific counters for the API and metrics (net: frames and drops each way). */
   stats?: () => Record<string, number>;
   close(): void;
 }
 
+export function createDevice(config: BlkDeviceConfig): ConfiguredDevice<BlkDevice>;
+export function createDevice(config: NetDeviceConfig): ConfiguredDevice<NetDevice>;
+export function createDevice(config: DeviceConfig): ConfiguredDevice;
 export function createDevice(config: DeviceConfig): ConfiguredDevice {
   if (config.type === 'blk') {
     const device = new BlkDevice({

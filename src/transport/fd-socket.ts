@@ -24,13 +24,19 @@ export interface FdSocketHandlers {
 }
 
 const RECV_BUFFER_SIZE = 64 * 1024;
+/**
+ * The receive buffer of every socket of this thread: `onData` gets a view valid only during the call, so one buffer
+ * serves them all (a daemon with hundreds of connected frontends would otherwise keep 64 KiB per connection). A
+ * read nested in another's `onData` gets a buffer of its own.
+ */
+const sharedBuffer = new Uint8Array(RECV_BUFFER_SIZE);
+let sharedBufferInUse = false;
 /** Messages waiting to be sent beyond which the socket is not read any more (until they are sent). */
 const MAX_OUTBOX = 64;
 
 export class FdSocket {
   readonly fd: number;
   readonly #handlers: FdSocketHandlers;
-  readonly #buffer = new Uint8Array(RECV_BUFFER_SIZE);
   readonly #watchId: number;
   readonly #outbox: { bytes: Uint8Array; fds: readonly number[] }[] = [];
   #closed = false;
@@ -158,11 +164,24 @@ export class FdSocket {
    * #reading then.
    */
   #readAvailable(): void {
+    if (sharedBufferInUse) {
+      this.#readInto(new Uint8Array(RECV_BUFFER_SIZE));
+      return;
+    }
+    sharedBufferInUse = true;
+    try {
+      this.#readInto(sharedBuffer);
+    } finally {
+      sharedBufferInUse = false;
+    }
+  }
+
+  #readInto(buffer: Uint8Array): void {
     for (;;) {
       const fds: number[] = [];
       let n: number;
       try {
-        n = native.recvmsg(this.fd, this.#buffer, fds);
+        n = native.recvmsg(this.fd, buffer, fds);
       } catch (err) {
         return this.#fail(err as Error); // after a hangup: the pending socket error, e.g. ECONNRESET
       }
@@ -171,7 +190,7 @@ export class FdSocket {
         for (const fd of fds) native.close(fd);
         return this.#fail(this.#hangup ?? this.#sendError);
       }
-      this.#handlers.onData(this.#buffer.subarray(0, n), fds);
+      this.#handlers.onData(buffer.subarray(0, n), fds);
       if (this.#closed || !this.#readable()) return;
     }
   }
