@@ -25,6 +25,7 @@ import { MemoryTable } from '../memory/memory-table.js';
 import type { MappedRegion } from '../memory/region.js';
 import * as native from '../native/index.js';
 import type { DescriptorChain } from '../queue/descriptor-chain.js';
+import type { DeviceQueue } from '../queue/device-queue.js';
 import { SplitQueue } from '../queue/split-queue.js';
 import { PENDING, ProduceResult, type DeviceWorkerModule, type QueueHandler, type QueueProducer } from '../devices/device.js';
 import { countStat, QueueStat, queueStatsRow } from '../devices/queue-stats.js';
@@ -54,7 +55,7 @@ interface RunningQueue {
   readonly key: number;
   readonly stats: Float64Array;
   readonly start: QueueStart;
-  readonly queue: SplitQueue;
+  readonly queue: DeviceQueue;
   readonly chain: DescriptorChain;
   readonly handler: QueueHandler;
   callFd: number;
@@ -239,7 +240,7 @@ function startQueue(s: WorkerSession, start: QueueStart): void {
   queue.attach(s.memory);
   // Resume where the driver's state says: avail from SET_VRING_BASE, used from the ring itself (as libvhost-user
   // and DPDK do), which is what the driver last saw.
-  queue.setBase(start.lastAvailIdx, queue.ringUsedIdx());
+  queue.resume(start.lastAvailIdx);
   const stats = queueStatsRow(s.attach.stats, start.index);
   const handler = s.device.createQueueHandler(s.attach.deviceOptions, { queueIndex: start.index, features: start.features, instance: s.id, stats });
   queues.set(key, {
@@ -267,7 +268,7 @@ function startQueue(s: WorkerSession, start: QueueStart): void {
 function finishStop(q: RunningQueue): void {
   if (q.stopRequest === undefined || q.inflight.size > 0) return;
   queues.delete(q.key);
-  const lastAvailIdx = q.queue.lastAvailIdx;
+  const lastAvailIdx = q.queue.getBase();
   q.queue.detach();
   closeHandler(q);
   send({ type: 'queue-stopped', id: q.stopRequest, index: q.start.index, lastAvailIdx });
@@ -536,13 +537,12 @@ function busyPoll(): boolean {
       if (q.stopRequest !== undefined || q.armed) continue;
       try {
         // A producer has work only with input as well as buffers; a starved one only once the driver added some.
-        const available = q.queue.availableCount();
         const work =
           q.producer === undefined
-            ? available > 0
+            ? q.queue.hasAvailable()
             : q.starved
-              ? ((q.queue.lastAvailIdx + available) & 0xffff) !== q.starvedAvail
-              : available > 0 && q.producer.hasInput();
+              ? q.queue.availableSince(q.starvedAvail)
+              : q.queue.hasAvailable() && q.producer.hasInput();
         if (work) {
           q.pending = true;
           q.starved = false;

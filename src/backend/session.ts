@@ -26,6 +26,7 @@ import type { Message } from '../protocol/message-reader.js';
 import {
   deviceConfigPayload,
   memoryTablePayload,
+  packedVringBase,
   singleMemoryRegionPayload,
   splitVringBase,
   u64Payload,
@@ -35,7 +36,7 @@ import {
   type MemoryRegion,
 } from '../protocol/payloads.js';
 import { isValidQueueSize } from '../queue/split-queue.js';
-import { availRingSize, descTableSize, usedRingSize } from '../queue/constants.js';
+import { availRingSize, descTableSize, PACKED_EVENT_SIZE, usedRingSize } from '../queue/constants.js';
 import type { VirtioDevice } from '../devices/device.js';
 import type { WorkerRegion } from './worker-messages.js';
 import type { PoolLease } from './worker-pool.js';
@@ -161,6 +162,16 @@ interface Vring {
 
 function newVring(): Vring {
   return { num: 0, addr: undefined, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false, failed: false };
+}
+
+/**
+ * SET_VRING_BASE of a packed ring: where to resume, `avail index | avail wrap << 15`. The used half (bits 16-31) is
+ * QEMU's; it equals the avail half whenever the ring was stopped by GET_VRING_BASE (we drain first), and DPDK's
+ * virtio_user sends 0 there (0x8000 at start): the used position is taken to be the avail position.
+ */
+function packedResumePosition(num: number): number {
+  const b = packedVringBase(num);
+  return b.availIndex | (b.availWrapCounter ? 0x8000 : 0);
 }
 
 function addressOf(value: bigint, what: string): number {
@@ -344,8 +355,11 @@ export class BackendSession {
         this.#expectNoFds(msg);
         const { index, num } = vringStatePayload.decode(p);
         const vring = this.#vring(index);
-        if (!isValidQueueSize(num) || num > this.device.maxQueueSize) {
-          throw new ProtocolError('VHOST_PROTOCOL_BAD_QUEUE_SIZE', `queue size ${num} is not a power of two up to ${this.device.maxQueueSize}`);
+        // Packed rings take any size up to the maximum; split rings a power of two.
+        const packed = this.#hasFeature(VirtioFeature.RING_PACKED);
+        if (!(packed ? Number.isInteger(num) && num >= 1 : isValidQueueSize(num)) || num > this.device.maxQueueSize) {
+          const what = packed ? 'a packed ring size' : 'a power of two';
+          throw new ProtocolError('VHOST_PROTOCOL_BAD_QUEUE_SIZE', `queue size ${num} is not ${what} up to ${this.device.maxQueueSize}`);
         }
         await this.#changeRunningRing(index, () => (vring.num = num));
         return undefined;
@@ -362,7 +376,7 @@ export class BackendSession {
         this.#expectNoFds(msg);
         const { index, num } = vringStatePayload.decode(p);
         const vring = this.#vring(index);
-        const base = splitVringBase(num);
+        const base = this.#hasFeature(VirtioFeature.RING_PACKED) ? packedResumePosition(num) : splitVringBase(num);
         await this.#changeRunningRing(index, () => (vring.base = base));
         return undefined;
       }
@@ -377,7 +391,9 @@ export class BackendSession {
           if (vring[key] >= 0) native.close(vring[key]);
           vring[key] = -1;
         }
-        return vringStatePayload.encode({ index, num: vring.base });
+        // Packed: both halves, used == avail (the ring was drained before the reply; vhost-user-next.md §4.2).
+        const num = this.#hasFeature(VirtioFeature.RING_PACKED) ? (vring.base | (vring.base << 16)) >>> 0 : vring.base;
+        return vringStatePayload.encode({ index, num });
       }
       case R.SET_VRING_KICK:
       case R.SET_VRING_CALL:
@@ -642,12 +658,18 @@ export class BackendSession {
     if (vring.started || vring.failed || !vring.enabled || vring.kickFd < 0 || vring.addr === undefined || vring.num === 0) return;
     if (this.#memory.regions.length === 0) return;
     const n = vring.num;
+    // Packed: `desc` is the ring, `avail` the driver's event suppression area, `used` the device's (4 bytes each).
+    const packed = this.#hasFeature(VirtioFeature.RING_PACKED);
+    if (!packed && !isValidQueueSize(n)) {
+      throw new ProtocolError('VHOST_PROTOCOL_BAD_QUEUE_SIZE', `queue size ${n} is not a power of two (split ring)`);
+    }
     const start = {
       index,
       size: n,
+      packed,
       descAddr: this.#memory.uvaToGpa(vring.addr.desc, descTableSize(n)),
-      availAddr: this.#memory.uvaToGpa(vring.addr.avail, availRingSize(n)),
-      usedAddr: this.#memory.uvaToGpa(vring.addr.used, usedRingSize(n)),
+      availAddr: this.#memory.uvaToGpa(vring.addr.avail, packed ? PACKED_EVENT_SIZE : availRingSize(n)),
+      usedAddr: this.#memory.uvaToGpa(vring.addr.used, packed ? PACKED_EVENT_SIZE : usedRingSize(n)),
       lastAvailIdx: vring.base,
       kickFd: vring.kickFd,
       callFd: vring.callFd,

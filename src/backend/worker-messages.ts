@@ -24,10 +24,12 @@ export interface WorkerRegion {
 export interface QueueStart {
   index: number;
   size: number;
+  /** VIRTIO_F_RING_PACKED: `descAddr` is the ring, `availAddr` / `usedAddr` the driver / device event areas. */
+  packed: boolean;
   descAddr: number;
   availAddr: number;
   usedAddr: number;
-  /** Where to resume: the avail index of the next request (SET_VRING_BASE). */
+  /** Where to resume: the avail position of the next request (SET_VRING_BASE; packed: index | wrap << 15). */
   lastAvailIdx: number;
   kickFd: number;
   /** -1: no call eventfd (the driver polls). */

@@ -8,7 +8,7 @@
  */
 import type { GuestMemory } from '../memory/guest-memory.js';
 import type { DescriptorChain } from '../queue/descriptor-chain.js';
-import type { SplitQueue } from '../queue/split-queue.js';
+import type { DeviceQueue } from '../queue/device-queue.js';
 
 export interface VirtioDevice {
   /** A short name for logs ("blk"). */
@@ -105,7 +105,7 @@ export interface QueueProducer {
    * Delivers input: pops chains from `queue`, writes them, and completes them with `queue.pushUsed` (the worker
    * publishes). Delivers at most `budget` units of input (frames) before returning BUDGET.
    */
-  produce(mem: GuestMemory, queue: SplitQueue, budget: number): ProduceResult;
+  produce(mem: GuestMemory, queue: DeviceQueue, budget: number): ProduceResult;
 }
 
 /** The shape of a device's worker module (`VirtioDevice.worker.module`). */

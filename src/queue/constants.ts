@@ -53,6 +53,8 @@ export const MAX_CHAIN_BYTES = 0xffff_ffff;
 export function descTableSize(size: number): number {
   return DESC_SIZE * size;
 }
+/** Byte size of a packed ring's driver or device event suppression area (`off_wrap` u16, `flags` u16). */
+export const PACKED_EVENT_SIZE = 4;
 /** Byte size of the available ring including `used_event`. */
 export function availRingSize(size: number): number {
   return 6 + 2 * size;

@@ -53,6 +53,7 @@
  * } while (queue.enableNotification());
  * ```
  */
+import type { DeviceQueue } from './device-queue.js';
 import { VhostError, VirtioError } from '../errors.js';
 import { u64ToAddress, type GuestMemory } from '../memory/guest-memory.js';
 import { MemoryTable } from '../memory/memory-table.js';
@@ -128,7 +129,7 @@ interface RingViews {
 }
 
 /** The device side of a split virtqueue. See the module documentation for the memory model and bounds. */
-export class SplitQueue {
+export class SplitQueue implements DeviceQueue {
   /** Queue size. */
   readonly size: number;
   readonly descAddr: number;
@@ -263,6 +264,20 @@ export class SplitQueue {
   /** GET_VRING_BASE: the next avail index to process. */
   getBase(): number {
     return this.#lastAvailIdx;
+  }
+
+  /** DeviceQueue.resume: avail from SET_VRING_BASE, used from the ring itself (what the driver last saw). */
+  resume(base: number): void {
+    this.setBase(base, this.ringUsedIdx());
+  }
+
+  hasAvailable(): boolean {
+    return this.availableCount() > 0;
+  }
+
+  /** Whether avail.idx moved past `seen` (validated as every avail.idx read). */
+  availableSince(seen: number): boolean {
+    return ((this.#lastAvailIdx + this.availableCount()) & 0xffff) !== seen;
   }
 
   /** Reads used.idx from the ring (for resuming after a reconnect). */

@@ -17,7 +17,7 @@ import { VhostError, VirtioError } from '../../errors.js';
 import type { GuestMemory } from '../../memory/guest-memory.js';
 import { RegionCache } from '../../memory/region-cache.js';
 import { ChainReader, copyToGuest, DescriptorChain } from '../../queue/descriptor-chain.js';
-import type { SplitQueue } from '../../queue/split-queue.js';
+import type { DeviceQueue } from '../../queue/device-queue.js';
 import { VirtioFeature } from '../../protocol/constants.js';
 import { ProduceResult, type QueueContext, type QueueHandler, type QueueProducer } from '../device.js';
 import {
@@ -209,7 +209,7 @@ class NetRxHandler implements QueueHandler, QueueProducer {
     return this.#port.hasInput();
   }
 
-  produce(mem: GuestMemory, queue: SplitQueue, budget: number): ProduceResult {
+  produce(mem: GuestMemory, queue: DeviceQueue, budget: number): ProduceResult {
     this.#regions.use(mem);
     if (this.#chain === undefined || this.#heads.length !== queue.size) {
       this.#chain = queue.createChain();
@@ -239,7 +239,7 @@ class NetRxHandler implements QueueHandler, QueueProducer {
    * Writes header + frame into as many chains as it takes; returns how many (their heads and lengths in #heads /
    * #lens, not yet pushed), or NO_BUFFERS / TOO_LARGE with every chain given back.
    */
-  #deliver(mem: GuestMemory, queue: SplitQueue, chain: DescriptorChain, buf: Uint8Array, offset: number, length: number): number {
+  #deliver(mem: GuestMemory, queue: DeviceQueue, chain: DescriptorChain, buf: Uint8Array, offset: number, length: number): number {
     const hdrSize = this.#hdrSize;
     const total = hdrSize + length;
     // Fast path: one chain, one buffer that holds it all (DPDK's 2060-byte buffers, Linux's mergeable pages).
