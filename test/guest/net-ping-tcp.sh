@@ -44,7 +44,8 @@ deadline() { echo $(( $(now) + wait_s )); }
 ip link set lo up
 ip addr add "$addr" dev "$dev" || fail "ip addr add $addr"
 ip link set "$dev" up || fail "ip link set $dev up"
-echo "GUEST-RESULT: $dev mac=$(cat "/sys/class/net/$dev/address") mtu=$(cat "/sys/class/net/$dev/mtu")"
+# features: one character per feature bit, bit 34 = VIRTIO_F_RING_PACKED
+echo "GUEST-RESULT: $dev mac=$(cat "/sys/class/net/$dev/address") mtu=$(cat "/sys/class/net/$dev/mtu") packed=$(cut -c35 "/sys/class/net/$dev/device/features")"
 
 # The peer may still be booting: one ping per second until it answers.
 tries=0; end=$(deadline)

@@ -17,6 +17,8 @@
 #                           (X = 6, 7, ... per NIC); queues = queue pairs (default 1, <= the backend's).
 #                           Always vectors=0 (INTx): Debian's QEMU 7.2 crashes with MSI-X on
 #                           vhost-user netdevs.
+#   --packed                packed virtqueues (packed=on) on every disk and NIC (VIRTIO_F_RING_PACKED; QEMU
+#                           negotiates it only when the backend offers it: check the guest's features)
 #   --mem SIZE              guest RAM (default 512M), always a shared memfd (share=on), as vhost-user needs
 #   --maxmem SIZE           allow memory hotplug up to SIZE: -m SIZE,slots=N,maxmem=SIZE (QMP object-add
 #   --slots N               memory-backend-memfd + device_add pc-dimm); slots default 4
@@ -37,7 +39,7 @@ die() { echo "run-guest.sh: ERROR: $*" >&2; exit 125; }
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 GUEST_SCRIPT=""; GUEST_FILES=(); BLK=(); NET=(); QUEUES=1; MEM=512M; MAXMEM=""; SLOTS=4; SMP=1; ACCEL=tcg
-QMP=""; APPEND=""; KERNEL=""; INITRD=""; RUN_DIR=""; EXEC=0; PRINT_CMD=0; EXTRA=()
+QMP=""; APPEND=""; KERNEL=""; INITRD=""; RUN_DIR=""; EXEC=0; PRINT_CMD=0; EXTRA=(); PACKED=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --script) GUEST_SCRIPT=$2; shift 2 ;;
@@ -45,6 +47,7 @@ while [ $# -gt 0 ]; do
     --vhost-user-blk) BLK+=("$QUEUES:$2"); shift 2 ;;
     --blk-queues) QUEUES=$2; shift 2 ;;
     --vhost-user-net) NET+=("$2"); shift 2 ;;
+    --packed) PACKED=",packed=on"; shift ;;
     --mem) MEM=$2; shift 2 ;;
     --maxmem) MAXMEM=$2; shift 2 ;;
     --slots) SLOTS=$2; shift 2 ;;
@@ -142,7 +145,7 @@ i=0
 for d in "${BLK[@]}"; do
   p=${d#*:}
   CMD+=(-chardev "socket,id=vublk$i,path=${p//,/,,}"
-        -device "vhost-user-blk-pci,id=vublk$i,chardev=vublk$i,num-queues=${d%%:*}")
+        -device "vhost-user-blk-pci,id=vublk$i,chardev=vublk$i,num-queues=${d%%:*}$PACKED")
   i=$((i + 1))
 done
 for (( i=0; i<${#NET_SOCK[@]}; i++ )); do
@@ -150,7 +153,7 @@ for (( i=0; i<${#NET_SOCK[@]}; i++ )); do
   [ "$q" = 1 ] || mq=",mq=on"
   CMD+=(-chardev "socket,id=vunet$i,path=${NET_SOCK[$i]}"
         -netdev "vhost-user,id=vunet$i,chardev=vunet$i,queues=$q"
-        -device "virtio-net-pci,id=nic$i,netdev=vunet$i,mac=${NET_MAC[$i]},romfile=,vectors=0$mq")
+        -device "virtio-net-pci,id=nic$i,netdev=vunet$i,mac=${NET_MAC[$i]},romfile=,vectors=0$mq$PACKED")
 done
 CMD+=("${EXTRA[@]}")
 [ "$PRINT_CMD" = 0 ] || { printf '%q ' "${CMD[@]}" >&2; echo >&2; }

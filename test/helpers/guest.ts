@@ -266,6 +266,8 @@ export interface BootGuestOptions {
   readonly memory?: GuestMemoryOptions;
   /** vCPUs (default 1). */
   readonly smp?: number;
+  /** packed=on on every disk and NIC (the backend must offer VIRTIO_F_RING_PACKED for it to be negotiated). */
+  readonly packed?: boolean;
   /** More kernel arguments. */
   readonly append?: string;
   readonly extraQemuArgs?: readonly string[];
@@ -390,6 +392,7 @@ export async function startGuest(opts: BootGuestOptions): Promise<RunningGuest> 
       guestFiles.push(join(filesDir, 'env'));
     }
     for (const f of guestFiles) args.push('--guest-file', f);
+    if (opts.packed === true) args.push('--packed');
     for (const d of opts.blk ?? []) {
       args.push('--blk-queues', String(d.numQueues ?? 1), '--vhost-user-blk', d.socketPath);
     }

@@ -53,43 +53,50 @@ test('a Linux guest uses our backend as its disk: O_DIRECT patterns, firmware re
   assert.ok(data.subarray(5 * MiB).every((b) => b === 0), 'nothing written past the guest pattern');
 });
 
-test('two disks on our backend, one with 2 queues and 2 vCPUs: ext2 round trip', TIMEOUT, async (t) => {
-  if (!requireTools(t, GUEST_TOOLS)) return;
-  const dir = await testTempDir(t);
-  const imageA = dir.join('a.img');
-  const imageB = dir.join('b.img');
-  await writeFile(imageA, pattern(HOST_PATTERN_TEXT, MiB));
-  await truncate(imageA, 16 * MiB);
-  await writeFile(imageB, '');
-  await truncate(imageB, 32 * MiB);
-  const a = await startBackend({ socketPath: dir.join('a.sock'), args: ['--image', imageA] });
-  t.after(() => a.stop());
-  const b = await startBackend({ socketPath: dir.join('b.sock'), args: ['--image', imageB, '--queues', '2'] });
-  t.after(() => b.stop());
-  const token = `fs-token-${process.pid}-${Date.now()}`;
+for (const packed of [false, true]) {
+  const rings = packed ? 'packed virtqueues' : 'split virtqueues';
+  test(`two disks on our backend (${rings}), one with 2 queues and 2 vCPUs: O_DIRECT patterns, ext2 round trip`, TIMEOUT, async (t) => {
+    if (!requireTools(t, GUEST_TOOLS)) return;
+    const dir = await testTempDir(t);
+    const imageA = dir.join('a.img');
+    const imageB = dir.join('b.img');
+    await writeFile(imageA, pattern(HOST_PATTERN_TEXT, MiB));
+    await truncate(imageA, 16 * MiB);
+    await writeFile(imageB, '');
+    await truncate(imageB, 32 * MiB);
+    const a = await startBackend({ socketPath: dir.join('a.sock'), args: ['--image', imageA] });
+    t.after(() => a.stop());
+    const b = await startBackend({ socketPath: dir.join('b.sock'), args: ['--image', imageB, '--queues', '2'] });
+    t.after(() => b.stop());
+    const token = `fs-token-${process.pid}-${Date.now()}`;
 
-  const r = await bootGuest({
-    blk: [{ socketPath: a.socketPath }, { socketPath: b.socketPath, numQueues: 2 }],
-    smp: 2,
-    files: [{ file: guestScript('blk-pattern.sh') }, { file: guestScript('fs-roundtrip.sh'), name: 'fs.sh' }],
-    env: { FS_TEXT: token },
-    script: [
-      'DEV=/dev/vda sh /guest/blk-pattern.sh || exit 1',
-      'echo "GUEST-RESULT: vdb queues=$(ls /sys/block/vdb/mq | wc -l)"',
-      'DEV=/dev/vdb sh /guest/fs.sh',
-    ].join('\n'),
-    signal: t.signal,
+    const r = await bootGuest({
+      blk: [{ socketPath: a.socketPath }, { socketPath: b.socketPath, numQueues: 2 }],
+      smp: 2,
+      packed,
+      files: [{ file: guestScript('blk-pattern.sh') }, { file: guestScript('fs-roundtrip.sh'), name: 'fs.sh' }],
+      env: { FS_TEXT: token },
+      script: [
+        'DEV=/dev/vda sh /guest/blk-pattern.sh || exit 1',
+        'echo "GUEST-RESULT: vdb queues=$(ls /sys/block/vdb/mq | wc -l)"',
+        // One character per feature bit: bit 34 is VIRTIO_F_RING_PACKED.
+        'echo "GUEST-RESULT: features vda=$(cut -c35 /sys/block/vda/device/features) vdb=$(cut -c35 /sys/block/vdb/device/features)"',
+        'DEV=/dev/vdb sh /guest/fs.sh',
+      ].join('\n'),
+      signal: t.signal,
+    });
+    t.diagnostic(`guest: ${r.durationMs} ms`);
+    assert.equal(r.exitCode, 0, r.serial);
+    assert.equal(result(r.results, 'vdb', 'queues'), '2', r.serial);
+    for (const disk of ['vda', 'vdb']) assert.equal(result(r.results, 'features', disk), packed ? '1' : '0', `${disk}: ${rings}`);
+    assert.equal(result(r.results, 'fs readback', 'md5'), result(r.results, 'fs written', 'md5'));
+    assert.equal(r.results.filter((l) => l === 'PASS').length, 2, r.serial);
+    // Both queues of the 2-queue disk ran.
+    const started = new Set(b.logs().filter((l) => l.msg === 'ring started').map((l) => l.queue));
+    assert.deepEqual([...started].sort(), [0, 1]);
+
+    assert.equal(await b.stop(), 0);
+    const data = await readFile(imageB);
+    assert.ok(data.includes(`${token}\n${token}\n`), 'the file written in the guest is in the image');
   });
-  t.diagnostic(`guest: ${r.durationMs} ms`);
-  assert.equal(r.exitCode, 0, r.serial);
-  assert.equal(result(r.results, 'vdb', 'queues'), '2', r.serial);
-  assert.equal(result(r.results, 'fs readback', 'md5'), result(r.results, 'fs written', 'md5'));
-  assert.equal(r.results.filter((l) => l === 'PASS').length, 2, r.serial);
-  // Both queues of the 2-queue disk ran.
-  const started = new Set(b.logs().filter((l) => l.msg === 'ring started').map((l) => l.queue));
-  assert.deepEqual([...started].sort(), [0, 1]);
-
-  assert.equal(await b.stop(), 0);
-  const data = await readFile(imageB);
-  assert.ok(data.includes(`${token}\n${token}\n`), 'the file written in the guest is in the image');
-});
+}

@@ -136,49 +136,55 @@ function assertGuestPassed(r: { exitCode: number; results: readonly string[]; se
   assert.ok(r.results.includes('PASS'), r.serial);
 }
 
-test('two guests on one vhost-user switch: ping both ways and a 2 MiB TCP stream with matching md5', TIMEOUT, async (t) => {
-  if (!requireTools(t, GUEST_TOOLS)) return;
-  const dir = await testTempDir(t, 'vu-net-');
-  const [sockA, sockB] = [dir.join('a.sock'), dir.join('b.sock')];
-  const sw = await startCli(t, ['switch', '--socket', sockA, '--socket', sockB, '--log-level', 'debug']);
-  const bytes = 2 * MiB;
+for (const packed of [false, true]) {
+  const rings = packed ? 'packed virtqueues' : 'split virtqueues';
+  test(`two guests on one vhost-user switch (${rings}): ping both ways and a 2 MiB TCP stream with matching md5`, TIMEOUT, async (t) => {
+    if (!requireTools(t, GUEST_TOOLS)) return;
+    const dir = await testTempDir(t, 'vu-net-');
+    const [sockA, sockB] = [dir.join('a.sock'), dir.join('b.sock')];
+    const sw = await startCli(t, ['switch', '--socket', sockA, '--socket', sockB, '--log-level', 'debug']);
+    const bytes = 2 * MiB;
 
-  // Both guests boot at once; each pings until the other answers (bounded), so neither waits for the host.
-  const receiver = await bootOwned(t, {
-    net: [{ socketPath: sockA, mac: '52:54:00:00:00:01' }],
-    script: { file: PING_TCP },
-    env: { NET_ADDR: '10.0.0.1/24', NET_PEER: '10.0.0.2', NET_RECV_PORT: '5001' },
-  });
-  const sender = await bootOwned(t, {
-    net: [{ socketPath: sockB, mac: '52:54:00:00:00:02' }],
-    script: { file: PING_TCP },
-    env: { NET_ADDR: '10.0.0.2/24', NET_PEER: '10.0.0.1', NET_SEND_PORT: '5001', NET_BYTES: String(bytes) },
-  });
-  const [r1, r2] = await Promise.all([receiver.done, sender.done]);
-  t.diagnostic(`guests: ${r1.durationMs} ms, ${r2.durationMs} ms`);
-  assertGuestPassed(r1);
-  assertGuestPassed(r2);
-  assert.equal(result(r1.results, 'eth0', 'mac'), '52:54:00:00:00:01');
-  assert.equal(result(r1.results, 'ping peer=10.0.0.2', 'received'), '3', r1.serial);
-  assert.equal(result(r2.results, 'ping peer=10.0.0.1', 'received'), '3', r2.serial);
-  assert.equal(result(r2.results, 'tcp sent', 'bytes'), String(bytes));
-  assert.equal(result(r1.results, 'tcp recv', 'bytes'), String(bytes), r1.serial);
-  assert.equal(result(r1.results, 'tcp recv', 'md5'), result(r2.results, 'tcp sent', 'md5'), 'the stream arrived intact');
+    // Both guests boot at once; each pings until the other answers (bounded), so neither waits for the host.
+    const receiver = await bootOwned(t, {
+      net: [{ socketPath: sockA, mac: '52:54:00:00:00:01' }],
+      packed,
+      script: { file: PING_TCP },
+      env: { NET_ADDR: '10.0.0.1/24', NET_PEER: '10.0.0.2', NET_RECV_PORT: '5001' },
+    });
+    const sender = await bootOwned(t, {
+      net: [{ socketPath: sockB, mac: '52:54:00:00:00:02' }],
+      packed,
+      script: { file: PING_TCP },
+      env: { NET_ADDR: '10.0.0.2/24', NET_PEER: '10.0.0.1', NET_SEND_PORT: '5001', NET_BYTES: String(bytes) },
+    });
+    const [r1, r2] = await Promise.all([receiver.done, sender.done]);
+    t.diagnostic(`guests: ${r1.durationMs} ms, ${r2.durationMs} ms`);
+    assertGuestPassed(r1);
+    assertGuestPassed(r2);
+    assert.equal(result(r1.results, 'eth0', 'mac'), '52:54:00:00:00:01');
+    for (const r of [r1, r2]) assert.equal(result(r.results, 'eth0', 'packed'), packed ? '1' : '0', `VIRTIO_F_RING_PACKED in the guest: ${rings}`);
+    assert.equal(result(r1.results, 'ping peer=10.0.0.2', 'received'), '3', r1.serial);
+    assert.equal(result(r2.results, 'ping peer=10.0.0.1', 'received'), '3', r2.serial);
+    assert.equal(result(r2.results, 'tcp sent', 'bytes'), String(bytes));
+    assert.equal(result(r1.results, 'tcp recv', 'bytes'), String(bytes), r1.serial);
+    assert.equal(result(r1.results, 'tcp recv', 'md5'), result(r2.results, 'tcp sent', 'md5'), 'the stream arrived intact');
 
-  assert.equal(await sw.stop(), 0, 'SIGTERM: exit code 0');
-  const logs = sw.logs();
-  const stats = lastLog(logs, 'switch stats');
-  assert.ok(stats !== undefined, `no "switch stats" line:\n${JSON.stringify(logs.slice(-5))}`);
-  t.diagnostic(`switch stats: ${JSON.stringify(stats)}`);
-  const ports = switchPortStats(stats);
-  assert.equal(ports.length, 2, JSON.stringify(stats));
-  for (const p of ports) {
-    // The 2 MiB went from B to A, the acks from A to B: both ports carried frames both ways.
-    assert.ok(p.rxFrames > 0 && p.txFrames > 0, `a port with no traffic one way: ${JSON.stringify(stats)}`);
-  }
-  assert.ok(ports.reduce((s, p) => s + p.txBytes, 0) >= bytes, `fewer bytes than the stream: ${JSON.stringify(stats)}`);
-  assertNoWarnings(logs);
-});
+    assert.equal(await sw.stop(), 0, 'SIGTERM: exit code 0');
+    const logs = sw.logs();
+    const stats = lastLog(logs, 'switch stats');
+    assert.ok(stats !== undefined, `no "switch stats" line:\n${JSON.stringify(logs.slice(-5))}`);
+    t.diagnostic(`switch stats: ${JSON.stringify(stats)}`);
+    const ports = switchPortStats(stats);
+    assert.equal(ports.length, 2, JSON.stringify(stats));
+    for (const p of ports) {
+      // The 2 MiB went from B to A, the acks from A to B: both ports carried frames both ways.
+      assert.ok(p.rxFrames > 0 && p.txFrames > 0, `a port with no traffic one way: ${JSON.stringify(stats)}`);
+    }
+    assert.ok(ports.reduce((s, p) => s + p.txBytes, 0) >= bytes, `fewer bytes than the stream: ${JSON.stringify(stats)}`);
+    assertNoWarnings(logs);
+  });
+}
 
 test('a guest on `net --port tap:NAME` in a network namespace: ping both ways, 2 MiB each way over TCP', TIMEOUT, async (t) => {
   if (!requireTools(t, [...GUEST_TOOLS, ...NETNS_TOOLS])) return;
