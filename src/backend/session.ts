@@ -680,7 +680,7 @@ export class BackendSession {
     };
     await this.#pool.startQueue(start);
     vring.started = true;
-    this.#log.info({ queue: index, size: n, base: vring.base }, 'ring started');
+    this.#log.info({ queue: index, size: n, base: vring.base, packed }, 'ring started');
   }
 
   /** Stops a running ring; its base becomes where the worker stopped. */

@@ -11,3 +11,30 @@ export {
   type Segment,
   type SplitQueueDriverConfig,
 } from './split-queue-driver.js';
+export type { DeviceQueue } from './device-queue.js';
+export {
+  MAX_PACKED_QUEUE_SIZE,
+  PACKED_EVENT_ALIGN,
+  PackedQueue,
+  VRING_PACKED_DESC_F_AVAIL,
+  VRING_PACKED_DESC_F_USED,
+  VRING_PACKED_EVENT_FLAG_DESC,
+  VRING_PACKED_EVENT_FLAG_DISABLE,
+  VRING_PACKED_EVENT_FLAG_ENABLE,
+  VRING_PACKED_EVENT_F_WRAP_CTR,
+  isValidPackedQueueSize,
+  packedLinear,
+  packedNeedEvent,
+  packedPosition,
+  type PackedQueueConfig,
+} from './packed-queue.js';
+export {
+  PackedQueueDriver,
+  packedAvailBits,
+  packedUsedBits,
+  type PackedDescriptorValue,
+  type PackedEvent,
+  type PackedQueueDriverConfig,
+  type PackedRawDescriptor,
+  type PackedRingLayout,
+} from './packed-queue-driver.js';
