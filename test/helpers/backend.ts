@@ -29,6 +29,15 @@ export interface StartBackendOptions {
   readonly wrapper?: readonly string[];
 }
 
+/** The complete JSON log lines in a child's stderr text (the last piece may be a line still being written). */
+export function jsonLogLines(text: string): Record<string, unknown>[] {
+  return text
+    .split('\n')
+    .slice(0, -1)
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+}
+
 export async function startBackend(args: StartBackendOptions): Promise<BackendProcess> {
   const bin = join(repoRoot(), 'bin', 'vhost-user.js');
   const argv = [bin, args.command ?? 'blk', '--socket', args.socketPath, '--log-level', args.logLevel ?? 'debug', ...args.args];
@@ -38,12 +47,7 @@ export async function startBackend(args: StartBackendOptions): Promise<BackendPr
   child.stderr?.setEncoding('utf8');
   child.stderr?.on('data', (chunk: string) => (text += chunk));
   child.stdout?.resume();
-  const logs = (): Record<string, unknown>[] =>
-    text
-      .split('\n')
-      .slice(0, -1) // complete lines only: the last piece may be a line still being written
-      .filter((l) => l.startsWith('{'))
-      .map((l) => JSON.parse(l) as Record<string, unknown>);
+  const logs = (): Record<string, unknown>[] => jsonLogLines(text);
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   const deadline = Date.now() + 15_000;
   while (!logs().some((l) => l.msg === 'listening')) {

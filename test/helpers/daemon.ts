@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { jsonLogLines } from './backend.js';
 import { repoRoot } from './guest.js';
 import { hasExited, spawnOwned, stopProcess } from './tmp.js';
 
@@ -79,12 +80,7 @@ export async function startDaemon(options: StartDaemonOptions): Promise<DaemonPr
   child.stderr?.setEncoding('utf8');
   child.stderr?.on('data', (chunk: string) => (text += chunk));
   child.stdout?.resume();
-  const logs = (): Record<string, unknown>[] =>
-    text
-      .split('\n')
-      .slice(0, -1)
-      .filter((l) => l.startsWith('{'))
-      .map((l) => JSON.parse(l) as Record<string, unknown>);
+  const logs = (): Record<string, unknown>[] => jsonLogLines(text);
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   const deadline = Date.now() + 20_000;
   while (!logs().some((l) => l.msg === 'vhost-user daemon ready')) {
