@@ -92,6 +92,24 @@ void ThrowInvalid(Isolate* isolate, const char* syscall, const char* what) {
   isolate->ThrowException(error);
 }
 
+// v8::External takes a type tag since V8 14.6 (Node 26), which deprecates the untagged New() and Value(); the tagged
+// calls do not exist before. AddonData is the only External this addon makes.
+#if V8_MAJOR_VERSION > 14 || (V8_MAJOR_VERSION == 14 && V8_MINOR_VERSION >= 6)
+Local<External> NewExternal(Isolate* isolate, void* value) {
+  return External::New(isolate, value, v8::kExternalPointerTypeTagDefault);
+}
+void* ExternalValue(Local<Value> value) {
+  return value.As<External>()->Value(v8::kExternalPointerTypeTagDefault);
+}
+#else
+Local<External> NewExternal(Isolate* isolate, void* value) {
+  return External::New(isolate, value);
+}
+void* ExternalValue(Local<Value> value) {
+  return value.As<External>()->Value();
+}
+#endif
+
 bool ArgInt(const FunctionCallbackInfo<Value>& info, int i, const char* syscall, int* out) {
   if (!info[i]->IsInt32()) {
     ThrowInvalid(info.GetIsolate(), syscall, "expected an integer argument");
@@ -399,13 +417,14 @@ void TunOpen(const FunctionCallbackInfo<Value>& info) {
   Local<Context> context = isolate->GetCurrentContext();
   if (!info[0]->IsString()) return ThrowInvalid(isolate, "ioctl", "name must be a string");
   String::Utf8Value name(isolate, info[0]);
-  if (name.length() < 0 || static_cast<size_t>(name.length()) >= IFNAMSIZ ||
-      strlen(*name) != static_cast<size_t>(name.length())) {
+  // Utf8Value::length() is an int before V8 13 (Node 24) and a size_t since: compare as size_t (never negative).
+  size_t length = static_cast<size_t>(name.length());
+  if (length >= IFNAMSIZ || strlen(*name) != length) {
     return ThrowInvalid(isolate, "ioctl", "interface name must be shorter than 16 bytes, without NUL");
   }
   struct ifreq ifr;
   memset(&ifr, 0, sizeof ifr);
-  memcpy(ifr.ifr_name, *name, name.length());
+  memcpy(ifr.ifr_name, *name, length);
   ifr.ifr_flags = IFF_TAP | IFF_NO_PI | (info[1]->IsTrue() ? IFF_MULTI_QUEUE : 0);
   int fd;
   do fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
@@ -655,7 +674,7 @@ void OnPoll(uv_poll_t* handle, int status, int events) {
 // callback(events) receives the ready bits, or a negative libuv status on error. The watcher keeps the loop alive.
 void Watch(const FunctionCallbackInfo<Value>& info) {
   Isolate* isolate = info.GetIsolate();
-  AddonData* addon = static_cast<AddonData*>(info.Data().As<External>()->Value());
+  AddonData* addon = static_cast<AddonData*>(ExternalValue(info.Data()));
   int fd, events;
   if (!ArgInt(info, 0, "uv_poll_start", &fd) || !ArgInt(info, 1, "uv_poll_start", &events)) return;
   if (!info[2]->IsFunction()) return ThrowInvalid(isolate, "uv_poll_start", "callback must be a function");
@@ -681,7 +700,7 @@ void Watch(const FunctionCallbackInfo<Value>& info) {
 
 // rewatch(id, events): change the events a watcher waits for (e.g. add writable while output is queued).
 void Rewatch(const FunctionCallbackInfo<Value>& info) {
-  AddonData* addon = static_cast<AddonData*>(info.Data().As<External>()->Value());
+  AddonData* addon = static_cast<AddonData*>(ExternalValue(info.Data()));
   int id, events;
   if (!ArgInt(info, 0, "uv_poll_start", &id) || !ArgInt(info, 1, "uv_poll_start", &events)) return;
   auto it = addon->watchers.find(id);
@@ -692,7 +711,7 @@ void Rewatch(const FunctionCallbackInfo<Value>& info) {
 
 // unwatch(id): stop and release a watcher. Unknown ids are ignored (idempotent). Call it before closing the fd.
 void Unwatch(const FunctionCallbackInfo<Value>& info) {
-  AddonData* addon = static_cast<AddonData*>(info.Data().As<External>()->Value());
+  AddonData* addon = static_cast<AddonData*>(ExternalValue(info.Data()));
   int id;
   if (!ArgInt(info, 0, "uv_poll_stop", &id)) return;
   auto it = addon->watchers.find(id);
@@ -702,7 +721,7 @@ void Unwatch(const FunctionCallbackInfo<Value>& info) {
   CloseWatcher(w);
 }
 
-// The thread's environment is going away (worker exit, process exit): close every watcher so libvuv's loop can
+// The thread's environment is going away (worker exit, process exit): close every watcher so libuv's loop can
 // close. The Globals are reset first; they must not outlive the isolate.
 void CleanupAddon(void* arg) {
   AddonData* addon = static_cast<AddonData*>(arg);
@@ -722,13 +741,14 @@ void SetMethod(Isolate* isolate, Local<Context> context, Local<Object> exports, 
 }  // namespace
 
 NODE_MODULE_INIT(/* exports, module, context */) {
-  Isolate* isolate = context->GetIsolate();
+  // Context::GetIsolate() is gone in V8 14 (Node 26); the isolate loading the addon is the current one.
+  Isolate* isolate = Isolate::GetCurrent();
   AddonData* addon = new AddonData();
   addon->isolate = isolate;
   addon->context.Reset(isolate, context);
   addon->loop = node::GetCurrentEventLoop(isolate);
   node::AddEnvironmentCleanupHook(isolate, CleanupAddon, addon);
-  Local<Value> data = External::New(isolate, addon);
+  Local<Value> data = NewExternal(isolate, addon);
 
   SetMethod(isolate, context, exports, "memfdCreate", MemfdCreate, data);
   SetMethod(isolate, context, exports, "mapShared", MapShared, data);

@@ -5,7 +5,10 @@
  * error, never a crash. The addon is context-aware: worker threads load it too, and each thread's fd watchers are
  * closed when that thread's environment goes away.
  */
+import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import { VhostError } from '../errors.js';
 
 /** Result of `fstat`: enough to tell whether two fds are the same file (`dev` and `ino`) and how big it is. */
 export interface FileStat {
@@ -53,7 +56,70 @@ interface Addon {
 }
 
 // dist/src/native/index.js -> <package root>/build/Release/vhost_user.node
-const addon = createRequire(import.meta.url)('../../../build/Release/vhost_user.node') as Addon;
+const ADDON_URL = new URL('../../../build/Release/vhost_user.node', import.meta.url);
+
+/**
+ * Loads the addon, or throws a VhostError that says how to fix it: `VHOST_NATIVE_ABI_MISMATCH` when it was built
+ * for another Node (node-gyp builds it for the Node that runs `npm ci`; an addon works only with the Node major, and
+ * NODE_MODULE_VERSION, it was built for), `VHOST_NATIVE_MISSING` when it was never built, `VHOST_NATIVE_LOAD_FAILED`
+ * for anything else dlopen() refuses. The original error is the `cause`.
+ */
+function loadAddon(): Addon {
+  const path = fileURLToPath(ADDON_URL);
+  try {
+    return createRequire(import.meta.url)(path) as Addon;
+  } catch (err) {
+    throw addonLoadError(path, err);
+  }
+}
+
+const REBUILD_HINT =
+  'Rebuild it with the Node you run it with (the `node` first on PATH): `npm rebuild vhost-user` in a project that ' +
+  'depends on vhost-user, or `node scripts/build-native.js` (or `npm ci`) in a checkout of it.';
+
+/** The error for a failed load of the addon at `path`. */
+function addonLoadError(path: string, err: unknown): VhostError {
+  const e = err as { code?: unknown; message?: unknown };
+  const message = typeof e.message === 'string' ? e.message : String(err);
+  const thisNode = `Node ${process.version} (NODE_MODULE_VERSION ${process.versions.modules})`;
+  if (e.code === 'MODULE_NOT_FOUND') {
+    return new VhostError(
+      'VHOST_NATIVE_MISSING',
+      `The native addon ${path} is not built. ${REBUILD_HINT}`,
+      { cause: err },
+    );
+  }
+  const abi = /NODE_MODULE_VERSION (\d+)\.[^]*NODE_MODULE_VERSION (\d+)/.exec(message);
+  if (e.code === 'ERR_DLOPEN_FAILED' && abi !== null) {
+    const built = builtFor(path);
+    const forNode =
+      built !== undefined && built.modules === abi[1]
+        ? `Node ${built.node} (NODE_MODULE_VERSION ${abi[1]})`
+        : `NODE_MODULE_VERSION ${abi[1]}`;
+    return new VhostError(
+      'VHOST_NATIVE_ABI_MISMATCH',
+      `The native addon ${path} was built for ${forNode}, but this is ${thisNode} at ${process.execPath}. ${REBUILD_HINT}`,
+      { cause: err },
+    );
+  }
+  return new VhostError(
+    'VHOST_NATIVE_LOAD_FAILED',
+    `The native addon ${path} does not load in ${thisNode}: ${message.replace(/\s+/g, ' ')}. ${REBUILD_HINT}`,
+    { cause: err },
+  );
+}
+
+/** What scripts/build-native.js recorded next to the addon: the Node it was built for. */
+function builtFor(path: string): { node: string; modules: string } | undefined {
+  try {
+    const info = JSON.parse(readFileSync(path.replace(/\.node$/, '.json'), 'utf8')) as { node?: unknown; modules?: unknown };
+    return typeof info.node === 'string' && typeof info.modules === 'string' ? { node: info.node, modules: info.modules } : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+const addon = loadAddon();
 
 /** The system page size: mapping offsets must be multiples of it. */
 export const PAGE_SIZE: number = addon.pageSize;

@@ -274,9 +274,10 @@ test('a receive chain with a device-readable descriptor stops that queue (NEEDS_
       await failed;
       assert.equal(native.eventfdRead(errFds[0]), 1);
       let status = await fe.getStatus();
-      // The worker writes the err eventfd, then tells the control thread: give that message a turn if needed.
-      for (let i = 0; i < 50 && (status & DeviceStatus.NEEDS_RESET) === 0; i++) {
-        await new Promise((resolve) => setImmediate(resolve));
+      // The worker writes the err eventfd, then tells the control thread: that message may come later (the worker
+      // may be preempted in between on a loaded machine: 50 event-loop turns were not always enough). Bounded in time.
+      for (const deadline = Date.now() + 5000; (status & DeviceStatus.NEEDS_RESET) === 0 && Date.now() < deadline; ) {
+        await new Promise((resolve) => setTimeout(resolve, 2));
         status = await fe.getStatus();
       }
       assert.equal(status & DeviceStatus.NEEDS_RESET, DeviceStatus.NEEDS_RESET);
