@@ -26,6 +26,7 @@ import type { MappedRegion } from '../memory/region.js';
 import * as native from '../native/index.js';
 import type { DescriptorChain } from '../queue/descriptor-chain.js';
 import type { DeviceQueue } from '../queue/device-queue.js';
+import { PackedQueue } from '../queue/packed-queue.js';
 import { SplitQueue } from '../queue/split-queue.js';
 import { PENDING, ProduceResult, type DeviceWorkerModule, type QueueHandler, type QueueProducer } from '../devices/device.js';
 import { countStat, QueueStat, queueStatsRow } from '../devices/queue-stats.js';
@@ -231,18 +232,15 @@ function startQueue(s: WorkerSession, start: QueueStart): void {
   if (s.device === undefined) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: queue started before its device module loaded`);
   const key = queueKey(s.id, start.index);
   if (queues.has(key)) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: queue ${start.index} is already running`);
-  const queue = new SplitQueue({
-    size: start.size,
-    descAddr: start.descAddr,
-    availAddr: start.availAddr,
-    usedAddr: start.usedAddr,
-    eventIdx: start.eventIdx,
-    indirect: start.indirect,
-    cacheViews: init.mode !== 'copy',
-  });
+  const cacheViews = init.mode !== 'copy';
+  const { size, descAddr, availAddr, usedAddr, eventIdx, indirect } = start;
+  // Packed: the vhost-user `avail` address is the driver event suppression area, `used` the device's.
+  const queue: DeviceQueue = start.packed
+    ? new PackedQueue({ size, descAddr, driverAddr: availAddr, deviceAddr: usedAddr, eventIdx, indirect, cacheViews })
+    : new SplitQueue({ size, descAddr, availAddr, usedAddr, eventIdx, indirect, cacheViews });
   queue.attach(s.memory);
-  // Resume where the driver's state says: avail from SET_VRING_BASE, used from the ring itself (as libvhost-user
-  // and DPDK do), which is what the driver last saw.
+  // Resume where the driver's state says: avail from SET_VRING_BASE; split: used from the ring itself (as
+  // libvhost-user and DPDK do), which is what the driver last saw; packed: used = avail (the ring was drained).
   queue.resume(start.lastAvailIdx);
   const stats = queueStatsRow(s.attach.stats, start.index);
   const handler = s.device.createQueueHandler(s.attach.deviceOptions, { queueIndex: start.index, features: start.features, instance: s.id, stats });

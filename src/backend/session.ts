@@ -81,6 +81,7 @@ const TRANSPORT_FEATURES =
   bit(VirtioFeature.VERSION_1) |
   bit(VirtioFeature.RING_INDIRECT_DESC) |
   bit(VirtioFeature.RING_EVENT_IDX) |
+  bit(VirtioFeature.RING_PACKED) |
   bit(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES);
 
 export const OFFERED_PROTOCOL_FEATURES =
@@ -662,6 +663,9 @@ export class BackendSession {
     const packed = this.#hasFeature(VirtioFeature.RING_PACKED);
     if (!packed && !isValidQueueSize(n)) {
       throw new ProtocolError('VHOST_PROTOCOL_BAD_QUEUE_SIZE', `queue size ${n} is not a power of two (split ring)`);
+    }
+    if (packed && (vring.base & 0x7fff) >= n) {
+      throw new ProtocolError('VHOST_PROTOCOL_BAD_VRING_BASE', `packed ring base index ${vring.base & 0x7fff} is not below the queue size ${n}`);
     }
     const start = {
       index,

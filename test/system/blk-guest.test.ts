@@ -12,7 +12,6 @@ import { testTempDir } from '../helpers/tmp.js';
 
 const MiB = 1024 * 1024;
 const TIMEOUT = { timeout: 5 * 60_000 };
-const PACKED_SKIP = 'VIRTIO_F_RING_PACKED is not offered yet: the worker does not run PackedQueue (issue #16 in progress)';
 
 test('a Linux guest uses our backend as its disk: O_DIRECT patterns, firmware restart, clean exit', TIMEOUT, async (t) => {
   if (!requireTools(t, GUEST_TOOLS)) return;
@@ -56,7 +55,7 @@ test('a Linux guest uses our backend as its disk: O_DIRECT patterns, firmware re
 
 for (const packed of [false, true]) {
   const rings = packed ? 'packed virtqueues' : 'split virtqueues';
-  test(`two disks on our backend (${rings}), one with 2 queues and 2 vCPUs: O_DIRECT patterns, ext2 round trip`, { ...TIMEOUT, skip: packed ? PACKED_SKIP : false }, async (t) => {
+  test(`two disks on our backend (${rings}), one with 2 queues and 2 vCPUs: O_DIRECT patterns, ext2 round trip`, TIMEOUT, async (t) => {
     if (!requireTools(t, GUEST_TOOLS)) return;
     const dir = await testTempDir(t);
     const imageA = dir.join('a.img');

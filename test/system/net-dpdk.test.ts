@@ -25,7 +25,6 @@ import { requireTools } from '../helpers/require-tool.js';
 import { testTempDir } from '../helpers/tmp.js';
 
 const TIMEOUT = { timeout: 60_000 };
-const PACKED_SKIP = 'VIRTIO_F_RING_PACKED is not offered yet: the worker does not run PackedQueue (issue #16 in progress)';
 /** virtio_user's default ring size: the most frames that can be in flight on one ring. */
 const RING = 256;
 /** Seconds of forwarding per case (testpmd prints a stats interval every 1-2 s on this VM: at least one with traffic). */
@@ -256,7 +255,7 @@ test('(e) 2 queue pairs: both carry traffic, to our sink and from our source', T
 // without mergeable receive buffers. Each: frames both ways with their payload checked (our source, echoed by
 // testpmd, back to our checker), and DPDK's own frames counted by our sink.
 for (const devargs of ['packed_vq=1', 'packed_vq=1,in_order=0', 'packed_vq=1,mrg_rxbuf=0']) {
-  test(`(f) packed rings, ${devargs}: echo with payloads checked, and txonly -> our sink`, { ...TIMEOUT, skip: PACKED_SKIP }, async (t) => {
+  test(`(f) packed rings, ${devargs}: echo with payloads checked, and txonly -> our sink`, TIMEOUT, async (t) => {
     if (!requireTools(t, DPDK_TOOLS)) return;
     await t.test('our source -> DPDK io (echo) -> our checker, 1500 B', async (t2) => {
       const be = await startOurs(t2, ['--port', 'source', '--frame-len', '1500']);

@@ -16,7 +16,6 @@ import { hasExited, spawnOwned, stopProcess, testTempDir } from '../helpers/tmp.
 
 const MiB = 1024 * 1024;
 const TIMEOUT = { timeout: 4 * 60_000 };
-const PACKED_SKIP = 'VIRTIO_F_RING_PACKED is not offered yet: the worker does not run PackedQueue (issue #16 in progress)';
 /** Per guest; TCG boots take about 2 s, the TCP stream a few more, two guests share 2 cores. */
 const GUEST_TIMEOUT_MS = 120_000;
 const PING_TCP = guestScript('net-ping-tcp.sh');
@@ -139,7 +138,7 @@ function assertGuestPassed(r: { exitCode: number; results: readonly string[]; se
 
 for (const packed of [false, true]) {
   const rings = packed ? 'packed virtqueues' : 'split virtqueues';
-  test(`two guests on one vhost-user switch (${rings}): ping both ways and a 2 MiB TCP stream with matching md5`, { ...TIMEOUT, skip: packed ? PACKED_SKIP : false }, async (t) => {
+  test(`two guests on one vhost-user switch (${rings}): ping both ways and a 2 MiB TCP stream with matching md5`, TIMEOUT, async (t) => {
     if (!requireTools(t, GUEST_TOOLS)) return;
     const dir = await testTempDir(t, 'vu-net-');
     const [sockA, sockB] = [dir.join('a.sock'), dir.join('b.sock')];
