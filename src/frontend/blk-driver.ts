@@ -19,7 +19,8 @@
  */
 import { VhostError } from '../errors.js';
 import { VirtioFeature, featureBit, hasFeature } from '../protocol/constants.js';
-import { SplitQueueDriver, type AddChainOptions } from '../queue/split-queue-driver.js';
+import { queueDriverLayout, type QueueDriver } from '../queue/queue-driver.js';
+import type { AddChainOptions } from '../queue/split-queue-driver.js';
 import {
   BLK_ID_BYTES,
   BlkConfigOffset,
@@ -31,7 +32,7 @@ import {
   SECTOR_SIZE,
   WRITE_ZEROES_FLAG_UNMAP,
 } from '../devices/blk/constants.js';
-import type { FrontendQueue, QueueConfig, VhostUserFrontend } from './frontend.js';
+import { packedRingFeature, type FrontendQueue, type QueueConfig, type VhostUserFrontend } from './frontend.js';
 import type { GuestRam, GuestRamRegion } from './guest-ram.js';
 
 /** Error codes of the blk driver (`VhostError.code`). */
@@ -106,10 +107,12 @@ export interface BlkStartOptions extends BlkDriverOptions {
   readonly memory: GuestRam;
   /** Request queues (default 1). More than one needs VIRTIO_BLK_F_MQ. */
   readonly queues?: number;
-  /** Ring size, a power of two (default 128). */
+  /** Ring size, a power of two (default 128; a packed ring takes any size up to 32768). */
   readonly queueSize?: number;
   /** Acknowledge VIRTIO_F_RING_EVENT_IDX when offered (default true). */
   readonly eventIdx?: boolean;
+  /** Use packed rings: acknowledge VIRTIO_F_RING_PACKED, which the backend must offer (default false: split rings). */
+  readonly packed?: boolean;
   /** Allocate the rings in the region holding this GPA (default: anywhere). */
   readonly ringRegion?: number | GuestRamRegion;
   /** See `StartOptions.memoryMode`. */
@@ -221,7 +224,7 @@ function noop(): void {}
 interface QueueState {
   readonly index: number;
   readonly fq: FrontendQueue;
-  readonly driver: SplitQueueDriver<number>;
+  readonly driver: QueueDriver<number>;
   readonly slots: Slot[];
   /** Stack of free slot indices. */
   readonly free: number[];
@@ -251,6 +254,8 @@ export class BlkDriver {
     let features = (DRIVER_BLK_FEATURES | (options.extraFeatures ?? 0n) | featureBit(VirtioFeature.VERSION_1)) & offered;
     if (options.indirect ?? true) features |= featureBit(VirtioFeature.RING_INDIRECT_DESC) & offered;
     if (options.eventIdx ?? true) features |= featureBit(VirtioFeature.RING_EVENT_IDX) & offered;
+    const packed = options.packed ?? false;
+    if (packed) features |= packedRingFeature(offered, BlkDriverErrorCode.BAD_OPTION);
     if (queues > 1) {
       if (!hasFeature(offered, BlkFeature.MQ)) {
         throw new VhostError(BlkDriverErrorCode.BAD_OPTION, `${queues} queues need VIRTIO_BLK_F_MQ, which is not offered`);
@@ -267,7 +272,7 @@ export class BlkDriver {
       if (options.ringRegion === undefined) {
         queueConfigs.push({ index, size: queueSize });
       } else {
-        const ringBytes = SplitQueueDriver.layout(queueSize, 0).end;
+        const ringBytes = queueDriverLayout(packed, queueSize, 0).end;
         queueConfigs.push({ index, size: queueSize, ringGpa: memory.alloc(ringBytes, { align: 4096, region: options.ringRegion }) });
       }
     }

@@ -47,7 +47,8 @@ import {
   vringFilePayload,
   vringStatePayload,
 } from '../protocol/payloads.js';
-import { SplitQueueDriver, type RingLayout } from '../queue/split-queue-driver.js';
+import { createQueueDriver, queueDriverLayout, type QueueDriver } from '../queue/queue-driver.js';
+import type { RingLayout } from '../queue/split-queue-driver.js';
 import { FdSocket } from '../transport/fd-socket.js';
 import type { GuestRam, GuestRamRegion } from './guest-ram.js';
 
@@ -137,7 +138,7 @@ export interface QueueConfig {
   readonly size: number;
   /** Where the rings go (their first byte, 16-aligned); default: allocated in the guest RAM (page-aligned). */
   readonly ringGpa?: number;
-  /** Initial avail index (SET_VRING_BASE; default 0). */
+  /** Initial avail position (SET_VRING_BASE; default the ring's start: split 0, packed 0x8000 = index 0, wrap 1). */
   readonly base?: number;
 }
 
@@ -161,14 +162,27 @@ export interface StartOptions {
 }
 
 /**
- * A virtqueue set up by `start`: the driver side of its split ring and its kick and call eventfds (owned by the
- * frontend). Chain tokens are numbers: an index into the caller's own request table.
+ * The VIRTIO_F_RING_PACKED bit, for a device driver asked to use packed rings: a `VhostError` with `code` when the
+ * backend does not offer it (a driver asked for packed rings must not quietly run split ones).
+ */
+export function packedRingFeature(offered: bigint, code: `VHOST_${string}`): bigint {
+  if (!hasFeature(offered, VirtioFeature.RING_PACKED)) {
+    throw new VhostError(code, 'packed rings asked, but the backend does not offer VIRTIO_F_RING_PACKED');
+  }
+  return featureBit(VirtioFeature.RING_PACKED);
+}
+
+/**
+ * A virtqueue set up by `start`: the driver side of its ring (split, or packed when VIRTIO_F_RING_PACKED was
+ * acknowledged) and its kick and call eventfds (owned by the frontend). Chain tokens are numbers: an index into the
+ * caller's own request table. `layout` gives the ring areas under their vhost-user names (packed: `availAddr` is the
+ * driver event suppression area, `usedAddr` the device's).
  */
 export class FrontendQueue {
   readonly index: number;
   readonly size: number;
   readonly layout: RingLayout;
-  readonly driver: SplitQueueDriver<number>;
+  readonly driver: QueueDriver<number>;
   /** The eventfd the driver writes to notify the backend (available buffers). */
   readonly kickFd: number;
   /** The eventfd the backend writes to notify the driver (used buffers). */
@@ -178,7 +192,7 @@ export class FrontendQueue {
   #disposed = false;
 
   /** @internal Created by `VhostUserFrontend.start`. */
-  constructor(index: number, size: number, layout: RingLayout, driver: SplitQueueDriver<number>) {
+  constructor(index: number, size: number, layout: RingLayout, driver: QueueDriver<number>) {
     this.index = index;
     this.size = size;
     this.layout = layout;
@@ -646,7 +660,8 @@ export class VhostUserFrontend {
 
   /**
    * Acknowledges features, describes memory and starts the queues (see the module comment for the message order).
-   * The rings are zeroed and a `SplitQueueDriver` is made for each queue (with EVENT_IDX when acknowledged).
+   * The rings are zeroed and a driver is made for each queue: packed when `features` has VIRTIO_F_RING_PACKED, split
+   * otherwise, with EVENT_IDX when acknowledged.
    */
   async start(options: StartOptions): Promise<void> {
     this.#checkUsable();
@@ -693,20 +708,14 @@ export class VhostUserFrontend {
     }
 
     const eventIdx = hasFeature(features, VirtioFeature.RING_EVENT_IDX);
+    const packed = hasFeature(features, VirtioFeature.RING_PACKED);
     for (const qc of queues) {
-      const base = qc.ringGpa ?? memory.alloc(SplitQueueDriver.layout(qc.size, 0).end, { align: 4096 });
-      const layout = SplitQueueDriver.layout(qc.size, base);
-      const driver = new SplitQueueDriver<number>(memory, {
-        size: qc.size,
-        descAddr: layout.descAddr,
-        availAddr: layout.availAddr,
-        usedAddr: layout.usedAddr,
-        eventIdx,
-      });
-      if ((qc.base ?? 0) !== 0) driver.resetIndices(qc.base ?? 0);
+      const base = qc.ringGpa ?? memory.alloc(queueDriverLayout(packed, qc.size, 0).end, { align: 4096 });
+      const { layout, driver } = createQueueDriver<number>(memory, { packed, size: qc.size, base, eventIdx });
+      if (qc.base !== undefined) driver.resetPositions(qc.base);
       const queue = new FrontendQueue(qc.index, qc.size, layout, driver);
       this.#queues.set(qc.index, queue);
-      await this.#setupRing(queue, qc.base ?? 0);
+      await this.#setupRing(queue, driver.availPosition);
     }
     if (hasFeature(features, VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES)) {
       for (const queue of this.#queues.values()) {
@@ -730,7 +739,9 @@ export class VhostUserFrontend {
     const memory = this.#requireMemory();
     const { index, layout } = queue;
     await this.#setup(R.SET_VRING_NUM, vringStatePayload.encode({ index, num: queue.size }));
-    await this.#setup(R.SET_VRING_BASE, vringStatePayload.encode({ index, num: base & 0xffff }));
+    // Packed: both halves, the used position equal to the avail one (nothing in flight when a ring is set up).
+    const num = queue.driver.packed ? (base | (base << 16)) >>> 0 : base & 0xffff;
+    await this.#setup(R.SET_VRING_BASE, vringStatePayload.encode({ index, num }));
     await this.#setup(
       R.SET_VRING_ADDR,
       vringAddrPayload.encode({
@@ -747,8 +758,9 @@ export class VhostUserFrontend {
   }
 
   /**
-   * Stops queue `index` (GET_VRING_BASE) and resolves with the backend's next avail index. The driver keeps its ring
-   * state (and the requests in flight), so `restartQueue` can resume it.
+   * Stops queue `index` (GET_VRING_BASE) and resolves with the backend's next avail position (split: index; packed:
+   * `index | wrap << 15`, the avail half of the reply). The driver keeps its ring state (and the requests in flight),
+   * so `restartQueue` can resume it.
    */
   async stopQueue(index: number): Promise<number> {
     const queue = this.queue(index);
@@ -757,7 +769,7 @@ export class VhostUserFrontend {
     let state;
     try {
       state = vringStatePayload.decode(reply.payload);
-      splitVringBase(state.num);
+      if (!queue.driver.packed) splitVringBase(state.num);
     } catch (err) {
       throw new VhostError(FrontendErrorCode.BAD_REPLY, 'GET_VRING_BASE: bad reply payload', { cause: err });
     }
@@ -765,17 +777,17 @@ export class VhostUserFrontend {
       throw new VhostError(FrontendErrorCode.BAD_REPLY, `GET_VRING_BASE for queue ${index} answered for ${state.index}`);
     }
     queue.setRunning(false);
-    return state.num;
+    return queue.driver.packed ? state.num & 0xffff : state.num;
   }
 
   /**
    * Sets a stopped queue up again with the same rings and eventfds (SET_VRING_NUM ... SET_VRING_CALL, then
-   * SET_VRING_ENABLE 1), resuming at avail index `base` (default: the driver's published avail index).
+   * SET_VRING_ENABLE 1), resuming at avail position `base` (default: the driver's next avail position).
    */
   async restartQueue(index: number, base?: number): Promise<void> {
     const queue = this.queue(index);
     if (queue.running) throw new VhostError(FrontendErrorCode.BAD_STATE, `queue ${index} is running`);
-    await this.#setupRing(queue, base ?? queue.driver.availIdx);
+    await this.#setupRing(queue, base ?? queue.driver.availPosition);
     if (hasFeature(this.#features, VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES)) {
       await this.#setup(FrontendRequest.SET_VRING_ENABLE, vringStatePayload.encode({ index, num: 1 }));
     }
@@ -784,7 +796,7 @@ export class VhostUserFrontend {
   }
 
   /**
-   * Moves a stopped queue's rings to `ringGpa` (fresh rings, resuming at the driver's avail index) and starts it
+   * Moves a stopped queue's rings to `ringGpa` (fresh rings, resuming at the driver's avail position) and starts it
    * there, with new eventfds: SET_VRING_NUM ... SET_VRING_ENABLE with the new addresses. The queue must have no
    * requests in flight. Returns the new queue object (the old one is released).
    */
@@ -794,16 +806,10 @@ export class VhostUserFrontend {
       throw new VhostError(FrontendErrorCode.BAD_STATE, `queue ${index} must be stopped and idle to move its rings`);
     }
     const memory = this.#requireMemory();
-    const layout = SplitQueueDriver.layout(old.size, ringGpa);
-    const driver = new SplitQueueDriver<number>(memory, {
-      size: old.size,
-      descAddr: layout.descAddr,
-      availAddr: layout.availAddr,
-      usedAddr: layout.usedAddr,
-      eventIdx: old.driver.eventIdx,
-    });
-    const base = old.driver.availIdx;
-    driver.resetIndices(base);
+    const { packed, eventIdx } = old.driver;
+    const { layout, driver } = createQueueDriver<number>(memory, { packed, size: old.size, base: ringGpa, eventIdx });
+    const base = old.driver.availPosition;
+    driver.resetPositions(base);
     const queue = new FrontendQueue(index, old.size, layout, driver);
     old.dispose();
     this.#queues.set(index, queue);

@@ -13,6 +13,7 @@ export {
   FrontendQueue,
   SUPPORTED_PROTOCOL_FEATURES,
   VhostUserFrontend,
+  packedRingFeature,
   type FrontendOptions,
   type QueueConfig,
   type RequestOptions,
@@ -56,5 +57,7 @@ export {
   type Segment,
   type SplitQueueDriverConfig,
 } from '../queue/split-queue-driver.js';
+export { PackedQueueDriver, type PackedQueueDriverConfig, type PackedRawDescriptor } from '../queue/packed-queue-driver.js';
+export type { QueueDriver } from '../queue/queue-driver.js';
 export { BlkFeature, BlkStatus, SECTOR_SIZE } from '../devices/blk/constants.js';
 export { NetFeature } from '../devices/net/constants.js';

@@ -19,7 +19,7 @@ import { VhostError } from '../errors.js';
 import { MAX_FRAME, NetConfigOffset, NetFeature, NetHdr } from '../devices/net/constants.js';
 import { ProtocolFeature, VirtioFeature, featureBit, hasFeature } from '../protocol/constants.js';
 import type { Segment } from '../queue/split-queue-driver.js';
-import type { FrontendQueue, QueueConfig, VhostUserFrontend } from './frontend.js';
+import { packedRingFeature, type FrontendQueue, type QueueConfig, type VhostUserFrontend } from './frontend.js';
 import type { GuestRam } from './guest-ram.js';
 
 /** Error codes of the net driver (`VhostError.code`). */
@@ -79,7 +79,7 @@ export interface NetStartOptions extends NetDriverOptions {
   readonly memory: GuestRam;
   /** Queue pairs (default 1). More than one needs VIRTIO_NET_F_MQ. */
   readonly queuePairs?: number;
-  /** Ring size, a power of two (default 256). */
+  /** Ring size, a power of two (default 256; a packed ring takes any size up to 32768). */
   readonly queueSize?: number;
   /** Acknowledge VIRTIO_NET_F_MRG_RXBUF when offered (default true). */
   readonly mrgRxbuf?: boolean;
@@ -89,6 +89,8 @@ export interface NetStartOptions extends NetDriverOptions {
   readonly eventIdx?: boolean;
   /** Acknowledge VIRTIO_F_RING_INDIRECT_DESC when offered (default true). */
   readonly indirect?: boolean;
+  /** Use packed rings: acknowledge VIRTIO_F_RING_PACKED, which the backend must offer (default false: split rings). */
+  readonly packed?: boolean;
   /** See `StartOptions.ownMemory`. */
   readonly ownMemory?: boolean;
 }
@@ -151,6 +153,7 @@ export class NetDriver {
     if (options.mrgRxbuf ?? true) features |= featureBit(NetFeature.MRG_RXBUF) & offered;
     if (options.eventIdx ?? true) features |= featureBit(VirtioFeature.RING_EVENT_IDX) & offered;
     if (options.indirect ?? true) features |= featureBit(VirtioFeature.RING_INDIRECT_DESC) & offered;
+    if (options.packed ?? false) features |= packedRingFeature(offered, NetDriverErrorCode.BAD_OPTION);
     if (pairs > 1) {
       if (!hasFeature(offered, NetFeature.MQ)) {
         throw new VhostError(NetDriverErrorCode.BAD_OPTION, `${pairs} queue pairs need VIRTIO_NET_F_MQ, which is not offered`);

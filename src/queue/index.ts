@@ -1,4 +1,4 @@
-/** Split virtqueues: the device side (`SplitQueue`), descriptor chains and their readers/writers, the driver side. */
+/** Virtqueues, split and packed: the device side (`DeviceQueue`), descriptor chains and their readers/writers, the driver side (`QueueDriver`). */
 export * from './constants.js';
 export { ChainReader, ChainWriter, DescriptorChain, copyFromGuest, copyToGuest } from './descriptor-chain.js';
 export { SplitQueue, isValidQueueSize, type SplitQueueConfig } from './split-queue.js';
@@ -12,6 +12,7 @@ export {
   type SplitQueueDriverConfig,
 } from './split-queue-driver.js';
 export type { DeviceQueue } from './device-queue.js';
+export { createQueueDriver, queueDriverLayout, type QueueDriver, type QueueDriverOptions } from './queue-driver.js';
 export {
   MAX_PACKED_QUEUE_SIZE,
   PACKED_EVENT_ALIGN,

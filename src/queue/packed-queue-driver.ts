@@ -42,6 +42,7 @@ import {
   packedPosition,
 } from './packed-queue.js';
 import { ADDRESS_LIMIT, le16, resolveRing } from './ring-access.js';
+import type { QueueDriver } from './queue-driver.js';
 import type { AddChainOptions, Segment } from './split-queue-driver.js';
 
 /** Where the three areas of a packed queue go (see `PackedQueueDriver.layout`). */
@@ -102,7 +103,7 @@ export function packedUsedBits(wrap: boolean): number {
 }
 
 /** The driver side of a packed virtqueue. `T` is the type of the per-chain token handed back by `pollUsed`. */
-export class PackedQueueDriver<T = unknown> {
+export class PackedQueueDriver<T = unknown> implements QueueDriver<T> {
   /** Layout for a queue of `size` at `base` (rounded up to 16): the ring, then the driver area, then the device area. */
   static layout(size: number, base: number): PackedRingLayout {
     const descAddr = alignUp(base, DESC_ALIGN);
@@ -128,6 +129,7 @@ export class PackedQueueDriver<T = unknown> {
   readonly size: number;
   readonly eventIdx: boolean;
   readonly mem: GuestMemory;
+  readonly packed = true;
 
   readonly #period: number;
   readonly #desc: DataView;

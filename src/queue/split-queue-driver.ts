@@ -30,6 +30,7 @@ import {
 } from './constants.js';
 import { copyFromGuest, copyToGuest } from './descriptor-chain.js';
 import { ADDRESS_LIMIT, le16, resolveRing } from './ring-access.js';
+import type { QueueDriver } from './queue-driver.js';
 import { isValidQueueSize } from './split-queue.js';
 
 /** Where the three ring areas of a queue go (see `SplitQueueDriver.layout`). */
@@ -93,7 +94,7 @@ function checkIndex(i: number, limit: number, what: string): void {
 }
 
 /** The driver side of a split virtqueue. `T` is the type of the per-chain token handed back by `pollUsed`. */
-export class SplitQueueDriver<T = unknown> {
+export class SplitQueueDriver<T = unknown> implements QueueDriver<T> {
   /**
    * Ring layout for a queue of `size` entries starting at `base` (rounded up to 16): the descriptor table, then the
    * available ring, then the used ring aligned to 4 (or to 4096 with `legacy`, the pre-1.0 `vring_size` layout).
@@ -198,8 +199,10 @@ export class SplitQueueDriver<T = unknown> {
     return this.#inFlight;
   }
 
+  readonly packed = false;
+
   /** Next avail index the driver will fill (avail.idx after the next `publish`). */
-  get availIdx(): number {
+  get availPosition(): number {
     return this.#availIdx;
   }
 
@@ -412,8 +415,8 @@ export class SplitQueueDriver<T = unknown> {
    * Sets both rings' indices to `idx` (avail.idx, used.idx, used_event) and the driver's own, as if `idx` chains had
    * been processed: for tests of 16-bit wrap-around (pair with `SplitQueue.setBase(idx)`). Only with nothing in flight.
    */
-  resetIndices(idx: number): void {
-    if (this.#inFlight !== 0) throw new Error('resetIndices with chains in flight');
+  resetPositions(idx: number): void {
+    if (this.#inFlight !== 0) throw new Error('resetPositions with chains in flight');
     const v = idx & 0xffff;
     this.#availIdx = v;
     this.#publishedAvailIdx = v;

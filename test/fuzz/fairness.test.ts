@@ -14,6 +14,7 @@ import { VirtioFeature, featureBit } from '../../src/protocol/constants.js';
 import { bugLines, blkSlot, collect, leftOver, settledBaseline, startServer, submit } from './backend-harness.js';
 import { budgetMs } from './config.js';
 import type { SpinnerInit } from './ring-spinner.js';
+import { splitDriver } from '../helpers/split-driver.js';
 
 const BUSY_SIZE = 256;
 /** Bounds on a loaded 2-core machine; the usual values are a few ms (printed as diagnostics). */
@@ -34,9 +35,9 @@ async function fairness(sync: SyncMode, ms: number): Promise<string> {
     const other = fe.queue(1);
     // The busy ring: descriptors 0 -> 1 are a FLUSH request, every avail slot offers head 0.
     const slot = blkSlot(ram);
-    busy.driver.writeDescriptor(0, { addr: slot.header, len: 16, flags: 1, next: 1 });
-    busy.driver.writeDescriptor(1, { addr: slot.status, len: 1, flags: 2, next: 0 });
-    for (let i = 0; i < BUSY_SIZE; i++) busy.driver.pushAvailRaw(0);
+    splitDriver(busy).writeDescriptor(0, { addr: slot.header, len: 16, flags: 1, next: 1 });
+    splitDriver(busy).writeDescriptor(1, { addr: slot.status, len: 1, flags: 2, next: 0 });
+    for (let i = 0; i < BUSY_SIZE; i++) splitDriver(busy).pushAvailRaw(0);
     const l = busy.layout;
     const region = ram.findRegion(l.availAddr);
     assert.ok(region !== undefined);

@@ -16,6 +16,7 @@ import type { SplitQueueDriver } from '../../src/queue/split-queue-driver.js';
 import { BlkRequestType } from '../../src/devices/blk/constants.js';
 import { bugLines, blkSlot, collect, leftOver, settledBaseline, startServer, submit, type LogLine } from './backend-harness.js';
 import { baseSeed, budgetMs, timeBoxedAssertAsync } from './config.js';
+import { splitDriver } from '../helpers/split-driver.js';
 
 const SIZE = 16;
 const RAM = 8 * 1024 * 1024;
@@ -101,7 +102,7 @@ function plant(ram: GuestRam, d: SplitQueueDriver<number>, m: Malformation): voi
       w(0, hdr, 16, NEXT, 1);
       w(1, status, 1, WRITE);
       d.pushAvailRaw(0);
-      d.setAvailIdx((d.availIdx + m.by - 1) & 0xffff);
+      d.setAvailIdx((d.availPosition + m.by - 1) & 0xffff);
       return;
     case 'indirect-nested':
       wt(0, hdr, 16, NEXT, 1);
@@ -232,7 +233,7 @@ async function malformedChains(): Promise<string> {
         byKind.set(m.kind, (byKind.get(m.kind) ?? 0) + 1);
         const logStart = a.lines.length;
         for (const fd of errFds) native.eventfdRead(fd);
-        plant(ramA, fa.queue(0).driver, m);
+        plant(ramA, splitDriver(fa.queue(0)), m);
         fa.queue(0).kick();
         assert.ok(await until(async () => ((await fa.getStatus()) & 0x40) !== 0, 5000), `${m.kind}: NEEDS_RESET was not set`);
         assert.ok(native.eventfdRead(errFds[0] as number) > 0, `${m.kind}: queue 0's err eventfd did not fire`);

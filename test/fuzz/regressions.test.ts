@@ -28,6 +28,7 @@ import {
   type ServerOptions,
   type TestServer,
 } from './backend-harness.js';
+import { splitDriver } from '../helpers/split-driver.js';
 
 const MiB = 1024 * 1024;
 const FEATURES = featureBit(VirtioFeature.VERSION_1);
@@ -118,7 +119,7 @@ test(
         // refused (NACK): the queue has no err fd, the guest error below must still stop only queue 0
       }
       // The guest offers head 200 on a queue of 16: a guest error.
-      const d = r.fe.queue(0).driver;
+      const d = splitDriver(r.fe.queue(0));
       d.pushAvailRaw(200);
       d.publish();
       r.fe.queue(0).kick();
@@ -196,7 +197,7 @@ test(
       const hdr = r.ram.alloc(16, { region: hot });
       const data = r.ram.alloc(512, { region: hot });
       const status = r.ram.alloc(1, { region: hot });
-      const d = r.fe.queue(0).driver;
+      const d = splitDriver(r.fe.queue(0));
       d.writeDescriptor(0, { addr: hdr, len: 16, flags: 1, next: 1 }); // IN, sector 0, 512 bytes
       d.writeDescriptor(1, { addr: data, len: 512, flags: 3, next: 2 });
       d.writeDescriptor(2, { addr: status, len: 1, flags: 2, next: 0 });

@@ -77,58 +77,62 @@ async function roundTrip(net: NetDriver, pair: number, frames: readonly Uint8Arr
 
 // ---- tests --------------------------------------------------------------------------------------------------------
 
-test('loopback on 2 queue pairs: frames come back intact on the pair they were sent on; counters', TIMEOUT, async (t) => {
-  const dir = await testTempDir(t, 'vu-net-');
-  const baseline = await settledBaseline();
-  await (async () => {
-    const backend = startBackend(dir, 'loop', { port: { kind: 'loopback' }, queuePairs: 2, mac: '52:54:00:ab:cd:ef' });
-    const ram = GuestRam.create(8 * MiB);
-    const fe = await VhostUserFrontend.connect(backend.socketPath);
-    try {
-      assert.equal(fe.queueNum, 2, 'GET_QUEUE_NUM counts queue pairs');
-      // Small receive buffers in two descriptors each: large frames are merged from several chains.
-      const net = await NetDriver.start(fe, { memory: ram, queuePairs: 2, queueSize: 64, rxBufferSize: 512, rxSegments: 2 });
-      assert.deepEqual(net.config, { mac: [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef], status: NET_S_LINK_UP, maxVirtqueuePairs: 2, mtu: 1500 });
-      assert.equal(net.pairCount, 2);
-      assert.equal(net.mergeable, true);
-      assert.equal(net.headerSize, 12);
-      assert.ok(fe.hasFeature(VirtioFeature.RING_EVENT_IDX) && fe.hasFeature(VirtioFeature.RING_INDIRECT_DESC));
+for (const packed of [false, true]) {
+  const rings = packed ? 'packed rings, 50 entries' : 'split rings';
+  test(`loopback on 2 queue pairs (${rings}): frames come back intact on the pair they were sent on; counters`, TIMEOUT, async (t) => {
+    const dir = await testTempDir(t, 'vu-net-');
+    const baseline = await settledBaseline();
+    await (async () => {
+      const backend = startBackend(dir, 'loop', { port: { kind: 'loopback' }, queuePairs: 2, mac: '52:54:00:ab:cd:ef' });
+      const ram = GuestRam.create(8 * MiB);
+      const fe = await VhostUserFrontend.connect(backend.socketPath);
+      try {
+        assert.equal(fe.queueNum, 2, 'GET_QUEUE_NUM counts queue pairs');
+        // Small receive buffers in two descriptors each: large frames are merged from several chains.
+        const net = await NetDriver.start(fe, { memory: ram, queuePairs: 2, queueSize: packed ? 50 : 64, rxBufferSize: 512, rxSegments: 2, packed });
+        assert.deepEqual(net.config, { mac: [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef], status: NET_S_LINK_UP, maxVirtqueuePairs: 2, mtu: 1500 });
+        assert.equal(net.pairCount, 2);
+        assert.equal(net.mergeable, true);
+        assert.equal(net.headerSize, 12);
+        assert.ok(fe.hasFeature(VirtioFeature.RING_EVENT_IDX) && fe.hasFeature(VirtioFeature.RING_INDIRECT_DESC));
+        assert.equal(fe.hasFeature(VirtioFeature.RING_PACKED), packed);
 
-      const lengths = [60, 14, 1514, 4000, 9014, 500, 501, 488, 489];
-      const layouts: TxLayout[] = ['single', 'split', 'indirect'];
-      let frames = 0;
-      let bytes = 0;
-      for (let round = 0; round < 3; round++) {
-        const sent = [0, 1].map((pair) => lengths.map((len, i) => frame(len, 100 * pair + 10 * round + i)));
-        const got = await Promise.all([0, 1].map((pair) => roundTrip(net, pair, sent[pair] as Uint8Array[], layouts)));
-        for (const pair of [0, 1]) {
-          assert.equal(got[pair]?.length, lengths.length);
-          got[pair]?.forEach((g, i) => assert.deepEqual(g, sent[pair]?.[i], `pair ${pair}, round ${round}, frame ${i}`));
+        const lengths = [60, 14, 1514, 4000, 9014, 500, 501, 488, 489];
+        const layouts: TxLayout[] = ['single', 'split', 'indirect'];
+        let frames = 0;
+        let bytes = 0;
+        for (let round = 0; round < 3; round++) {
+          const sent = [0, 1].map((pair) => lengths.map((len, i) => frame(len, 100 * pair + 10 * round + i)));
+          const got = await Promise.all([0, 1].map((pair) => roundTrip(net, pair, sent[pair] as Uint8Array[], layouts)));
+          for (const pair of [0, 1]) {
+            assert.equal(got[pair]?.length, lengths.length);
+            got[pair]?.forEach((g, i) => assert.deepEqual(g, sent[pair]?.[i], `pair ${pair}, round ${round}, frame ${i}`));
+          }
+          frames += 2 * lengths.length;
+          bytes += 2 * lengths.reduce((a, b) => a + b, 0);
         }
-        frames += 2 * lengths.length;
-        bytes += 2 * lengths.reduce((a, b) => a + b, 0);
+        assert.deepEqual(backend.device.stats(), {
+          rxFrames: frames,
+          rxBytes: bytes,
+          rxDropped: 0,
+          txFrames: frames,
+          txBytes: bytes,
+          txErrors: 0,
+          txDropped: 0,
+          checked: 0,
+          corrupt: 0,
+        });
+        assert.equal((await fe.getStatus()) & DeviceStatus.NEEDS_RESET, 0);
+        net.close();
+      } finally {
+        fe.close();
+        ram.close();
+        await stopBackend(backend);
       }
-      assert.deepEqual(backend.device.stats(), {
-        rxFrames: frames,
-        rxBytes: bytes,
-        rxDropped: 0,
-        txFrames: frames,
-        txBytes: bytes,
-        txErrors: 0,
-        txDropped: 0,
-        checked: 0,
-        corrupt: 0,
-      });
-      assert.equal((await fe.getStatus()) & DeviceStatus.NEEDS_RESET, 0);
-      net.close();
-    } finally {
-      fe.close();
-      ram.close();
-      await stopBackend(backend);
-    }
-  })();
-  await assertBaseline(baseline);
-});
+    })();
+    await assertBaseline(baseline);
+  });
+}
 
 test('source: numbered frames reach the driver, echoed ones are checked; sink: frames are counted', TIMEOUT, async (t) => {
   const dir = await testTempDir(t, 'vu-net-');

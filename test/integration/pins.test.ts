@@ -13,6 +13,7 @@ import { BlkDevice } from '../../src/devices/blk/blk-device.js';
 import { BlkDriver } from '../../src/frontend/blk-driver.js';
 import { VhostUserFrontend } from '../../src/frontend/frontend.js';
 import { GuestRam } from '../../src/frontend/guest-ram.js';
+import { splitDriver } from '../helpers/split-driver.js';
 
 const MiB = 1024 * 1024;
 const DELAY_MS = 300;
@@ -38,7 +39,7 @@ for (const sync of ['qsbr', 'lock', 'copy'] as SyncMode[]) {
       await new Promise((r) => setTimeout(r, 20)); // the request is in the I/O thread now, its region pinned
       // When the acknowledgement arrives, the request's completion must already be in the used ring: the pin kept
       // the region until the I/O thread was done and the worker had published the completion.
-      const usedAtAck = frontend.removeMemoryRegion(hot).then(() => frontend.queue(0).driver.readUsedIdx());
+      const usedAtAck = frontend.removeMemoryRegion(hot).then(() => splitDriver(frontend.queue(0)).readUsedIdx());
       const [r, used] = await Promise.all([read, usedAtAck]);
       assert.equal(used, 1, 'REM_MEM_REG was acknowledged before the request using the region completed');
       assert.equal(r.status, 0);

@@ -50,7 +50,7 @@ test('avail.idx more than queue size ahead of last_avail_idx: VIRTIO_AVAIL_INDEX
   err('VIRTIO_AVAIL_INDEX_INVALID', () => p.queue.popChain(p.mem, p.chain));
   // Moving backwards is a jump of ~65535 ahead.
   const q = queuePair({ size: 8 });
-  q.driver.resetIndices(100);
+  q.driver.resetPositions(100);
   q.queue.setBase(100);
   q.driver.setAvailIdx(99);
   err('VIRTIO_AVAIL_INDEX_INVALID', () => q.queue.popChain(q.mem, q.chain));

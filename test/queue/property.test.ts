@@ -155,7 +155,7 @@ test('random rings: popChain only throws VirtioErrors, terminates, and reports e
     fc.property(scenarioArb, (s) => {
       const p = queuePair({ size: s.size, indirect: s.indirect });
       const { mem, driver, queue, chain } = p;
-      driver.resetIndices(s.start);
+      driver.resetPositions(s.start);
       queue.setBase(s.start);
       s.descs.forEach((d, i) => driver.writeDescriptor(i, d));
       s.tables.forEach((t, k) => {
@@ -237,7 +237,7 @@ test('random valid chains survive the round trip: same segments at the device, s
       ),
       (size, eventIdx, start, requests) => {
         const { mem, driver, queue, chain } = queuePair({ size, eventIdx });
-        driver.resetIndices(start);
+        driver.resetPositions(start);
         queue.setBase(start);
         const sent = new Map<string, Segs>();
         const byHead = new Map<number, { segs: Segs; indirect: boolean }>();

@@ -116,7 +116,7 @@ test('the driver runs out of descriptors and gets them back on completion', () =
 
 test('16-bit indices wrap: both sides start at 65530 (SET_VRING_BASE) and run past 65535', () => {
   const { mem, driver, queue, chain } = queuePair({ size: 4 });
-  driver.resetIndices(65530);
+  driver.resetPositions(65530);
   queue.setBase(65530);
   assert.equal(queue.getBase(), 65530);
   let completed = 0;
@@ -140,11 +140,11 @@ test('16-bit indices wrap: both sides start at 65530 (SET_VRING_BASE) and run pa
 
 test('an avail index exactly queue-size entries ahead is valid, also across the wrap', () => {
   const { mem, driver, queue, chain } = queuePair({ size: 4 });
-  driver.resetIndices(65534);
+  driver.resetPositions(65534);
   queue.setBase(65534);
   for (let i = 0; i < 4; i++) driver.addChain([{ addr: BUF_BASE, len: 1, writable: true }], `${i}`);
   driver.publish();
-  assert.equal(driver.availIdx, 2);
+  assert.equal(driver.availPosition, 2);
   assert.equal(queue.availableCount(), 4);
   let n = 0;
   while (queue.popChain(mem, chain)) n++;
