@@ -16,10 +16,12 @@ const configs: TortureOptions[] = [
   { seconds: SECONDS, sync: 'lock', io: 'async', memory: 'regions', seed: 3 },
   { seconds: SECONDS, sync: 'copy', io: 'sync', memory: 'table', seed: 4 },
   { seconds: SECONDS, sync: 'qsbr', io: 'async', memory: 'table', seed: 5 },
+  { seconds: SECONDS, sync: 'qsbr', io: 'async', memory: 'regions', packed: true, seed: 6 },
+  { seconds: SECONDS, sync: 'copy', io: 'sync', memory: 'table', packed: true, seed: 7 },
 ];
 
 for (const config of configs) {
-  test(`torture: --sync ${config.sync}, --io ${config.io}, memory by ${config.memory}`, { timeout: 120_000 }, async (t) => {
+  test(`torture: --sync ${config.sync}, --io ${config.io}, memory by ${config.memory}${config.packed === true ? ', packed rings' : ''}`, { timeout: 120_000 }, async (t) => {
     const fds = openFdCount();
     const mappings = native.mappingCount();
     const report = await runTorture(config);

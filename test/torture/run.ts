@@ -1,4 +1,4 @@
-// `npm run torture -- [--seconds N] [--sync qsbr|lock|copy] [--io sync|async] [--memory regions|table] [--seed N]`:
+// `npm run torture -- [--seconds N] [--sync qsbr|lock|copy] [--io sync|async] [--memory regions|table] [--packed] [--seed N]`:
 // one longer torture run (see torture.ts); prints the report and exits non-zero on any error.
 import { parseArgs } from 'node:util';
 import { runTorture } from './torture.js';
@@ -10,6 +10,7 @@ const { values } = parseArgs({
     sync: { type: 'string', default: 'qsbr' },
     io: { type: 'string', default: 'async' },
     memory: { type: 'string', default: 'regions' },
+    packed: { type: 'boolean', default: false },
     seed: { type: 'string', default: String(Date.now() % 100000) },
   },
 });
@@ -18,6 +19,7 @@ const report = await runTorture({
   sync: values.sync as SyncMode,
   io: values.io as 'sync' | 'async',
   memory: values.memory as 'regions' | 'table',
+  packed: values.packed,
   seed: Number(values.seed),
 });
 const lat = [...report.changeLatencyMs].sort((a, b) => a - b);

@@ -30,6 +30,8 @@ export interface TortureOptions {
   io: 'sync' | 'async';
   /** Memory changes by ADD/REM_MEM_REG ('regions') or whole SET_MEM_TABLEs ('table', at most 8 regions). */
   memory: 'regions' | 'table';
+  /** Packed rings (VIRTIO_F_RING_PACKED) of PACKED_RING_SIZE entries instead of split rings of RING_SIZE. */
+  packed?: boolean;
   queues?: number;
   workers?: number;
   seed?: number;
@@ -55,6 +57,8 @@ const HOT_SIZE = 1 * MiB;
 const BUF = 64 * KiB; // data buffer granule in a region
 const DEPTH = 24; // requests in flight per queue
 const RING_SIZE = 128;
+/** Not a power of two: packed rings take any size, and their positions then wrap at odd multiples. */
+const PACKED_RING_SIZE = 100;
 
 /** A small deterministic PRNG (mulberry32): runs are reproducible from their seed. */
 function prng(seed: number): () => number {
@@ -127,7 +131,10 @@ export async function runTorture(opts: TortureOptions): Promise<TortureReport> {
     frontend = await VhostUserFrontend.connect(server.socketPath);
     const fe = frontend;
     // The blk driver negotiates features and sets the queues up; its own request slots are not used.
-    const setup = await BlkDriver.start(fe, { memory, queues, queueSize: RING_SIZE, maxRequestBytes: 4096, slotsPerQueue: 1 });
+    const packed = opts.packed ?? false;
+    const queueSize = packed ? PACKED_RING_SIZE : RING_SIZE;
+    const setup = await BlkDriver.start(fe, { memory, queues, queueSize, maxRequestBytes: 4096, slotsPerQueue: 1, packed });
+    if (fe.queue(0).driver.packed !== packed) fail(`the rings are not ${packed ? 'packed' : 'split'}`);
     setup.close();
 
     // Per-request header and status bytes in the base region; two ring areas per queue to move between.
