@@ -14,7 +14,8 @@
  *
  * Options: --seconds S (1) --ramp S (0.5) --rounds N (3) --devices null,image --only SUBSTRING --quick (1 round of
  * 0.5 s runs, about a minute) --image-size BYTES (1 GiB) --qsd-aio threads|io_uring (threads, its default)
- * --busy-poll-us N (adds our backend with the optional busy-poll as a third contender) --name NAME (of the result
+ * --busy-poll-us N (adds our backend with the optional busy-poll as a third contender) --packed (adds our backend
+ * driven with packed rings as another contender: the same process as "ours", its own connection) --name NAME (of the result
  * files). The default takes about 8 minutes.
  */
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
@@ -73,6 +74,8 @@ interface Backend {
   readonly name: string;
   readonly socket: string;
   readonly pid: number;
+  /** The load generator drives packed rings (VIRTIO_F_RING_PACKED) on this one. */
+  readonly packed?: boolean;
   stop(): Promise<void>;
 }
 
@@ -326,6 +329,7 @@ interface SavedRun {
   rounds: number;
   qsdAio: string;
   busyPollUs: number;
+  packed?: boolean;
   imageSize: number;
   devices: DeviceKind[];
   workloads: string[];
@@ -340,6 +344,10 @@ interface Summary {
   ours: Stats;
   theirs: Stats;
   busyPoll?: Stats;
+  packed?: Stats;
+  /** Per round, ours packed / ours split: median, and range over rounds. */
+  packedRatio?: number;
+  packedRatioRange?: [number, number];
   ceilingIops: number;
   iopsRatio: number;
   /** Per round, ours / theirs of the runs taken back to back: the spread of the ratio. */
@@ -434,6 +442,7 @@ export async function main(argv: string[]): Promise<void> {
       'image-size': { type: 'string', default: String(GiB) },
       'qsd-aio': { type: 'string', default: 'threads' },
       'busy-poll-us': { type: 'string', default: '0' },
+      packed: { type: 'boolean', default: false },
       name: { type: 'string', default: 'blk' },
       resummarize: { type: 'string' },
     },
@@ -444,6 +453,7 @@ export async function main(argv: string[]): Promise<void> {
   const rounds = earlier?.rounds ?? (values.quick ? 1 : Number(values.rounds));
   const ramp = earlier?.ramp ?? (values.quick ? 0.3 : Number(values.ramp));
   const busyPollUs = earlier?.busyPollUs ?? Number(values['busy-poll-us']);
+  const packed = earlier?.packed ?? values.packed;
   const imageSize = earlier?.imageSize ?? Number(values['image-size']);
   const qsdAio = earlier?.qsdAio ?? values['qsd-aio'];
   const command = earlier?.command ?? `npm run bench -- blk ${argv.join(' ')}`.trim();
@@ -504,13 +514,13 @@ export async function main(argv: string[]): Promise<void> {
     try {
       if (devices.includes('image')) makeImage(image, imageSize);
 
-      const total = rounds * workloads.length * (1 + devices.length * 2 * (busyPollUs > 0 ? 3 : 2));
+      const total = rounds * workloads.length * (1 + devices.length * 2 * (2 + (busyPollUs > 0 ? 1 : 0) + (packed ? 1 : 0)));
       let started = 0;
-      const run = async (device: Sample['device'], w: Workload, backend: string, socket: string, round: number, pid?: number): Promise<void> => {
+      const run = async (device: Sample['device'], w: Workload, backend: string, socket: string, round: number, pid?: number, packedRings = false): Promise<void> => {
         const label = `[${++started}/${total}] round ${round + 1} ${device} ${w.name} ${backend}`;
         const result = await runBlkLoad(
           socket,
-          { rw: w.rw, bs: w.bs, iodepth: w.iodepth, queues: w.queues, seconds, rampSeconds: ramp, ...(pid !== undefined ? { backendPid: pid } : {}) },
+          { rw: w.rw, bs: w.bs, iodepth: w.iodepth, queues: w.queues, seconds, rampSeconds: ramp, packed: packedRings, ...(pid !== undefined ? { backendPid: pid } : {}) },
           (p) => progress(`${label}: ${fmtIops(p.iops)} IOPS${p.measuring ? '' : ' (warm-up)'}`),
         );
         samples.push({ device, workload: w.name, backend, round, result });
@@ -527,11 +537,14 @@ export async function main(argv: string[]): Promise<void> {
         for (const device of devices) {
           const backends = [await startOurs('ours', dir, device, image), await startTheirs(dir, device, image, qsdAio)];
           if (busyPollUs > 0) backends.push(await startOurs('ours+busy-poll', dir, device, image, { VHOST_USER_BUSY_POLL_US: String(busyPollUs) }));
+          // qemu-storage-daemon (libvhost-user) does not offer VIRTIO_F_RING_PACKED: packed rings are ours alone.
+          const ours = backends[0] as Backend;
+          if (packed) backends.push({ ...ours, name: 'ours packed', packed: true, stop: () => Promise.resolve() });
           try {
             for (const [k, w] of workloads.entries()) {
               // A B B A, back to back (which one goes first alternates): drift, even a steady one, hits both alike.
               const order = (k + round) % 2 === 0 ? backends : [...backends].reverse();
-              for (const b of [...order, ...[...order].reverse()]) await run(device, w, b.name, b.socket, round, b.pid);
+              for (const b of [...order, ...[...order].reverse()]) await run(device, w, b.name, b.socket, round, b.pid, b.packed);
             }
           } finally {
             for (const b of backends) await b.stop();
@@ -568,6 +581,13 @@ export async function main(argv: string[]): Promise<void> {
         datapathNsPerIo: datapath.get(`${device} ${w.name}`) ?? NaN,
       };
       if (busyPollUs > 0) s.busyPoll = stats(pick(device, w.name, 'ours+busy-poll'));
+      if (packed) {
+        const p = pick(device, w.name, 'ours packed');
+        const ratios = roundsOf(p).map((r) => roundFigures(p, r).iops / roundFigures(ours, r).iops);
+        s.packed = stats(p);
+        s.packedRatio = median(ratios);
+        s.packedRatioRange = [Math.min(...ratios), Math.max(...ratios)];
+      }
       s.iopsRatio = median(paired);
       s.cpuRatio = median(pairedCpu);
       summaries.push(s);
@@ -591,6 +611,9 @@ export async function main(argv: string[]): Promise<void> {
     ...(busyPollUs > 0 && s.busyPoll !== undefined
       ? [`${fmtIops(s.busyPoll.iops)}, ${s.busyPoll.cpuUsPerIo.toFixed(2)} us`]
       : []),
+    ...(packed && s.packed !== undefined && s.packedRatioRange !== undefined
+      ? [`${fmtIops(s.packed.iops)}, ${s.packed.cpuUsPerIo.toFixed(2)} us; **${(s.packedRatio ?? NaN).toFixed(2)}** (${s.packedRatioRange[0].toFixed(2)}-${s.packedRatioRange[1].toFixed(2)})`]
+      : []),
   ]);
   const table = markdownTable({
     columns: [
@@ -607,6 +630,7 @@ export async function main(argv: string[]): Promise<void> {
       'generator: alone (loopback); CPU use with ours / qsd',
       'ours vs the limits',
       ...(busyPollUs > 0 ? [`ours + busy-poll ${busyPollUs} us: IOPS, CPU/req`] : []),
+      ...(packed ? ['ours, packed rings: IOPS, CPU/req; packed/split IOPS (range)'] : []),
     ],
     rows,
   });
@@ -637,6 +661,13 @@ export async function main(argv: string[]): Promise<void> {
       `ours \`--image\` vs \`driver=file,aio=${qsdAio},cache.direct=off\` on the same ${imageSize / GiB} GiB raw image on tmpfs. ` +
       'CPU = each backend process\'s utime + stime (/proc/PID/stat, all threads) over the measured window / requests. ' +
       `Both backends offer 2 queues; qemu-storage-daemon ${'runs its export in the main loop (its default)'}.`,
+    ...(packed
+      ? [
+          '',
+          '"ours, packed rings": the same backend process as "ours", driven by the same generator over its own connection with ' +
+            'VIRTIO_F_RING_PACKED (run in the same A B B A order); qemu-storage-daemon (libvhost-user) does not offer packed rings.',
+        ]
+      : []),
     '',
     table,
     '',
@@ -661,6 +692,7 @@ export async function main(argv: string[]): Promise<void> {
       rounds,
       qsdAio,
       busyPollUs,
+      packed,
       imageSize,
       devices,
       workloads: workloads.map((w) => w.name),

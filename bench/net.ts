@@ -16,8 +16,9 @@
  * something else on the machine: it is flagged and left out of the ratios (kept in the JSON).
  *
  * Options: --seconds S (10) --rounds N (3) --quick (1 round of 3 s) --sizes 64,1500 --only SUBSTRING
- * --backends ours,dpdk --virtio-args DEVARGS (extra net_virtio_user devargs) --name NAME (of the result files).
- * The default takes about 5 minutes.
+ * --backends ours,dpdk --rings split,packed (each workload with split rings, packed rings (virtio_user
+ * `packed_vq=1`) or both; default split) --virtio-args DEVARGS (extra net_virtio_user devargs) --name NAME (of the
+ * result files). The default takes about 5 minutes; each ring layout adds as much.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -35,6 +36,8 @@ interface Workload {
   readonly name: string;
   readonly dir: Direction;
   readonly pktlen: number;
+  /** Packed rings: the frontend gets `packed_vq=1`. */
+  readonly packed: boolean;
 }
 
 interface Sample {
@@ -106,6 +109,7 @@ async function runOnce(
   o: { seconds: number; backendCpu: number; virtioArgs: string },
 ): Promise<{ fe: TestpmdResult; beCpu: number; backendStats: Record<string, unknown> }> {
   const be = backend === 'ours' ? await startOurs(socketPath, w, o.backendCpu) : await startDpdk(socketPath, w);
+  const devargs = [...(w.packed ? ['packed_vq=1'] : []), ...(o.virtioArgs !== '' ? [o.virtioArgs] : [])].join(',');
   let fe: TestpmdResult;
   let beCpu: number;
   let backendStats: Record<string, unknown>;
@@ -115,7 +119,7 @@ async function runOnce(
       socketPath,
       mode: w.dir === 'frontend-sends' ? 'txonly' : 'rxonly',
       pktlen: w.pktlen,
-      ...(o.virtioArgs !== '' ? { devargs: o.virtioArgs } : {}),
+      ...(devargs !== '' ? { devargs } : {}),
     });
     try {
       const c0 = processCpuSeconds(be.pid) ?? NaN;
@@ -145,6 +149,7 @@ export async function main(argv: string[]): Promise<void> {
       sizes: { type: 'string', default: '64,1500' },
       only: { type: 'string' },
       backends: { type: 'string', default: 'ours,dpdk' },
+      rings: { type: 'string', default: 'split' },
       'virtio-args': { type: 'string', default: '' },
       name: { type: 'string', default: 'net' },
     },
@@ -154,11 +159,16 @@ export async function main(argv: string[]): Promise<void> {
   const contenders = values.backends.split(',').filter((b): b is Contender => b === 'ours' || b === 'dpdk');
   const virtioArgs = values['virtio-args'];
   const command = `npm run bench -- net ${argv.join(' ')}`.trim();
+  const rings = values.rings.split(',');
+  if (rings.some((r) => r !== 'split' && r !== 'packed')) throw new Error(`--rings takes split and/or packed: ${values.rings}`);
   const workloads: Workload[] = [];
-  for (const dir of ['frontend-sends', 'backend-sends'] as const) {
-    for (const pktlen of values.sizes.split(',').map(Number)) {
-      const name = `${dir === 'frontend-sends' ? 'frontend -> backend' : 'backend -> frontend'} ${pktlen} B`;
-      if (values.only === undefined || name.includes(values.only)) workloads.push({ name, dir, pktlen });
+  for (const ring of rings) {
+    for (const dir of ['frontend-sends', 'backend-sends'] as const) {
+      for (const pktlen of values.sizes.split(',').map(Number)) {
+        const packed = ring === 'packed';
+        const name = `${dir === 'frontend-sends' ? 'frontend -> backend' : 'backend -> frontend'} ${pktlen} B${packed ? ', packed' : ''}`;
+        if (values.only === undefined || name.includes(values.only)) workloads.push({ name, dir, pktlen, packed });
+      }
     }
   }
   if (findBinary('dpdk-testpmd') === undefined) throw new Error('dpdk-testpmd not found: apt-get install -y dpdk-dev');
@@ -255,6 +265,7 @@ export async function main(argv: string[]): Promise<void> {
       workload: w.name,
       dir: w.dir,
       pktlen: w.pktlen,
+      packed: w.packed,
       oursMpps: median(good(ours).map((s) => s.mpps)),
       dpdkMpps: median(good(dpdk).map((s) => s.mpps)),
       oursBackendCpu: median(good(ours).map((s) => s.backendCpu)),
@@ -293,6 +304,13 @@ export async function main(argv: string[]): Promise<void> {
     ],
     rows,
   });
+  // Ours with packed rings against ours with split rings, where both ran: medians of the unflagged runs.
+  const layoutRows = summaries
+    .filter((s) => s.packed)
+    .flatMap((p) => {
+      const split = summaries.find((s) => !s.packed && s.dir === p.dir && s.pktlen === p.pktlen);
+      return split === undefined ? [] : [[split.workload, fmt(split.oursMpps), fmt(p.oursMpps), `**${fmt(p.oursMpps / split.oursMpps)}**`, fmt(split.dpdkMpps), fmt(p.dpdkMpps), fmt(p.dpdkMpps / split.dpdkMpps)]];
+    });
   const runRows = samples.map((s) => [
     String(s.round + 1),
     s.workload,
@@ -311,6 +329,7 @@ export async function main(argv: string[]): Promise<void> {
     `Command: \`${command}\`. ${rounds} round(s); in each, every workload runs ${seconds} s against ours and against ` +
       'DPDK\'s vhost PMD (testpmd `net_vhost`), back to back (which goes first alternates). The frontend is testpmd with ' +
       `\`net_virtio_user\` (1 queue pair${virtioArgs !== '' ? `, ${virtioArgs}` : ', default devargs: split ring, in_order, mrg_rxbuf, 256 entries'}; ` +
+      '"packed" workloads add `packed_vq=1`; ' +
       '`--no-huge -m 256`), txonly when the frontend sends (ours `--port sink`, the PMD in rxonly) and rxonly when the ' +
       'backend sends (ours `--port source`, the PMD in txonly). Mpps is the frontend\'s rate (mean of testpmd\'s stats ' +
       'intervals after the first); the table shows medians over the rounds that are not flagged, and the ratio is the median ' +
@@ -321,6 +340,17 @@ export async function main(argv: string[]): Promise<void> {
     '',
     table,
     '',
+    ...(layoutRows.length > 0
+      ? [
+          '## Packed vs split rings',
+          '',
+          markdownTable({
+            columns: ['workload', 'Mpps ours split', 'Mpps ours packed', 'ours packed/split', 'Mpps DPDK split', 'Mpps DPDK packed', 'DPDK packed/split'],
+            rows: layoutRows,
+          }),
+          '',
+        ]
+      : []),
     '## Every run',
     '',
     markdownTable({ columns: ['round', 'workload', 'backend', 'Mpps', 'min-max (intervals)', 'frame', 'frontend cpu', 'backend cpu', 'backend CPU ns/frame', 'flagged'], rows: runRows }),
@@ -335,7 +365,7 @@ export async function main(argv: string[]): Promise<void> {
     {
       title: 'Mpps with DPDK virtio_user as the frontend (medians over rounds)',
       yLabel: 'Mpps',
-      categories: summaries.map((s) => `${s.dir === 'frontend-sends' ? 'fe->be' : 'be->fe'} ${s.pktlen}B`),
+      categories: summaries.map((s) => `${s.dir === 'frontend-sends' ? 'fe->be' : 'be->fe'} ${s.pktlen}B${s.packed ? ' P' : ''}`),
       series: contenders.map((c) => ({
         name: c === 'ours' ? 'ours' : 'DPDK vhost PMD',
         values: summaries.map((s) => (c === 'ours' ? s.oursMpps : s.dpdkMpps)),

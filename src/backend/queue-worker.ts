@@ -25,9 +25,7 @@ import { MemoryTable } from '../memory/memory-table.js';
 import type { MappedRegion } from '../memory/region.js';
 import * as native from '../native/index.js';
 import type { DescriptorChain } from '../queue/descriptor-chain.js';
-import type { DeviceQueue } from '../queue/device-queue.js';
-import { PackedQueue } from '../queue/packed-queue.js';
-import { SplitQueue } from '../queue/split-queue.js';
+import { createDeviceQueue, type DeviceQueue } from '../queue/device-queue.js';
 import { PENDING, ProduceResult, type DeviceWorkerModule, type QueueHandler, type QueueProducer } from '../devices/device.js';
 import { countStat, QueueStat, queueStatsRow } from '../devices/queue-stats.js';
 import { MAX_QUEUES, PoolBlock, SyncBlock, UNSYNCHRONIZED } from './sync-block.js';
@@ -232,12 +230,7 @@ function startQueue(s: WorkerSession, start: QueueStart): void {
   if (s.device === undefined) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: queue started before its device module loaded`);
   const key = queueKey(s.id, start.index);
   if (queues.has(key)) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: queue ${start.index} is already running`);
-  const cacheViews = init.mode !== 'copy';
-  const { size, descAddr, availAddr, usedAddr, eventIdx, indirect } = start;
-  // Packed: the vhost-user `avail` address is the driver event suppression area, `used` the device's.
-  const queue: DeviceQueue = start.packed
-    ? new PackedQueue({ size, descAddr, driverAddr: availAddr, deviceAddr: usedAddr, eventIdx, indirect, cacheViews })
-    : new SplitQueue({ size, descAddr, availAddr, usedAddr, eventIdx, indirect, cacheViews });
+  const queue = createDeviceQueue({ ...start, cacheViews: init.mode !== 'copy' });
   queue.attach(s.memory);
   // Resume where the driver's state says: avail from SET_VRING_BASE; split: used from the ring itself (as
   // libvhost-user and DPDK do), which is what the driver last saw; packed: used = avail (the ring was drained).

@@ -18,8 +18,8 @@ import { FrontendQueue, VhostUserFrontend } from '../frontend/frontend.js';
 import { GuestRam } from '../frontend/guest-ram.js';
 import * as native from '../native/index.js';
 import { VirtioFeature, featureBit, hasFeature } from '../protocol/constants.js';
-import { SplitQueue } from '../queue/split-queue.js';
-import { SplitQueueDriver } from '../queue/split-queue-driver.js';
+import { createDeviceQueue } from '../queue/device-queue.js';
+import { createQueueDriver, queueDriverLayout } from '../queue/queue-driver.js';
 import { parseInteger, parseSize } from './parse.js';
 
 export const RW_MODES = ['randread', 'randwrite', 'read', 'write', 'mixed'] as const;
@@ -48,6 +48,8 @@ export interface BlkLoadOptions {
    * three ring descriptors per request, which costs this generator half as much per request.
    */
   readonly indirect?: boolean;
+  /** Packed rings (VIRTIO_F_RING_PACKED, which the backend must offer). Default false: split rings. */
+  readonly packed?: boolean;
   /** The backend's process: its CPU time over the window is read from /proc (all its threads). */
   readonly backendPid?: number;
   /** Seed of the offset generator (default 1). */
@@ -89,6 +91,7 @@ export interface BlkLoadResult {
   /** Features the backend acknowledged that shape the datapath. */
   readonly eventIdx: boolean;
   readonly indirect: boolean;
+  readonly packed: boolean;
   readonly queueSize: number;
 }
 
@@ -197,32 +200,33 @@ class LoopbackDevice {
   readonly #queues = new Map<number, FrontendQueue>();
   readonly #watches: number[] = [];
 
-  constructor(memory: GuestRam, queues: number, queueSize: number, indirect: boolean) {
+  constructor(memory: GuestRam, queues: number, queueSize: number, indirect: boolean, packed: boolean) {
     const features =
       featureBit(VirtioFeature.VERSION_1) |
       featureBit(VirtioFeature.RING_EVENT_IDX) |
       (indirect ? featureBit(VirtioFeature.RING_INDIRECT_DESC) : 0n) |
+      (packed ? featureBit(VirtioFeature.RING_PACKED) : 0n) |
       (queues > 1 ? featureBit(BlkFeature.MQ) : 0n);
     const region = memory.regions[0];
     if (region === undefined || memory.regions.length !== 1) throw new Error('loopback: one RAM region expected');
     const bytes = region.bytes;
     for (let index = 0; index < queues; index++) {
-      const layout = SplitQueueDriver.layout(queueSize, memory.alloc(SplitQueueDriver.layout(queueSize, 0).end, { align: 4096 }));
-      const driver = new SplitQueueDriver<number>(memory, { ...layout, size: queueSize, eventIdx: true });
+      const base = memory.alloc(queueDriverLayout(packed, queueSize, 0).end, { align: 4096 });
+      const { layout, driver } = createQueueDriver<number>(memory, { packed, size: queueSize, base, eventIdx: true });
       const fq = new FrontendQueue(index, queueSize, layout, driver);
       this.#queues.set(index, fq);
-      const device = new SplitQueue({ ...layout, size: queueSize, eventIdx: true, indirect });
+      const device = createDeviceQueue({ packed, size: queueSize, ...layout, eventIdx: true, indirect });
       device.attach(memory);
       const chain = device.createChain();
       const { kickFd, callFd } = fq;
-      const base = region.gpa;
+      const regionBase = region.gpa;
       const onKick = (): void => {
         native.eventfdRead(kickFd);
         for (;;) {
           device.disableNotification();
           while (device.popChain(memory, chain)) {
             const last = chain.count - 1; // the status byte ends the last writable segment
-            bytes[(chain.addr[last] as number) + (chain.len[last] as number) - 1 - base] = 0;
+            bytes[(chain.addr[last] as number) + (chain.len[last] as number) - 1 - regionBase] = 0;
             device.pushUsed(chain.head, chain.writableBytes);
           }
           device.publishUsed();
@@ -305,6 +309,7 @@ export async function runBlkLoad(
   const { bs, iodepth, queues } = options;
   if (bs % SECTOR_SIZE !== 0 || bs < SECTOR_SIZE) throw new RangeError(`bs must be a multiple of 512: ${bs}`);
   const wantIndirect = options.indirect ?? false;
+  const packed = options.packed ?? false;
   const queueSize = options.queueSize ?? nextPow2(Math.max(128, iodepth * (wantIndirect ? 1 : 3)));
   const slotBytes = 512 + bs;
   const ramBytes = Math.ceil((queues * (iodepth * (slotBytes + 4096) + 64 * 1024 + 20 * queueSize) + 4 * 1024 * 1024) / (2 * 1024 * 1024)) * 2 * 1024 * 1024;
@@ -314,7 +319,7 @@ export async function runBlkLoad(
   let driver: BlkDriver | undefined;
   try {
     if (target === 'loopback') {
-      loopback = new LoopbackDevice(memory, queues, queueSize, wantIndirect);
+      loopback = new LoopbackDevice(memory, queues, queueSize, wantIndirect, packed);
       driver = new BlkDriver(loopback.frontend, { memory, maxRequestBytes: bs, slotsPerQueue: iodepth, indirect: wantIndirect });
     } else {
       frontend = await VhostUserFrontend.connect(target, { connectTimeoutMs: 5000 });
@@ -326,6 +331,7 @@ export async function runBlkLoad(
         maxRequestBytes: bs,
         slotsPerQueue: iodepth,
         indirect,
+        packed,
       });
     }
     if (driver.slotsPerQueue < iodepth) throw new RangeError(`ring of ${queueSize} cannot hold ${iodepth} requests`);
@@ -493,6 +499,7 @@ async function drive(
     ...(backendCpu !== undefined ? { backendCpuUsPerIo: (backendCpu * 1e6) / ios, backendCpuUtil: backendCpu / elapsed } : {}),
     eventIdx: driver.frontend.hasFeature(VirtioFeature.RING_EVENT_IDX),
     indirect: driver.indirect,
+    packed: driver.frontend.hasFeature(VirtioFeature.RING_PACKED),
     queueSize,
   };
 }
@@ -512,6 +519,7 @@ interface BenchBlkCliOptions {
   span?: number;
   queueSize?: number;
   indirect: boolean;
+  packed: boolean;
   backendPid?: number;
   json: boolean;
 }
@@ -532,7 +540,7 @@ export function formatBlkLoadResult(r: BlkLoadResult): string {
   const l = r.latencyUs;
   const lines = [
     `${r.rw} bs=${r.bs} iodepth=${r.iodepth} queues=${r.queues} (ring ${r.queueSize}, event_idx ${r.eventIdx ? 'on' : 'off'}, ` +
-      `indirect ${r.indirect ? 'on' : 'off'}) against ${r.target}, ${r.seconds.toFixed(2)} s`,
+      `indirect ${r.indirect ? 'on' : 'off'}, ${r.packed ? 'packed' : 'split'}) against ${r.target}, ${r.seconds.toFixed(2)} s`,
     `  IOPS ${fmt(r.iops)}  ${fmt(r.mbps)} MB/s  (${r.reads} reads, ${r.writes} writes, ${r.errors} errors)`,
     `  latency us: mean ${fmt(l.mean)}  p50 ${fmt(l.p50)}  p99 ${fmt(l.p99)}  p99.9 ${fmt(l.p999)}  max ${fmt(l.max)}`,
     `  load generator: ${fmt(r.generatorCpuUsPerIo, 2)} us CPU per request, ${(r.generatorCpuUtil * 100).toFixed(0)} % of a core`,
@@ -562,6 +570,7 @@ function blkBenchCommand(): Command {
     .option('--span <bytes>', 'draw offsets from the first SPAN bytes of the device (default: all of it)', parseSize)
     .option('--queue-size <n>', 'ring size (default: a power of two >= 128 that holds iodepth requests)', parseInteger(1, 32768))
     .option('--indirect', 'one indirect table per request (as Linux guests) instead of three ring descriptors', false)
+    .option('--packed', 'packed rings (VIRTIO_F_RING_PACKED) instead of split rings', false)
     .option('--backend-pid <pid>', "also report the backend process's CPU time per request (/proc/PID/stat)", parseInteger(1, 2 ** 22))
     .option('--json', 'print the result as JSON on stdout (progress still goes to stderr)', false)
     .action(async (opts: BenchBlkCliOptions) => {
@@ -579,6 +588,7 @@ function blkBenchCommand(): Command {
           rampSeconds: opts.ramp,
           rwmixread: opts.rwmixread,
           indirect: opts.indirect,
+          packed: opts.packed,
           ...(opts.span !== undefined ? { span: opts.span } : {}),
           ...(opts.queueSize !== undefined ? { queueSize: opts.queueSize } : {}),
           ...(opts.backendPid !== undefined ? { backendPid: opts.backendPid } : {}),

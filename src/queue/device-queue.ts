@@ -9,6 +9,8 @@
  */
 import type { GuestMemory } from '../memory/guest-memory.js';
 import type { DescriptorChain } from './descriptor-chain.js';
+import { PackedQueue } from './packed-queue.js';
+import { SplitQueue } from './split-queue.js';
 
 export interface DeviceQueue {
   /** Number of entries (descriptors for packed, chains' heads for split). */
@@ -64,4 +66,28 @@ export interface DeviceQueue {
   hasAvailable(): boolean;
   /** Whether the driver made anything available past position `seen` (a fresh read). */
   availableSince(seen: number): boolean;
+}
+
+/** A queue as vhost-user describes it (SET_VRING_NUM, SET_VRING_ADDR, the negotiated features). */
+export interface DeviceQueueConfig {
+  /** VIRTIO_F_RING_PACKED was negotiated. */
+  readonly packed: boolean;
+  readonly size: number;
+  readonly descAddr: number;
+  /** Split: the available ring; packed: the driver event suppression area. */
+  readonly availAddr: number;
+  /** Split: the used ring; packed: the device event suppression area. */
+  readonly usedAddr: number;
+  readonly eventIdx: boolean;
+  readonly indirect: boolean;
+  /** See `SplitQueueConfig.cacheViews`. */
+  readonly cacheViews?: boolean;
+}
+
+/** The device side of a queue of either layout (not attached: see `attach`). */
+export function createDeviceQueue(config: DeviceQueueConfig): DeviceQueue {
+  const { size, descAddr, availAddr, usedAddr, eventIdx, indirect, cacheViews = true } = config;
+  return config.packed
+    ? new PackedQueue({ size, descAddr, driverAddr: availAddr, deviceAddr: usedAddr, eventIdx, indirect, cacheViews })
+    : new SplitQueue({ size, descAddr, availAddr, usedAddr, eventIdx, indirect, cacheViews });
 }

@@ -11,7 +11,7 @@ export {
   type Segment,
   type SplitQueueDriverConfig,
 } from './split-queue-driver.js';
-export type { DeviceQueue } from './device-queue.js';
+export { createDeviceQueue, type DeviceQueue, type DeviceQueueConfig } from './device-queue.js';
 export { createQueueDriver, queueDriverLayout, type QueueDriver, type QueueDriverOptions } from './queue-driver.js';
 export {
   MAX_PACKED_QUEUE_SIZE,
