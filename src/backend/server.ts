@@ -1,7 +1,11 @@
 /**
- * The vhost-user backend server of one device: listens on a unix socket (the VMM connects as a client, as it does to
- * qemu-storage-daemon), serves one frontend at a time, and goes back to listening when it leaves. Its queues run on
- * a worker pool: the daemon's, shared with other devices, or one of its own.
+ * The vhost-user backend server of one device. It serves one frontend at a time, reached one of two ways:
+ * - `listen()`: on a unix socket the VMM connects to (as it does to qemu-storage-daemon); it listens again when the
+ *   frontend leaves;
+ * - `connect()` (client mode): it connects to a VMM that listens (QEMU `-chardev socket,server=on,wait=off`, DPDK
+ *   virtio_user `server=1`, OVS-DPDK's dpdkvhostuserclient ports the other way round), and connects again, with
+ *   backoff, whenever that fails or the connection drops, for as long as it runs.
+ * Its queues run on a worker pool: the daemon's, shared with other devices, or one of its own.
  */
 import { lstatSync, unlinkSync } from 'node:fs';
 import pino, { type Logger } from 'pino';
@@ -36,6 +40,10 @@ export interface ServerOptions {
   onMemoryChange?: (durationMs: number) => void;
 }
 
+/** Client mode: the first retry comes after this long, each next one after twice as long, up to the maximum. */
+export const RECONNECT_MIN_MS = 50;
+export const RECONNECT_MAX_MS = 2000;
+
 /** One connected frontend: frames messages and feeds them, one at a time, to its session. */
 class Connection {
   readonly session: BackendSession;
@@ -46,6 +54,8 @@ class Connection {
   readonly #queue: Message[] = [];
   #draining: Promise<void> | undefined;
   #ending = false;
+  /** `finish()` began: no further message is handled. */
+  #finishing = false;
   #markClosed: () => void = () => undefined;
 
   constructor(fd: number, options: SessionOptions, log: Logger) {
@@ -73,6 +83,7 @@ class Connection {
       return;
     }
     this.#queue.push(...messages);
+    if (this.#finishing) return; // released by end()
     // Only when there is something to handle: a read that completed no message must not start (and finish) a
     // drain, or #draining would keep a settled promise and no later message would ever be handled.
     if (this.#draining === undefined && this.#queue.length > 0) {
@@ -84,14 +95,37 @@ class Connection {
   /** Handles queued messages strictly in order: a handler that waits (for workers) holds back the next message. */
   async #drain(): Promise<void> {
     let keep = true;
-    while (keep && !this.#ending) {
+    while (keep && !this.#ending && !this.#finishing) {
       const msg = this.#queue.shift(); // taken only when it will be handled: end() releases what is left
       if (msg === undefined) break;
       keep = await this.session.handle(msg);
     }
     this.#draining = undefined;
     if (!keep) void this.end();
-    else if (!this.#ending) this.#socket.resumeReading();
+    else if (!this.#ending && !this.#finishing) this.#socket.resumeReading();
+  }
+
+  /**
+   * A graceful end: no further message is handled, every running ring stops once the requests it took have
+   * completed and their completions are in the used ring (at most `timeoutMs`; then what is left is abandoned as by
+   * `end()`), then everything is released as by `end()`.
+   */
+  async finish(timeoutMs: number): Promise<void> {
+    if (this.#ending || this.#finishing) return this.closed;
+    this.#finishing = true;
+    this.#socket.pauseReading();
+    await this.#draining;
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<'timeout'>((resolve) => (timer = setTimeout(() => resolve('timeout'), timeoutMs)));
+    try {
+      const r = await Promise.race([this.session.stopRings(), timedOut]);
+      if (r === 'timeout') this.#log.warn({ timeoutMs }, 'requests still in flight after the drain timeout: abandoned');
+    } catch (err) {
+      this.#log.error({ err }, 'error while stopping the rings');
+    } finally {
+      clearTimeout(timer);
+    }
+    return this.end();
   }
 
   /** Releases everything the frontend gave us: workers, mappings, fds. Idempotent. */
@@ -126,6 +160,10 @@ export class VhostUserServer {
   #connectedAt: Date | undefined;
   #listenFd = -1;
   #watchId = -1;
+  /** Client mode: set by `connect()`; the pending retry and the delay of the next one. */
+  #clientMode = false;
+  #retryTimer: NodeJS.Timeout | undefined;
+  #retryMs = RECONNECT_MIN_MS;
   #connection: Connection | undefined;
   #closing = false;
   /** Resolves each time a frontend has gone and its resources are released (for tests and the demo). */
@@ -146,7 +184,7 @@ export class VhostUserServer {
    * other file is VHOST_SOCKET_IN_USE; a path where no socket can be made is VHOST_SOCKET_UNAVAILABLE.
    */
   listen(): void {
-    if (this.#listenFd >= 0) throw new VhostError('VHOST_SERVER_LISTENING', 'already listening');
+    if (this.#listenFd >= 0 || this.#clientMode) throw new VhostError('VHOST_SERVER_LISTENING', 'already listening or connecting');
     claimSocketPath(this.socketPath);
     try {
       this.#listenFd = native.listenUnix(this.socketPath);
@@ -158,13 +196,46 @@ export class VhostUserServer {
         { cause: err },
       );
     }
-    if (this.#pool === undefined) {
-      const device = this.#options.device;
-      const threads = this.#options.workers ?? Math.ceil(device.numQueues / (device.queuesPerWorker ?? 1));
-      this.#pool = new WorkerPool({ threads, ...(this.#options.sync !== undefined ? { sync: this.#options.sync } : {}) });
-    }
+    this.#startPool();
     this.#watchListen();
     this.#log.info({ socket: this.socketPath, deviceType: this.device.name }, 'listening');
+  }
+
+  /**
+   * Client mode: connects to the frontend listening at `socketPath`, now and again whenever the connection fails or
+   * drops (after RECONNECT_MIN_MS, doubling up to RECONNECT_MAX_MS while it keeps failing), until `close()`.
+   */
+  connect(): void {
+    if (this.#listenFd >= 0 || this.#clientMode) throw new VhostError('VHOST_SERVER_LISTENING', 'already listening or connecting');
+    this.#clientMode = true;
+    this.#startPool();
+    this.#log.info({ socket: this.socketPath, deviceType: this.device.name }, 'connecting');
+    this.#tryConnect();
+  }
+
+  #startPool(): void {
+    if (this.#pool !== undefined) return;
+    const device = this.#options.device;
+    const threads = this.#options.workers ?? Math.ceil(device.numQueues / (device.queuesPerWorker ?? 1));
+    this.#pool = new WorkerPool({ threads, ...(this.#options.sync !== undefined ? { sync: this.#options.sync } : {}) });
+  }
+
+  #tryConnect(): void {
+    this.#retryTimer = undefined;
+    if (this.#closing) return;
+    let fd: number;
+    try {
+      fd = native.connectUnix(this.socketPath);
+    } catch (err) {
+      // Not there yet (ENOENT), not listening (ECONNREFUSED), or anything else: all are worth another try later.
+      const delay = this.#retryMs;
+      this.#retryMs = Math.min(2 * delay, RECONNECT_MAX_MS);
+      this.#log.debug({ code: (err as NodeJS.ErrnoException).code, retryMs: delay }, 'frontend not reachable');
+      this.#retryTimer = setTimeout(() => this.#tryConnect(), delay);
+      return;
+    }
+    this.#retryMs = RECONNECT_MIN_MS;
+    this.#serve(fd);
   }
 
   /** Frontends accepted since the server started, and since when the current one is connected. */
@@ -193,6 +264,11 @@ export class VhostUserServer {
     // One frontend at a time: stop accepting; later connections wait in the backlog until this one leaves.
     native.unwatch(this.#watchId);
     this.#watchId = -1;
+    this.#serve(fd);
+  }
+
+  /** Serves the frontend on `fd` until it leaves, then listens or connects again. */
+  #serve(fd: number): void {
     this.#log.info('frontend connected');
     this.#connections++;
     this.#connectedAt = new Date();
@@ -208,16 +284,25 @@ export class VhostUserServer {
     void connection.closed.then(() => {
       this.#connection = undefined;
       for (const resolve of this.#onIdle.splice(0)) resolve();
-      if (!this.#closing) this.#watchListen();
+      if (this.#closing) return;
+      // Client mode: the frontend went away (a VMM restarting, or it dropped us): reach it again after a pause.
+      if (this.#clientMode) this.#retryTimer = setTimeout(() => this.#tryConnect(), RECONNECT_MIN_MS);
+      else this.#watchListen();
     });
   }
 
-  /** Disconnects the frontend, releases everything and stops listening (and its own pool, if it has one). */
-  async close(): Promise<void> {
+  /**
+   * Disconnects the frontend, releases everything and stops listening or connecting (and its own pool, if any).
+   * With `drainMs`, the frontend's requests in flight complete first (up to that long): nothing it was told is lost.
+   */
+  async close(options: { drainMs?: number } = {}): Promise<void> {
     this.#closing = true;
     if (this.#watchId >= 0) native.unwatch(this.#watchId);
     this.#watchId = -1;
-    await this.#connection?.end();
+    if (this.#retryTimer !== undefined) clearTimeout(this.#retryTimer);
+    this.#retryTimer = undefined;
+    if (options.drainMs !== undefined) await this.#connection?.finish(options.drainMs);
+    else await this.#connection?.end();
     if (this.#listenFd >= 0) {
       native.close(this.#listenFd);
       this.#listenFd = -1;

@@ -723,6 +723,11 @@ export class BackendSession {
   }
 
   /** Releases everything: workers first (nothing touches guest memory after that), then fds and mappings. */
+  /** Stops every running ring, each once the requests it took have completed (their completions published). */
+  async stopRings(): Promise<void> {
+    await Promise.all(this.#vrings.flatMap((v, i) => (v.started ? [this.#stopRing(i)] : [])));
+  }
+
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;

@@ -4,10 +4,18 @@ import { VhostUserServer } from '../backend/server.js';
 import { createDevice } from '../daemon/device-factory.js';
 import { createLogger } from './logger.js';
 import { parseInteger, parseSize } from './parse.js';
-import { addServerOptions, serverOptions, stopSignal, type ServerCliOptions } from './server-options.js';
+import {
+  STOP_DRAIN_MS,
+  addEndpointOptions,
+  addServerOptions,
+  endpoint,
+  serverOptions,
+  stopSignal,
+  type EndpointCliOptions,
+  type ServerCliOptions,
+} from './server-options.js';
 
-interface BlkOptions extends ServerCliOptions {
-  socket: string;
+interface BlkOptions extends ServerCliOptions, EndpointCliOptions {
   image?: string;
   null?: number;
   readOnly: boolean;
@@ -22,9 +30,10 @@ export function blkCommand(): Command {
     .description(
       'Serve a virtio-blk device over vhost-user. Listens on --socket; the VMM connects as a client (QEMU: ' +
         '-chardev socket,id=c0,path=SOCK -device vhost-user-blk-pci,chardev=c0, with shared memfd guest memory). ' +
-        'Serves one frontend at a time and listens again when it leaves. SIGINT/SIGTERM exit cleanly (status 0).',
-    )
-    .requiredOption('--socket <path>', 'unix socket path to listen on (a stale socket file is replaced)')
+        'Serves one frontend at a time and listens again when it leaves; with --connect it connects to the VMM ' +
+        'instead. SIGINT/SIGTERM: requests in flight complete, then it exits (status 0).',
+    );
+  addEndpointOptions(command)
     .option('--image <file>', 'raw disk image to serve (its size, rounded down to 512 bytes, is the capacity)')
     .option('--null <size>', 'serve a null device of this size instead (e.g. 1G): requests complete without data', parseSize)
     .option('--read-only', 'offer VIRTIO_BLK_F_RO and refuse writes', false)
@@ -38,6 +47,7 @@ export function blkCommand(): Command {
     .option('--serial <id>', 'device serial returned by GET_ID (up to 20 bytes)', 'vhost-user-ts');
   return addServerOptions(command, 'worker threads for the queues (default: one per queue)').action(async (opts: BlkOptions) => {
       const log = createLogger(opts.logLevel);
+      const { socketPath, clientMode } = endpoint(opts);
       if ((opts.image === undefined) === (opts.null === undefined)) {
         throw new Error('give exactly one of --image FILE or --null SIZE');
       }
@@ -45,7 +55,7 @@ export function blkCommand(): Command {
       const { device } = createDevice({
         id: 'blk',
         type: 'blk',
-        socket: opts.socket,
+        socket: socketPath,
         ...(opts.image !== undefined ? { image: opts.image } : { null: opts.null ?? 0 }),
         readOnly: opts.readOnly,
         queues: opts.queues,
@@ -55,15 +65,16 @@ export function blkCommand(): Command {
         memSlots: opts.memSlots,
       });
       const server = new VhostUserServer({
-        socketPath: opts.socket,
+        socketPath,
         device,
         logger: log,
         ...serverOptions(opts),
       });
-      server.listen();
+      if (clientMode) server.connect();
+      else server.listen();
       log.info({ capacity: device.capacityBytes, queues: device.numQueues, readOnly: opts.readOnly }, 'vhost-user-blk ready');
       await stopSignal(log);
-      await server.close();
+      await server.close({ drainMs: STOP_DRAIN_MS });
       log.flush();
     });
 }

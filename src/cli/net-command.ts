@@ -8,10 +8,18 @@ import { MAX_FRAME, MIN_FRAME } from '../devices/net/constants.js';
 import { MAX_SWITCH_PORTS, SwitchFabric } from '../devices/net/ports/switch.js';
 import { createLogger } from './logger.js';
 import { parseInteger, parsePort } from './parse.js';
-import { addServerOptions, serverOptions, stopSignal, type ServerCliOptions } from './server-options.js';
+import {
+  STOP_DRAIN_MS,
+  addEndpointOptions,
+  addServerOptions,
+  endpoint,
+  serverOptions,
+  stopSignal,
+  type EndpointCliOptions,
+  type ServerCliOptions,
+} from './server-options.js';
 
-interface NetOptions extends ServerCliOptions {
-  socket: string;
+interface NetOptions extends ServerCliOptions, EndpointCliOptions {
   /** Validated by parsePort, kept as text (the daemon config's form). */
   port: string;
   queues: number;
@@ -25,10 +33,10 @@ export function netCommand(): Command {
     .description(
       'Serve a virtio-net device over vhost-user. Listens on --socket; the VMM connects as a client (QEMU: -chardev ' +
         'socket,id=c0,path=SOCK -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0, with shared ' +
-        'memfd guest memory; DPDK: --vdev net_virtio_user0,path=SOCK). Frames go to --port. SIGINT/SIGTERM exit cleanly ' +
-        '(status 0) after logging the counters.',
-    )
-    .requiredOption('--socket <path>', 'unix socket path to listen on (a stale socket file is replaced)')
+        'memfd guest memory; DPDK: --vdev net_virtio_user0,path=SOCK). With --connect it connects to the VMM instead. ' +
+        'Frames go to --port. SIGINT/SIGTERM: frames in flight complete, then it exits (status 0) after logging the counters.',
+    );
+  addEndpointOptions(command)
     .requiredOption(
       '--port <port>',
       'where frames go: loopback (echo), sink (drop), source (generate; check what comes back), tap:NAME (a new TAP device)',
@@ -40,11 +48,12 @@ export function netCommand(): Command {
     .option('--frame-len <bytes>', `length of the source port's frames (${MIN_FRAME}..${MAX_FRAME})`, parseInteger(MIN_FRAME, MAX_FRAME), 64);
   return addServerOptions(command, 'worker threads (default: one per queue pair)').action(async (opts: NetOptions) => {
     const log = createLogger(opts.logLevel);
+    const { socketPath, clientMode } = endpoint(opts);
     // The same construction as a daemon's `{"type": "net", ...}` device (daemon/device-factory.ts).
     const net = createDevice({
       id: 'net',
       type: 'net',
-      socket: opts.socket,
+      socket: socketPath,
       port: opts.port,
       queues: opts.queues,
       queueSize: opts.queueSize,
@@ -53,12 +62,13 @@ export function netCommand(): Command {
       ...(opts.mac !== undefined ? { mac: opts.mac } : {}),
     });
     const device = net.device;
-    const server = new VhostUserServer({ socketPath: opts.socket, device, logger: log, ...serverOptions(opts) });
+    const server = new VhostUserServer({ socketPath, device, logger: log, ...serverOptions(opts) });
     try {
-      server.listen();
+      if (clientMode) server.connect();
+      else server.listen();
       log.info({ port: opts.port, queuePairs: opts.queues }, 'vhost-user-net ready');
       await stopSignal(log);
-      await server.close();
+      await server.close({ drainMs: STOP_DRAIN_MS });
     } finally {
       device.close();
     }

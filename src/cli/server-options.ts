@@ -34,6 +34,35 @@ export function serverOptions(opts: ServerCliOptions): { sync: SyncMode; memSlot
   return { sync: opts.sync, memSlots: opts.memSlots, ...(opts.workers !== undefined ? { workers: opts.workers } : {}) };
 }
 
+/** How a device command reaches its frontend: `--socket` (listen) or `--connect` (client mode). */
+export interface EndpointCliOptions {
+  socket?: string;
+  connect?: string;
+}
+
+/** Adds --socket PATH and --connect PATH (exactly one is given: see `endpoint`). */
+export function addEndpointOptions(command: Command): Command {
+  return command
+    .option('--socket <path>', 'unix socket path to listen on, the VMM connects (a stale socket file is replaced)')
+    .option(
+      '--connect <path>',
+      'client mode: connect to a VMM listening on this socket (QEMU -chardev socket,server=on,wait=off; DPDK ' +
+        'virtio_user server=1), and again, with backoff, whenever it is not there or the connection drops',
+    );
+}
+
+/** The socket path and whether to connect to it (client mode) or listen on it. */
+export function endpoint(opts: EndpointCliOptions): { socketPath: string; clientMode: boolean } {
+  if ((opts.socket === undefined) === (opts.connect === undefined)) throw new Error('give exactly one of --socket PATH or --connect PATH');
+  return opts.connect !== undefined ? { socketPath: opts.connect, clientMode: true } : { socketPath: opts.socket ?? '', clientMode: false };
+}
+
+/**
+ * At SIGINT/SIGTERM a device command stops taking requests and lets those in flight complete (their completions
+ * published) for up to this long before it disconnects: a restart loses nothing even without inflight tracking.
+ */
+export const STOP_DRAIN_MS = 10_000;
+
 /** Resolves at the first SIGINT or SIGTERM (logged), so that the command can close its servers and exit 0. */
 export function stopSignal(log: Logger): Promise<void> {
   return new Promise<void>((resolve) => {

@@ -312,7 +312,15 @@ export class VhostUserFrontend {
         await new Promise((resolve) => setTimeout(resolve, 20));
       }
     }
-    const frontend = new VhostUserFrontend(socketPath, fd, options);
+    return VhostUserFrontend.fromSocket(fd, options, socketPath);
+  }
+
+  /**
+   * The handshake over a socket that is already connected (taken over: closed with the frontend), e.g. one accepted
+   * from a backend in client mode, as QEMU's `-chardev socket,server=on` accepts it. `name` stands in for the path.
+   */
+  static async fromSocket(fd: number, options: FrontendOptions = {}, name = `fd ${fd}`): Promise<VhostUserFrontend> {
+    const frontend = new VhostUserFrontend(name, fd, options);
     try {
       await frontend.#handshake(options);
     } catch (err) {

@@ -15,12 +15,16 @@ export interface BackendProcess {
   logs(): Record<string, unknown>[];
   /** SIGTERM; resolves with the exit code (SIGKILL after 5 s, which fails the caller's assertion). */
   stop(): Promise<number | null>;
+  /** SIGKILL (a crash); resolves once it is gone. */
+  kill(): Promise<void>;
 }
 
 export interface StartBackendOptions {
   readonly socketPath: string;
   /** Device options after `--socket PATH --log-level L`. */
   readonly args: readonly string[];
+  /** Client mode: `--connect PATH` instead of `--socket PATH` (ready once it logs 'connecting'). */
+  readonly connect?: boolean;
   /** The device subcommand (default 'blk'). */
   readonly command?: string;
   /** Default 'debug'. */
@@ -40,7 +44,8 @@ export function jsonLogLines(text: string): Record<string, unknown>[] {
 
 export async function startBackend(args: StartBackendOptions): Promise<BackendProcess> {
   const bin = join(repoRoot(), 'bin', 'vhost-user.js');
-  const argv = [bin, args.command ?? 'blk', '--socket', args.socketPath, '--log-level', args.logLevel ?? 'debug', ...args.args];
+  const connect = args.connect ?? false;
+  const argv = [bin, args.command ?? 'blk', connect ? '--connect' : '--socket', args.socketPath, '--log-level', args.logLevel ?? 'debug', ...args.args];
   const [exe, ...pre] = args.wrapper !== undefined && args.wrapper.length > 0 ? [...args.wrapper, process.execPath] : [process.execPath];
   const child: ChildProcess = spawnOwned(exe, [...pre, ...argv]);
   let text = '';
@@ -50,7 +55,8 @@ export async function startBackend(args: StartBackendOptions): Promise<BackendPr
   const logs = (): Record<string, unknown>[] => jsonLogLines(text);
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   const deadline = Date.now() + 15_000;
-  while (!logs().some((l) => l.msg === 'listening')) {
+  const ready = connect ? 'connecting' : 'listening';
+  while (!logs().some((l) => l.msg === ready)) {
     if (hasExited(child) || Date.now() > deadline) {
       await stopProcess(child);
       throw new Error(`backend did not start:\n${text}`);
@@ -67,6 +73,10 @@ export async function startBackend(args: StartBackendOptions): Promise<BackendPr
       const code = await exited;
       clearTimeout(timer);
       return code;
+    },
+    kill: async () => {
+      if (!hasExited(child)) child.kill('SIGKILL');
+      await exited;
     },
   };
 }
