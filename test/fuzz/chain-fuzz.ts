@@ -41,8 +41,8 @@ import { timeBoxedAssert, type FuzzReport } from './config.js';
 /** The queue worker's per-queue batch limit (src/backend/queue-worker.ts BATCH_LIMIT, not exported there). */
 export const WORKER_BATCH_LIMIT = 256;
 
-const TWO_53 = 2n ** 53n;
-const U64_MAX = 2n ** 64n - 1n;
+export const TWO_53 = 2n ** 53n;
+export const U64_MAX = 2n ** 64n - 1n;
 
 // ---- memory layout ------------------------------------------------------------------------------------------------
 
@@ -68,8 +68,8 @@ export function fuzzMemory(guard: number): GuardedMemory {
 }
 
 /** Where indirect tables go: aligned in B, across B|C, running into the hole after A, in a hole, odd, huge in D. */
-const TABLES = [B + 0x100, C - 40, A_END - 48, 0x1_8000, B + 0x801] as const;
-const HUGE_TABLE = D;
+export const TABLES = [B + 0x100, C - 40, A_END - 48, 0x1_8000, B + 0x801] as const;
+export const HUGE_TABLE = D;
 
 // ---- scenarios ------------------------------------------------------------------------------------------------------
 
@@ -128,15 +128,19 @@ export interface RequestSpec {
   readonly statusAt: 'A' | 'C' | 'hole' | 'ring';
 }
 
-const lenArb: fc.Arbitrary<number> = fc.oneof(
+export const lenArb: fc.Arbitrary<number> = fc.oneof(
   { weight: 6, arbitrary: fc.constantFrom(0, 1, 15, 16, 17, 20, 21, 512, 513, 528, 1024, 4096) },
   { weight: 2, arbitrary: fc.constantFrom(0x7fff_ffff, 0x8000_0000, 0xffff_fff0, 0xffff_ffff, 0xffff_fe00) },
   { weight: 2, arbitrary: fc.nat({ max: 0xffff_ffff }) },
 );
 
-/** Buffer addresses: header slots, buffers in every region, region ends, holes, the rings, limits of 2^53 / 2^64. */
-function bufferAddrArb(size: number): fc.Arbitrary<bigint> {
+/**
+ * Buffer addresses: header slots, buffers in every region, region ends, holes, the rings, limits of 2^53 / 2^64.
+ * `ringAddrs`: addresses inside the rings (default: the split layout's desc, avail, used and used + 4).
+ */
+export function bufferAddrArb(size: number, ringAddrs?: readonly number[]): fc.Arbitrary<bigint> {
   const ringish = SplitQueueDriver.layout(size, RING_BASE);
+  const rings = ringAddrs ?? [ringish.descAddr, ringish.availAddr, ringish.usedAddr, ringish.usedAddr + 4];
   return fc.oneof(
     { weight: 6, arbitrary: fc.integer({ min: 0, max: 7 }).map((i) => BigInt(HEADERS + 0x100 * i)) },
     { weight: 6, arbitrary: fc.integer({ min: 0, max: 0x6fff }).map((x) => BigInt(0x9000 + x)) },
@@ -152,10 +156,7 @@ function bufferAddrArb(size: number): fc.Arbitrary<bigint> {
         0x1_8000,
         D,
         D + D_SIZE - 8,
-        ringish.descAddr,
-        ringish.availAddr,
-        ringish.usedAddr,
-        ringish.usedAddr + 4,
+        ...rings,
       ).map(BigInt),
     },
     { weight: 2, arbitrary: fc.constantFrom(TWO_53 - 16n, TWO_53 - 1n, TWO_53, TWO_53 + 16n, U64_MAX, U64_MAX - 15n, 2n ** 63n) },
@@ -230,7 +231,7 @@ const ringArb = (size: number): fc.Arbitrary<RingPlacement> =>
     },
   );
 
-const headerArb = fc.record({
+export const headerArb = fc.record({
   type: fc.oneof(
     { weight: 8, arbitrary: fc.constantFrom(BlkRequestType.IN, BlkRequestType.OUT, BlkRequestType.FLUSH, BlkRequestType.GET_ID, BlkRequestType.DISCARD, BlkRequestType.WRITE_ZEROES) },
     { weight: 1, arbitrary: fc.nat({ max: 0xffff_ffff }) },
@@ -250,7 +251,7 @@ const mutationArb: fc.Arbitrary<Mutation> = fc.record({
   bytes: fc.uint8Array({ minLength: 1, maxLength: 16 }),
 });
 
-const requestArb: fc.Arbitrary<RequestSpec> = fc.record({
+export const requestArb: fc.Arbitrary<RequestSpec> = fc.record({
   type: fc.oneof(
     { weight: 10, arbitrary: fc.constantFrom(BlkRequestType.IN, BlkRequestType.IN, BlkRequestType.OUT, BlkRequestType.OUT, BlkRequestType.FLUSH, BlkRequestType.GET_ID, BlkRequestType.DISCARD, BlkRequestType.WRITE_ZEROES) },
     { weight: 1, arbitrary: fc.nat({ max: 0xffff_ffff }) },
@@ -314,14 +315,14 @@ export const chainScenarioArb: fc.Arbitrary<ChainScenario> = fc
 
 // ---- the model ------------------------------------------------------------------------------------------------------
 
-interface Segment {
+export interface Segment {
   addr: number;
   len: number;
   writable: boolean;
 }
 
 /** 16 bytes at `gpa` if all are mapped, else undefined. */
-function readEntry(mem: GuardedMemory, gpa: bigint): DataView | undefined {
+export function readEntry(mem: GuardedMemory, gpa: bigint): DataView | undefined {
   if (gpa + 16n > TWO_53) return undefined;
   const g = Number(gpa);
   const r = mem.regionOf(g);
@@ -375,7 +376,7 @@ export function modelChain(mem: GuardedMemory, s: { size: number; indirect: bool
   }
 }
 
-function segmentsOf(chain: DescriptorChain): Segment[] {
+export function segmentsOf(chain: DescriptorChain): Segment[] {
   const out: Segment[] = [];
   for (let i = 0; i < chain.count; i++) out.push({ addr: chain.addr[i] ?? NaN, len: chain.len[i] ?? NaN, writable: chain.writable[i] === 1 });
   return out;
@@ -448,7 +449,7 @@ function ringAddrs(s: ChainScenario): { desc: number; avail: number; used: numbe
   return { desc: s.ring.desc, avail: s.ring.avail, used: s.ring.used };
 }
 
-function le16(v: number): Uint8Array {
+export function le16(v: number): Uint8Array {
   return new Uint8Array([v & 0xff, (v >>> 8) & 0xff]);
 }
 
@@ -505,6 +506,36 @@ function dataBase(at: RequestSpec['dataAt'], j: number): number {
 }
 
 /**
+ * The segments of request `r` (the `j`th of its scenario) as a driver lays it out: a 16-byte header (written to its
+ * slot in HEADERS now), the data in 1-3 pieces at `r.dataAt`, a status byte at `r.statusAt`.
+ */
+export function requestSegments(mem: GuardedMemory, r: RequestSpec, j: number): Segment[] {
+  const slot = HEADERS + 0x100 * (j % 16);
+  const hdr = new Uint8Array(16);
+  const hv = new DataView(hdr.buffer);
+  hv.setUint32(0, r.type >>> 0, true);
+  hv.setUint32(8, r.sector >>> 0, true);
+  mem.poke(slot, hdr);
+  const segs: Segment[] = [{ addr: slot, len: 16, writable: false }];
+  const dataWritable = r.type === BlkRequestType.IN || r.type === BlkRequestType.GET_ID;
+  const base = dataBase(r.dataAt, j);
+  let done = 0;
+  for (let k = 0; k < r.split && done < r.dataLen; k++) {
+    const len = k === r.split - 1 ? r.dataLen - done : Math.min(r.dataLen - done, 512 * (k + 1));
+    segs.push({ addr: base + done, len, writable: dataWritable });
+    done += len;
+  }
+  const statusBase = r.statusAt === 'A' ? 0xf000 : r.statusAt === 'C' ? C + 0x100 : r.statusAt === 'hole' ? 0x1_9000 : RING_BASE + 2;
+  segs.push({ addr: statusBase + j, len: 1, writable: true });
+  return segs;
+}
+
+/** Where the indirect table of request `j` goes: in B, 0x100 apart; the first one across B|C when its status is in C. */
+export function requestTableAddr(r: RequestSpec, j: number): number {
+  return j === 0 && r.statusAt === 'C' ? C - 16 * 2 : B + 0x100 + 0x100 * j;
+}
+
+/**
  * Lays the scenario's well-formed requests into the descriptor table (direct chains from index 0 up) or into indirect
  * tables in B (one per request, 0x100 apart, the first one across B|C when its status lives in C). Returns the heads.
  */
@@ -513,23 +544,7 @@ function layRequests(mem: GuardedMemory, s: ChainScenario, descAddr: number): nu
   let nextDesc = 0;
   const limit = Math.min(s.size, 32);
   s.requests.forEach((r, j) => {
-    const slot = HEADERS + 0x100 * (j % 16);
-    const hdr = new Uint8Array(16);
-    const hv = new DataView(hdr.buffer);
-    hv.setUint32(0, r.type >>> 0, true);
-    hv.setUint32(8, r.sector >>> 0, true);
-    mem.poke(slot, hdr);
-    const segs: { addr: number; len: number; writable: boolean }[] = [{ addr: slot, len: 16, writable: false }];
-    const dataWritable = r.type === BlkRequestType.IN || r.type === BlkRequestType.GET_ID;
-    const base = dataBase(r.dataAt, j);
-    let done = 0;
-    for (let k = 0; k < r.split && done < r.dataLen; k++) {
-      const len = k === r.split - 1 ? r.dataLen - done : Math.min(r.dataLen - done, 512 * (k + 1));
-      segs.push({ addr: base + done, len, writable: dataWritable });
-      done += len;
-    }
-    const statusBase = r.statusAt === 'A' ? 0xf000 : r.statusAt === 'C' ? C + 0x100 : r.statusAt === 'hole' ? 0x1_9000 : RING_BASE + 2;
-    segs.push({ addr: statusBase + j, len: 1, writable: true });
+    const segs = requestSegments(mem, r, j);
     const n = segs.length;
     const descs = segs.map((x, i) => ({
       addr: x.addr,
@@ -538,7 +553,7 @@ function layRequests(mem: GuardedMemory, s: ChainScenario, descAddr: number): nu
       next: i + 1,
     }));
     if (r.indirect && s.indirect && nextDesc < limit) {
-      const table = j === 0 && r.statusAt === 'C' ? C - 16 * 2 : B + 0x100 + 0x100 * j;
+      const table = requestTableAddr(r, j);
       descs.forEach((d, i) => mem.poke(table + 16 * i, encodeDesc(d)));
       heads.push(nextDesc);
       mem.poke(descAddr + 16 * nextDesc, encodeDesc({ addr: table, len: 16 * n, flags: VRING_DESC_F_INDIRECT, next: 0 }));

@@ -13,9 +13,11 @@ import fc from 'fast-check';
 
 /** Shares of the in-suite budget, per fuzz test file (they add up to 1). */
 export const SHARES = {
-  chains: 0.3,
-  race: 0.1,
-  protocol: 0.35,
+  chains: 0.2,
+  packedChains: 0.15,
+  race: 0.06,
+  packedRace: 0.06,
+  protocol: 0.28,
   guestErrors: 0.15,
   fairness: 0.1,
 } as const;

@@ -1,16 +1,18 @@
-// `npm run fuzz -- [--seconds N] [--seed N] [--only chains,race,protocol]`: the fuzzers of test/fuzz for longer than
+// `npm run fuzz -- [--seconds N] [--seed N] [--only chains,packedChains,race,packedRace,protocol]`: the fuzzers of test/fuzz for longer than
 // the time-boxed run inside `npm test` (the time is split between the selected targets). Prints one report line per
 // target; on a failure prints fast-check's report (seed, path, shrunk counterexample) and exits 1. Replay a failure
 // with the same --seed (and --only). VHOST_FUZZ_KNOWN_BUGS=1 also generates inputs of bugs not fixed yet.
 import { parseArgs } from 'node:util';
 import { fuzzChains } from './chain-fuzz.js';
 import { baseSeed, formatReport, type FuzzReport } from './config.js';
+import { fuzzPackedChains } from './packed-chain-fuzz.js';
+import { racePackedChains } from './packed-race-fuzz.js';
 import { fuzzProtocol } from './protocol-fuzz.js';
 import { raceChains } from './race-fuzz.js';
 
-const TARGETS = ['chains', 'race', 'protocol'] as const;
+const TARGETS = ['chains', 'packedChains', 'race', 'packedRace', 'protocol'] as const;
 type Target = (typeof TARGETS)[number];
-const SHARE: Record<Target, number> = { chains: 0.4, race: 0.1, protocol: 0.5 };
+const SHARE: Record<Target, number> = { chains: 0.25, packedChains: 0.2, race: 0.07, packedRace: 0.08, protocol: 0.4 };
 
 const { values } = parseArgs({
   options: {
@@ -32,7 +34,9 @@ for (const target of only) {
   try {
     let report: FuzzReport;
     if (target === 'chains') report = fuzzChains({ ms, seed });
+    else if (target === 'packedChains') report = fuzzPackedChains({ ms, seed });
     else if (target === 'race') report = await raceChains({ ms, seed });
+    else if (target === 'packedRace') report = await racePackedChains({ ms, seed });
     else report = await fuzzProtocol({ ms, seed });
     console.log(formatReport(report));
   } catch (err) {
