@@ -226,7 +226,8 @@ function closeHandler(q: RunningQueue): void {
   q.inflight.clear();
 }
 
-function startQueue(s: WorkerSession, start: QueueStart): void {
+/** Starts a queue; returns where it resumed. */
+function startQueue(s: WorkerSession, start: QueueStart): { index: number; base: number; resyncedFrom: number } {
   if (s.device === undefined) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: queue started before its device module loaded`);
   const key = queueKey(s.id, start.index);
   if (queues.has(key)) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: queue ${start.index} is already running`);
@@ -235,6 +236,7 @@ function startQueue(s: WorkerSession, start: QueueStart): void {
   // Resume where the driver's state says: avail from SET_VRING_BASE; split: used from the ring itself (as
   // libvhost-user and DPDK do), which is what the driver last saw; packed: used = avail (the ring was drained).
   queue.resume(start.lastAvailIdx);
+  const resyncedFrom = start.resyncToUsed ? queue.resyncToUsed() : -1;
   const stats = queueStatsRow(s.attach.stats, start.index);
   const handler = s.device.createQueueHandler(s.attach.deviceOptions, { queueIndex: start.index, features: start.features, instance: s.id, stats });
   queues.set(key, {
@@ -256,6 +258,7 @@ function startQueue(s: WorkerSession, start: QueueStart): void {
     starved: false,
     starvedAvail: 0,
   });
+  return { index: start.index, base: queue.getBase(), resyncedFrom };
 }
 
 /** Stops a queue once nothing is in flight; reports where it stopped. */
@@ -338,8 +341,7 @@ function apply(cmd: WorkerCommand): void {
         send({ type: 'ack', id: cmd.id });
         break;
       case 'start-queue':
-        startQueue(sessionOf(cmd.session), cmd.queue);
-        send({ type: 'ack', id: cmd.id });
+        send({ type: 'queue-started', id: cmd.id, ...startQueue(sessionOf(cmd.session), cmd.queue) });
         break;
       case 'set-call':
       case 'set-err': {

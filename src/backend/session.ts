@@ -681,10 +681,15 @@ export class BackendSession {
       eventIdx: this.#hasFeature(VirtioFeature.RING_EVENT_IDX),
       indirect: this.#hasFeature(VirtioFeature.RING_INDIRECT_DESC),
       features: this.#features,
+      resyncToUsed: true, // no inflight region (yet)
     };
-    await this.#pool.startQueue(start);
+    const { base, resyncedFrom } = await this.#pool.startQueue(start);
     vring.started = true;
-    this.#log.info({ queue: index, size: n, base: vring.base, packed }, 'ring started');
+    if (resyncedFrom >= 0) {
+      // DPDK's backend does the same ("some packets maybe resent for Tx and dropped for Rx"): see DeviceQueue.
+      this.#log.warn({ queue: index, setVringBase: resyncedFrom, usedIdx: base }, 'SET_VRING_BASE disagrees with used.idx: resuming at used.idx');
+    }
+    this.#log.info({ queue: index, size: n, base, packed }, 'ring started');
   }
 
   /** Stops a running ring; its base becomes where the worker stopped. */

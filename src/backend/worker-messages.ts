@@ -39,6 +39,8 @@ export interface QueueStart {
   eventIdx: boolean;
   indirect: boolean;
   features: bigint;
+  /** No inflight region: a split ring whose used.idx differs from `lastAvailIdx` resumes at used.idx. */
+  resyncToUsed: boolean;
 }
 
 /** What a worker learns of a session the first time it is given one of its queues. */
@@ -71,6 +73,8 @@ export type WorkerCommand =
 export type WorkerReply =
   | { type: 'ack'; id: number }
   | { type: 'queue-stopped'; id: number; index: number; lastAvailIdx: number }
+  /** Where the queue resumed: `resyncedFrom` is the position SET_VRING_BASE gave when it moved to used.idx, else -1. */
+  | { type: 'queue-started'; id: number; index: number; base: number; resyncedFrom: number }
   | { type: 'failed'; id: number; code: string; message: string };
 
 /** Unsolicited events from a worker. `session` -1 and `index` -1: the worker itself failed. */

@@ -376,9 +376,12 @@ export class PoolLease {
     return worker;
   }
 
-  async startQueue(queue: QueueStart): Promise<void> {
+  /** Starts a queue on its worker; resolves with where it resumed (see the `queue-started` reply). */
+  async startQueue(queue: QueueStart): Promise<{ base: number; resyncedFrom: number }> {
     const worker = await this.#workerFor(queue.index);
-    await worker.request({ type: 'start-queue', session: this.session, queue });
+    const reply = await worker.request({ type: 'start-queue', session: this.session, queue });
+    if (reply.type !== 'queue-started') throw new VhostError('VHOST_INTERNAL', `start-queue answered with ${reply.type}`);
+    return { base: reply.base, resyncedFrom: reply.resyncedFrom };
   }
 
   /** Stops a queue; resolves with its last avail index (-1 if it was not running). */

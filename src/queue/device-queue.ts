@@ -34,6 +34,14 @@ export interface DeviceQueue {
    * DPDK do after a reconnect), else it equals `base` (packed: nothing may be in flight when the ring was stopped).
    */
   resume(base: number): void;
+  /**
+   * Where the layout keeps the used position in guest memory (split: used.idx) and it differs from where `resume`
+   * put the avail position: moves both there and returns the avail position it moved from; otherwise -1 (packed:
+   * always). For a frontend that resumes a ring it lost track of without an inflight region (DPDK's virtio_user
+   * sends 0 after a reconnect, whatever the ring says), as DPDK's own backend does: every chain before used.idx was
+   * completed, every one after it is taken again.
+   */
+  resyncToUsed(): number;
   /** GET_VRING_BASE: the next available position to process. */
   getBase(): number;
 

@@ -328,6 +328,11 @@ export class PackedQueue implements DeviceQueue {
     this.#batchSlot = -1;
   }
 
+  /** Packed rings keep no used index in guest memory: nothing to resync to. */
+  resyncToUsed(): number {
+    return -1;
+  }
+
   /** GET_VRING_BASE: the next avail position, `index | wrap << 15`. */
   getBase(): number {
     return packedPosition(this.#avail, this.size);

@@ -275,6 +275,13 @@ export class SplitQueue implements DeviceQueue {
     return this.availableCount() > 0;
   }
 
+  resyncToUsed(): number {
+    const from = this.#lastAvailIdx;
+    if (this.#usedIdx === from) return -1;
+    this.setBase(this.#usedIdx, this.#usedIdx);
+    return from;
+  }
+
   /** Whether avail.idx moved past `seen` (validated as every avail.idx read). */
   availableSince(seen: number): boolean {
     return ((this.#lastAvailIdx + this.availableCount()) & 0xffff) !== seen;

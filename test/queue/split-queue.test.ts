@@ -138,6 +138,19 @@ test('16-bit indices wrap: both sides start at 65530 (SET_VRING_BASE) and run pa
   assert.equal(driver.freeCount, 4);
 });
 
+test('resyncToUsed: SET_VRING_BASE 0 on a ring whose used.idx is 300 (DPDK virtio_user after a reconnect) resumes at 300', () => {
+  const { mem, driver, queue, chain } = queuePair({ size: 4 });
+  driver.resetPositions(300); // avail.idx = used.idx = 300: 300 chains were completed before the reconnect
+  queue.resume(0);
+  assert.equal(queue.resyncToUsed(), 0, 'moved from the SET_VRING_BASE value');
+  assert.equal(queue.getBase(), 300);
+  assert.equal(queue.resyncToUsed(), -1, 'nothing to do once they agree');
+  driver.addChain([{ addr: BUF_BASE, len: 8, writable: true }], 'next');
+  driver.publish();
+  assert.ok(queue.popChain(mem, chain), 'the next chain is the one after used.idx, not 300 stale ones');
+  assert.equal(queue.availableCount(), 0);
+});
+
 test('an avail index exactly queue-size entries ahead is valid, also across the wrap', () => {
   const { mem, driver, queue, chain } = queuePair({ size: 4 });
   driver.resetPositions(65534);
