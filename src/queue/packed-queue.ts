@@ -106,6 +106,15 @@ const FLAGS_WORD = 7;
 const EV_OFF_WRAP = 0;
 const EV_FLAGS = 1;
 
+/**
+ * `(pos + n) % period` for `0 <= pos < period` and `0 <= n <= period`, without a division (the hot path: the
+ * period of a packed ring need not be a power of two, and an integer modulo costs tens of cycles).
+ */
+function advance(pos: number, n: number, period: number): number {
+  const next = pos + n;
+  return next >= period ? next - period : next;
+}
+
 /** Whether `size` is a valid packed queue size: an integer in 1..32768 (no power-of-two requirement). */
 export function isValidPackedQueueSize(size: number): boolean {
   return Number.isInteger(size) && size >= 1 && size <= MAX_PACKED_QUEUE_SIZE;
@@ -382,10 +391,10 @@ export class PackedQueue implements DeviceQueue {
     this.#slots[id] = slots;
     this.#inFlightSlots += slots;
     this.#inFlightChains++;
-    this.#avail = (this.#avail + slots) % this.#period;
+    this.#avail = advance(this.#avail, slots, this.#period);
     this.#seenAvail = this.#avail;
     this.#popStack[this.#popTop] = id;
-    this.#popTop = (this.#popTop + 1) % this.size;
+    this.#popTop = advance(this.#popTop, 1, this.size);
     if (this.#popDepth < this.size) this.#popDepth++;
     return true;
   }
@@ -444,8 +453,9 @@ export class PackedQueue implements DeviceQueue {
     this.#slots[head] = 0;
     this.#inFlightSlots -= slots;
     this.#inFlightChains--;
-    this.#used = (at + slots) % this.#period;
-    this.#pushedSincePublish = Math.min(this.#pushedSincePublish + slots, this.#period);
+    this.#used = advance(at, slots, this.#period);
+    const pushed = this.#pushedSincePublish + slots;
+    this.#pushedSincePublish = pushed < this.#period ? pushed : this.#period;
   }
 
   /** Publishes the batch: stores the flags of its first used descriptor, after everything else of the batch. */
