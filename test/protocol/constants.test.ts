@@ -28,6 +28,7 @@ test('front-end message numbers match the spec', () => {
   assert.equal(FrontendRequest.SET_BACKEND_REQ_FD, 21);
   assert.equal(FrontendRequest.GET_CONFIG, 24);
   assert.equal(FrontendRequest.GET_INFLIGHT_FD, 31);
+  assert.equal(FrontendRequest.SET_INFLIGHT_FD, 32);
   assert.equal(FrontendRequest.ADD_MEM_REG, 37);
   assert.equal(FrontendRequest.REM_MEM_REG, 38);
   assert.equal(FrontendRequest.SET_STATUS, 39);

@@ -249,6 +249,32 @@ test('inflight description: 24 bytes as QEMU sends it, 20 accepted', () => {
   assert.throws(() => inflightPayload.encode({ ...inflight, queueSize: 0x1_0000 }), RangeError);
 });
 
+test('inflight description: QEMU 7.2 GET_INFLIGHT_FD request, our reply, SET_INFLIGHT_FD; tail padding ignored', () => {
+  // vhost_user_get_inflight_fd: num_queues = nvqs, queue_size = the queue-size property, the rest zero.
+  assert.deepEqual(inflightPayload.decode(hex('0000000000000000 0000000000000000 0100 8000 00000000')), {
+    mmapSize: 0n,
+    mmapOffset: 0n,
+    numQueues: 1,
+    queueSize: 128,
+  });
+  // The reply: one split queue region of 128 descriptors (0x840 bytes) at offset 0; QEMU wants exactly 24 bytes.
+  const reply = inflightPayload.encode({ mmapSize: 0x840n, mmapOffset: 0n, numQueues: 1, queueSize: 128 });
+  assert.equal(toHex(reply), '4008000000000000' + '0000000000000000' + '0100' + '8000' + '00000000');
+  // SET_INFLIGHT_FD after a reconnect carries the same values back; whatever the 4 padding bytes hold is ignored.
+  assert.deepEqual(inflightPayload.decode(hex('4008000000000000 0000000000000000 0100 8000 deadbeef')), {
+    mmapSize: 0x840n,
+    mmapOffset: 0n,
+    numQueues: 1,
+    queueSize: 128,
+  });
+  // Full u64 ranges survive (the back-end validates them, not the codec).
+  roundTrip(
+    inflightPayload,
+    { mmapSize: 0xffff_ffff_ffff_ffffn, mmapOffset: 0x1_0000_0000n, numQueues: 0xffff, queueSize: 0 },
+    'ffffffffffffffff 0000000001000000 ffff 0000 00000000',
+  );
+});
+
 test('IOTLB message: iova, size, user address, perm, type (32 bytes, 26 accepted)', () => {
   const msg = {
     iova: 0x1000n,
