@@ -1,8 +1,10 @@
 /**
  * Shared pieces of the fuzz tests that talk to a real backend over a real socket: a server whose pino logs are
  * captured (to find crashed workers and internal errors), a raw client that frames the backend's replies, resource
- * baselines (fds and mappings, as in test/integration/backend-protocol.test.ts), and small ring helpers.
+ * baselines (fds and mappings, as in test/integration/backend-protocol.test.ts), small ring helpers, and the set-up
+ * and checks of the guest-error tests (`GuestErrorRig`).
  */
+import assert from 'node:assert/strict';
 import { mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -12,9 +14,11 @@ import { VhostUserServer } from '../../src/backend/server.js';
 import type { SyncMode } from '../../src/backend/sync-block.js';
 import { BlkDevice } from '../../src/devices/blk/blk-device.js';
 import { BlkRequestType } from '../../src/devices/blk/constants.js';
-import type { FrontendQueue } from '../../src/frontend/frontend.js';
-import type { GuestRam } from '../../src/frontend/guest-ram.js';
+import { VhostUserFrontend, type FrontendQueue, type StartOptions } from '../../src/frontend/frontend.js';
+import { GuestRam } from '../../src/frontend/guest-ram.js';
 import * as native from '../../src/native/index.js';
+import { FrontendRequest } from '../../src/protocol/constants.js';
+import { vringFilePayload } from '../../src/protocol/payloads.js';
 import type { Message } from '../../src/protocol/message-reader.js';
 import { collectGarbage, openFdCount } from '../helpers/fds.js';
 
@@ -341,4 +345,155 @@ export async function collect(q: FrontendQueue, n: number, timeoutMs: number): P
     if (tokens.length < n) await sleep(1);
   }
   return tokens;
+}
+
+/** Polls `cond` (every 2 ms) until it holds or `ms` have passed; returns whether it held. */
+export async function until(cond: () => boolean | Promise<boolean>, ms: number): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    if (await cond()) return true;
+    if (Date.now() > deadline) return false;
+    await sleep(2);
+  }
+}
+
+// ---- guest errors -------------------------------------------------------------------------------------------------
+
+/** The log line of a queue stopped by an error (session.ts). */
+const QUEUE_STOPPED = 'queue stopped by an error: device needs reset';
+
+/**
+ * What the guest-error tests (guest-errors.test.ts, packed-guest-errors.test.ts) run against: backend A (blk, 2
+ * queues on one worker, an err eventfd per queue) whose queue 0 gets the malformed chains, and backend B (blk, 1
+ * queue), each with its frontend and guest RAM. `close` releases all of it.
+ */
+export class GuestErrorRig {
+  /**
+   * Starts both backends and connects to them. `reserve`: bytes at the start of A's RAM kept out of the allocator
+   * (the test's scratch area) at every `startA`.
+   */
+  static async open(options: { ramSize: number; reserve: number; serverA?: ServerOptions }): Promise<GuestErrorRig> {
+    const a = startServer({ queues: 2, ...options.serverA, workers: 1 });
+    const b = startServer({ queues: 1 });
+    const ramA = GuestRam.create(options.ramSize);
+    const ramB = GuestRam.create(options.ramSize);
+    const errFds = [native.eventfdCreate(0, true), native.eventfdCreate(0, true)];
+    let fa: VhostUserFrontend | undefined;
+    try {
+      fa = await VhostUserFrontend.connect(a.socketPath);
+      const fb = await VhostUserFrontend.connect(b.socketPath);
+      return new GuestErrorRig(a, b, ramA, ramB, fa, fb, errFds, options.reserve);
+    } catch (err) {
+      fa?.close();
+      ramA.close();
+      ramB.close();
+      for (const fd of errFds) native.close(fd);
+      await a.close();
+      await b.close();
+      throw err;
+    }
+  }
+
+  readonly a: TestServer;
+  readonly b: TestServer;
+  readonly ramA: GuestRam;
+  readonly ramB: GuestRam;
+  readonly fa: VhostUserFrontend;
+  readonly fb: VhostUserFrontend;
+  /** A's err eventfds, by queue index. */
+  readonly errFds: readonly number[];
+  readonly #reserve: number;
+  #slotB: BlkSlot | undefined;
+  #token = 0;
+
+  private constructor(
+    a: TestServer,
+    b: TestServer,
+    ramA: GuestRam,
+    ramB: GuestRam,
+    fa: VhostUserFrontend,
+    fb: VhostUserFrontend,
+    errFds: readonly number[],
+    reserve: number,
+  ) {
+    this.a = a;
+    this.b = b;
+    this.ramA = ramA;
+    this.ramB = ramB;
+    this.fa = fa;
+    this.fb = fb;
+    this.errFds = errFds;
+    this.#reserve = reserve;
+  }
+
+  /** Starts device A on fresh rings (the allocator starts over past the reserved area) with its err eventfds. */
+  async startA(options: Omit<StartOptions, 'memory'>): Promise<void> {
+    this.ramA.resetAllocator();
+    this.ramA.alloc(this.#reserve);
+    await this.fa.start({ ...options, memory: this.ramA });
+    for (const q of options.queues) {
+      const fd = this.errFds[q.index];
+      if (fd === undefined) continue;
+      await this.fa.requestWithAck(FrontendRequest.SET_VRING_ERR, vringFilePayload.encode({ index: q.index, noFd: false }), [fd]);
+    }
+  }
+
+  /** Starts device B (its queue 0 gets a well-formed request at every `expectStopped`). */
+  async startB(options: Omit<StartOptions, 'memory'>): Promise<void> {
+    await this.fb.start({ ...options, memory: this.ramB });
+    this.#slotB = blkSlot(this.ramB);
+  }
+
+  /** Before planting a malformed chain: drains the err eventfds; returns where A's log stands. */
+  beginCase(): number {
+    for (const fd of this.errFds) native.eventfdRead(fd);
+    return this.a.lines.length;
+  }
+
+  /**
+   * After a malformed chain on A's queue 0 (kicked): NEEDS_RESET is set, queue 0's err eventfd fired and the log
+   * (from `logStart`) names a code matching `expected`; queue 1 of A (same worker) and queue 0 of B still complete
+   * a request, queue 1's err eventfd stays quiet, B has no NEEDS_RESET, and A logged no bug. Returns the log line.
+   */
+  async expectStopped(label: string, logStart: number, expected: RegExp): Promise<LogLine> {
+    const { a, fa, fb, ramA, ramB, errFds } = this;
+    assert.ok(await until(async () => ((await fa.getStatus()) & 0x40) !== 0, 5000), `${label}: NEEDS_RESET was not set`);
+    assert.ok(native.eventfdRead(errFds[0] as number) > 0, `${label}: queue 0's err eventfd did not fire`);
+    const failure = a.lines.slice(logStart).find((l: LogLine) => l.msg === QUEUE_STOPPED);
+    assert.ok(failure !== undefined, `${label}: the failure is logged`);
+    assert.equal(failure.queue, 0);
+    assert.match(String(failure.code), expected, `${label}: logged ${String(failure.code)}: ${String(failure.message)}`);
+    // Queue 1 on the same worker and the other device keep working.
+    const slot = blkSlot(ramA);
+    assert.ok(submit(ramA, fa.queue(1), slot, ++this.#token) >= 0);
+    assert.deepEqual(await collect(fa.queue(1), 1, 5000), [this.#token], `${label}: queue 1 stalled`);
+    assert.equal(ramA.bytes(slot.status, 1)[0], 0);
+    const slotB = this.#slotB;
+    assert.ok(slotB !== undefined, 'startB first');
+    assert.ok(submit(ramB, fb.queue(0), slotB, ++this.#token) >= 0);
+    assert.deepEqual(await collect(fb.queue(0), 1, 5000), [this.#token], `${label}: the other device stalled`);
+    assert.equal(ramB.bytes(slotB.status, 1)[0], 0);
+    assert.equal(native.eventfdRead(errFds[1] as number), 0, `${label}: queue 1's err eventfd fired`);
+    assert.equal((await fb.getStatus()) & 0x40, 0);
+    assert.deepEqual(bugLines(a.lines.slice(logStart)), []);
+    return failure;
+  }
+
+  /** RESET_DEVICE on A: NEEDS_RESET is cleared; A's log is emptied. Start A again with `startA`. */
+  async resetA(): Promise<void> {
+    await this.fa.resetDevice();
+    assert.equal((await this.fa.getStatus()) & 0x40, 0, 'RESET_DEVICE clears NEEDS_RESET');
+    this.a.lines.length = 0;
+  }
+
+  /** Closes the frontends, the guest RAM, the err eventfds and both backends. */
+  async close(): Promise<void> {
+    this.fa.close();
+    this.fb.close();
+    this.ramA.close();
+    this.ramB.close();
+    for (const fd of this.errFds) native.close(fd);
+    await this.a.close();
+    await this.b.close();
+  }
 }

@@ -18,7 +18,8 @@ export const SHARES = {
   race: 0.06,
   packedRace: 0.06,
   protocol: 0.28,
-  guestErrors: 0.15,
+  guestErrors: 0.08,
+  packedGuestErrors: 0.07,
   fairness: 0.1,
 } as const;
 
