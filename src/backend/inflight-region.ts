@@ -141,6 +141,8 @@ export const InflightErrorCode = {
   BAD_FD: 'VHOST_INFLIGHT_BAD_FD',
   /** GET_INFLIGHT_FD: the memfd could not be created, sealed or mapped. */
   ALLOC_FAILED: 'VHOST_INFLIGHT_ALLOC_FAILED',
+  /** SET_INFLIGHT_FD with packed rings negotiated: this backend tracks split rings only (so far). */
+  PACKED_NOT_TRACKED: 'VHOST_INFLIGHT_PACKED_NOT_TRACKED',
 } as const;
 
 function alignUp(value: number, alignment: number): number {

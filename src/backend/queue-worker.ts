@@ -26,10 +26,13 @@ import type { MappedRegion } from '../memory/region.js';
 import * as native from '../native/index.js';
 import type { DescriptorChain } from '../queue/descriptor-chain.js';
 import { createDeviceQueue, type DeviceQueue } from '../queue/device-queue.js';
+import { SplitQueue } from '../queue/split-queue.js';
+import type { GuestMemory } from '../memory/guest-memory.js';
 import { PENDING, ProduceResult, type DeviceWorkerModule, type QueueHandler, type QueueProducer } from '../devices/device.js';
 import { countStat, QueueStat, queueStatsRow } from '../devices/queue-stats.js';
 import { MAX_QUEUES, PoolBlock, SyncBlock, UNSYNCHRONIZED } from './sync-block.js';
-import type { QueueStart, SessionAttach, WorkerCommand, WorkerInit, WorkerRegion, WorkerToControl } from './worker-messages.js';
+import type { QueueStart, QueueStarted, SessionAttach, WorkerCommand, WorkerInit, WorkerRegion, WorkerToControl } from './worker-messages.js';
+import { InflightRegion, type SplitInflightQueue } from './inflight-region.js';
 
 /** Most chains handled per queue before the worker looks at its other queues and its port (fairness). */
 const BATCH_LIMIT = 256;
@@ -67,6 +70,10 @@ interface RunningQueue {
   kicked: boolean;
   /** Requests the handler completes later: chain head -> the memory slots pinned for it. */
   readonly inflight: Map<number, number[]>;
+  /** INFLIGHT_SHMFD: what this queue takes and completes is recorded there (split rings). */
+  readonly tracker: SplitInflightQueue | undefined;
+  /** Heads the inflight region says were in flight when the ring started: taken again first, oldest first. */
+  readonly resubmit: number[];
   /** A stop-queue command waiting for the in-flight requests to finish. */
   stopRequest: number | undefined;
   /** Device-to-driver queues (net receive): the handler's producer. */
@@ -227,16 +234,28 @@ function closeHandler(q: RunningQueue): void {
 }
 
 /** Starts a queue; returns where it resumed. */
-function startQueue(s: WorkerSession, start: QueueStart): { index: number; base: number; resyncedFrom: number } {
+function startQueue(s: WorkerSession, start: QueueStart): QueueStarted {
+  let inflightRecovered: QueueStarted['inflight'];
   if (s.device === undefined) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: queue started before its device module loaded`);
   const key = queueKey(s.id, start.index);
   if (queues.has(key)) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: queue ${start.index} is already running`);
   const queue = createDeviceQueue({ ...start, cacheViews: init.mode !== 'copy' });
   queue.attach(s.memory);
+  let tracker: SplitInflightQueue | undefined;
+  let resubmit: number[] = [];
   // Resume where the driver's state says: avail from SET_VRING_BASE; split: used from the ring itself (as
   // libvhost-user and DPDK do), which is what the driver last saw; packed: used = avail (the ring was drained).
   queue.resume(start.lastAvailIdx);
   const resyncedFrom = start.resyncToUsed ? queue.resyncToUsed() : -1;
+  if (start.inflight !== undefined && queue instanceof SplitQueue) {
+    // The region, not SET_VRING_BASE, says where to resume: used.idx plus what is still in flight (libvhost-user
+    // vu_check_queue_inflights). A half-published batch is repaired first; what was in flight is taken again.
+    tracker = new InflightRegion(start.inflight.buffer, start.inflight.geometry).splitQueue(start.index);
+    const rec = tracker.recover(queue.ringUsedIdx(), start.size);
+    queue.setBase(rec.lastAvailIdx, rec.usedIdx);
+    resubmit = [...rec.resubmit];
+    inflightRecovered = { resubmitted: rec.resubmit.length, repaired: rec.repaired, fresh: rec.fresh, anomalies: rec.anomalies };
+  }
   const stats = queueStatsRow(s.attach.stats, start.index);
   const handler = s.device.createQueueHandler(s.attach.deviceOptions, { queueIndex: start.index, features: start.features, instance: s.id, stats });
   queues.set(key, {
@@ -257,8 +276,10 @@ function startQueue(s: WorkerSession, start: QueueStart): { index: number; base:
     producer: handler.producer,
     starved: false,
     starvedAvail: 0,
+    tracker,
+    resubmit,
   });
-  return { index: start.index, base: queue.getBase(), resyncedFrom };
+  return { index: start.index, base: queue.getBase(), resyncedFrom, ...(inflightRecovered !== undefined ? { inflight: inflightRecovered } : {}) };
 }
 
 /** Stops a queue once nothing is in flight; reports where it stopped. */
@@ -386,8 +407,36 @@ function drainCommands(): void {
 
 /** Publishes pushed used elements and signals the driver if it asked for it. */
 function publish(q: RunningQueue): void {
+  // INFLIGHT_SHMFD: the batch is linked for recovery before used.idx is stored, and cleared after it.
+  q.tracker?.prepareUsed();
   q.queue.publishUsed();
+  q.tracker?.commitUsed();
   if (q.callFd >= 0 && q.queue.needsNotification()) native.eventfdWrite(q.callFd);
+}
+
+/**
+ * Takes the next request into `q.chain`: first what the inflight region said was in flight at start (already marked
+ * there), then the ring's next chain, marked in the region before it has any side effect. False when there is none.
+ */
+function nextChain(q: RunningQueue, memory: GuestMemory): boolean {
+  const { queue, chain } = q;
+  const head = q.resubmit.shift();
+  if (head !== undefined) {
+    (queue as SplitQueue).popChainAt(memory, chain, head); // only split queues get a tracker
+  } else if (!queue.popChain(memory, chain)) {
+    return false;
+  } else if (q.inflight.has(chain.head) || (q.tracker !== undefined && !q.tracker.markInflight(chain.head))) {
+    // The driver made a head available again while its request is still in flight (async I/O): a driver bug;
+    // accepting it would lose the first request's pins. This also bounds requests in flight by the size.
+    throw new VirtioError('VIRTIO_HEAD_IN_FLIGHT', `queue ${q.start.index}: descriptor ${chain.head} is already in flight`);
+  }
+  return true;
+}
+
+/** Writes a completion to the used ring (published by `publish`), and records it in the inflight region. */
+function complete(q: RunningQueue, head: number, len: number): void {
+  q.queue.pushUsed(head, len);
+  q.tracker?.pushUsed(head);
 }
 
 /**
@@ -416,16 +465,11 @@ function processQueue(q: RunningQueue, rearm: boolean): void {
     queue.disableNotification();
     let handled = 0;
     for (let round = 1; ; round++) {
-      while (handled < BATCH_LIMIT && queue.popChain(memory, chain)) {
-        if (q.inflight.has(chain.head)) {
-          // The driver made a head available again while its request is still in flight (async I/O): a driver
-          // bug; accepting it would lose the first request's pins. This also bounds requests in flight by the size.
-          throw new VirtioError('VIRTIO_HEAD_IN_FLIGHT', `queue ${index}: descriptor ${chain.head} is already in flight`);
-        }
+      while (handled < BATCH_LIMIT && nextChain(q, memory)) {
         countStat(stats, QueueStat.requests);
         const len = handler.process(memory, chain);
         if (len === PENDING) q.inflight.set(chain.head, pinChain(q.session, chain));
-        else queue.pushUsed(chain.head, len);
+        else complete(q, chain.head, len);
         handled++;
       }
       publish(q);
@@ -567,7 +611,7 @@ function reapQueue(q: RunningQueue): void {
       const slots = q.inflight.get(head);
       if (slots === undefined) return;
       q.inflight.delete(head);
-      q.queue.pushUsed(head, len);
+      complete(q, head, len);
       released.push(slots);
     });
     publish(q);

@@ -25,6 +25,7 @@ import { encodeReply } from '../protocol/message-writer.js';
 import type { Message } from '../protocol/message-reader.js';
 import {
   deviceConfigPayload,
+  inflightPayload,
   memoryTablePayload,
   packedVringBase,
   singleMemoryRegionPayload,
@@ -40,6 +41,8 @@ import { availRingSize, descTableSize, PACKED_EVENT_SIZE, usedRingSize } from '.
 import type { VirtioDevice } from '../devices/device.js';
 import type { WorkerRegion } from './worker-messages.js';
 import type { PoolLease } from './worker-pool.js';
+import { SessionInflight } from './session-inflight.js';
+import type { InflightLimits } from './inflight-region.js';
 
 export interface SessionOptions {
   device: VirtioDevice;
@@ -182,8 +185,15 @@ function addressOf(value: bigint, what: string): number {
   return Number(value);
 }
 
+/** A reply that carries fds (GET_INFLIGHT_FD): sent with them, then our copies are closed. */
+interface ReplyWithFds {
+  readonly payload: Uint8Array;
+  readonly fds: number[];
+}
+
 export class BackendSession {
   readonly device: VirtioDevice;
+  readonly #inflight: SessionInflight;
   readonly #send: (bytes: Uint8Array, fds: readonly number[]) => void;
   readonly #log: Logger;
   readonly #offeredFeatures: bigint;
@@ -221,7 +231,9 @@ export class BackendSession {
       throw new VhostError('VHOST_BAD_OPTION', `memSlots must be 0..${MAX_MEM_SLOTS}`);
     }
     this.#offeredProtocolFeatures =
-      this.#memSlots === 0 ? OFFERED_PROTOCOL_FEATURES & ~bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) : OFFERED_PROTOCOL_FEATURES;
+      (this.#memSlots === 0 ? OFFERED_PROTOCOL_FEATURES & ~bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) : OFFERED_PROTOCOL_FEATURES) |
+      (options.device.inflightTracking === true ? bit(ProtocolFeature.INFLIGHT_SHMFD) : 0n);
+    this.#inflight = new SessionInflight(this.#log);
     this.#offeredFeatures = options.device.features | TRANSPORT_FEATURES;
     this.#vrings = Array.from({ length: options.device.numQueues }, newVring);
   }
@@ -260,7 +272,7 @@ export class BackendSession {
       (msg.flags & HeaderFlag.NEED_REPLY) !== 0 && (this.#protocolFeatures & bit(ProtocolFeature.REPLY_ACK)) !== 0n;
     this.#log.debug({ request: name, size: msg.payload.length, fds: msg.fds.length }, 'message');
     const t0 = MEMORY_REQUESTS.has(msg.request) ? performance.now() : -1;
-    let reply: Uint8Array | undefined;
+    let reply: Uint8Array | ReplyWithFds | undefined;
     try {
       reply = await this.#dispatch(msg);
       if (t0 >= 0) {
@@ -283,8 +295,15 @@ export class BackendSession {
       // A handler that keeps an fd shifts it out of msg.fds; whatever is left is closed here.
       for (const fd of msg.fds.splice(0)) native.close(fd);
     }
-    if (reply !== undefined) this.#reply(msg.request, reply);
-    else if (ackWanted) this.#reply(msg.request, u64Payload.encode(0n));
+    if (reply instanceof Uint8Array) {
+      this.#reply(msg.request, reply);
+    } else if (reply !== undefined) {
+      try {
+        this.#send(encodeReply(msg.request, reply.payload), reply.fds);
+      } finally {
+        for (const fd of reply.fds) native.close(fd); // the peer has its own copies now
+      }
+    } else if (ackWanted) this.#reply(msg.request, u64Payload.encode(0n));
     return true;
   }
 
@@ -304,7 +323,7 @@ export class BackendSession {
     if (msg.fds.length !== 0) throw new ProtocolError('VHOST_PROTOCOL_UNEXPECTED_FDS', `${requestName(msg.request)} carries no fds`);
   }
 
-  async #dispatch(msg: Message): Promise<Uint8Array | undefined> {
+  async #dispatch(msg: Message): Promise<Uint8Array | ReplyWithFds | undefined> {
     const R = FrontendRequest;
     const p = msg.payload;
     switch (msg.request) {
@@ -335,6 +354,22 @@ export class BackendSession {
       case R.RESET_DEVICE:
         await this.#resetDevice();
         return undefined;
+      case R.GET_INFLIGHT_FD: {
+        this.#expectNoFds(msg);
+        this.#needProtocolFeature(ProtocolFeature.INFLIGHT_SHMFD, 'GET_INFLIGHT_FD');
+        const request = inflightPayload.decode(p);
+        let reply: ReplyWithFds | undefined;
+        await this.#withRingsStopped(() => (reply = this.#inflight.get(request, this.#inflightLimits())));
+        return reply;
+      }
+      case R.SET_INFLIGHT_FD: {
+        this.#needProtocolFeature(ProtocolFeature.INFLIGHT_SHMFD, 'SET_INFLIGHT_FD');
+        const fd = msg.fds[0];
+        if (fd === undefined || msg.fds.length !== 1) throw new ProtocolError('VHOST_PROTOCOL_MISSING_FDS', 'SET_INFLIGHT_FD needs one fd');
+        const request = inflightPayload.decode(p);
+        await this.#withRingsStopped(() => this.#inflight.set(request, fd, this.#inflightLimits())); // fd closed by handle()
+        return undefined;
+      }
       case R.GET_QUEUE_NUM:
         return u64Payload.encode(BigInt(this.device.vhostQueueNum ?? this.device.numQueues));
       case R.GET_MAX_MEM_SLOTS:
@@ -641,6 +676,24 @@ export class BackendSession {
     }
   }
 
+  #needProtocolFeature(feature: number, request: string): void {
+    if ((this.#protocolFeatures & bit(feature)) === 0n) {
+      throw new ProtocolError('VHOST_PROTOCOL_NOT_NEGOTIATED', `${request} needs protocol feature ${feature}, which was not negotiated`);
+    }
+  }
+
+  #inflightLimits(): InflightLimits {
+    return { maxQueues: this.device.numQueues, packed: this.#hasFeature(VirtioFeature.RING_PACKED) };
+  }
+
+  /** Runs `change` with every ring stopped (restarting those that ran): what workers see must not change under them. */
+  async #withRingsStopped(change: () => void): Promise<void> {
+    const running = this.#vrings.flatMap((v, i) => (v.started ? [i] : []));
+    for (const i of running) await this.#stopRing(i);
+    change();
+    for (const i of running) await this.#maybeStartRing(i);
+  }
+
   #hasFeature(feature: number): boolean {
     return (this.#features & bit(feature)) !== 0n;
   }
@@ -681,10 +734,17 @@ export class BackendSession {
       eventIdx: this.#hasFeature(VirtioFeature.RING_EVENT_IDX),
       indirect: this.#hasFeature(VirtioFeature.RING_INDIRECT_DESC),
       features: this.#features,
-      resyncToUsed: true, // no inflight region (yet)
     };
-    const { base, resyncedFrom } = await this.#pool.startQueue(start);
+    const inflight = packed ? undefined : this.#inflight.forQueue(index);
+    // Without an inflight region a split ring resumes at used.idx when SET_VRING_BASE disagrees with it; with one,
+    // the region says where (DeviceQueue.resyncToUsed, inflight-region.ts).
+    const { base, resyncedFrom, inflight: recovered } = await this.#pool.startQueue(
+      inflight !== undefined ? { ...start, resyncToUsed: false, inflight } : { ...start, resyncToUsed: true },
+    );
     vring.started = true;
+    if (recovered !== undefined && (recovered.resubmitted > 0 || recovered.repaired > 0 || Object.keys(recovered.anomalies).length > 0)) {
+      this.#log.warn({ queue: index, ...recovered }, 'inflight region: requests in flight before the restart are taken again');
+    }
     if (resyncedFrom >= 0) {
       // DPDK's backend does the same ("some packets maybe resent for Tx and dropped for Rx"): see DeviceQueue.
       this.#log.warn({ queue: index, setVringBase: resyncedFrom, usedIdx: base }, 'SET_VRING_BASE disagrees with used.idx: resuming at used.idx');
@@ -740,6 +800,7 @@ export class BackendSession {
       await this.#pool.release();
     } finally {
       for (const vring of this.#vrings) this.#closeVringFds(vring);
+      this.#inflight.close();
       this.#release(this.#memory.regions);
       this.#memory = MemoryTable.EMPTY;
       this.#extraRegionRefs.clear();

@@ -9,6 +9,7 @@
  */
 import type { MessagePort } from 'node:worker_threads';
 import type { WorkerSyncMode } from './sync-block.js';
+import type { InflightAnomalies, InflightGeometry } from './inflight-region.js';
 
 /** A region as a worker needs it: the mapping is shared (SharedArrayBuffer), not copied. */
 export interface WorkerRegion {
@@ -41,6 +42,22 @@ export interface QueueStart {
   features: bigint;
   /** No inflight region: a split ring whose used.idx differs from `lastAvailIdx` resumes at used.idx. */
   resyncToUsed: boolean;
+  /**
+   * INFLIGHT_SHMFD (split rings): the session's inflight region, whose queue `index` region records what this
+   * queue takes; at start, what it says was in flight is taken again first (inflight-region.ts).
+   */
+  inflight?: { buffer: SharedArrayBuffer; geometry: InflightGeometry };
+}
+
+/** Where a queue resumed (the `queue-started` reply). */
+export interface QueueStarted {
+  index: number;
+  /** The avail position it resumed at. */
+  base: number;
+  /** The position SET_VRING_BASE gave when the queue moved to used.idx instead (`resyncToUsed`), else -1. */
+  resyncedFrom: number;
+  /** With an inflight region: what its recovery found. */
+  inflight?: { resubmitted: number; repaired: number; fresh: boolean; anomalies: InflightAnomalies };
 }
 
 /** What a worker learns of a session the first time it is given one of its queues. */
@@ -73,8 +90,7 @@ export type WorkerCommand =
 export type WorkerReply =
   | { type: 'ack'; id: number }
   | { type: 'queue-stopped'; id: number; index: number; lastAvailIdx: number }
-  /** Where the queue resumed: `resyncedFrom` is the position SET_VRING_BASE gave when it moved to used.idx, else -1. */
-  | { type: 'queue-started'; id: number; index: number; base: number; resyncedFrom: number }
+  | ({ type: 'queue-started'; id: number } & QueueStarted)
   | { type: 'failed'; id: number; code: string; message: string };
 
 /** Unsolicited events from a worker. `session` -1 and `index` -1: the worker itself failed. */

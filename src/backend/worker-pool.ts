@@ -13,7 +13,7 @@ import { VhostError } from '../errors.js';
 import * as native from '../native/index.js';
 import type { VirtioDevice } from '../devices/device.js';
 import { MAX_WORKERS, PoolBlock, SyncBlock, UNSYNCHRONIZED, type WorkerSyncMode } from './sync-block.js';
-import type { QueueStart, WorkerCommand, WorkerEvent, WorkerRegion, WorkerReply, WorkerToControl } from './worker-messages.js';
+import type { QueueStart, QueueStarted, WorkerCommand, WorkerEvent, WorkerRegion, WorkerReply, WorkerToControl } from './worker-messages.js';
 
 /** How long a worker may take to acknowledge a command before it is declared stuck. */
 const COMMAND_TIMEOUT_MS = 10_000;
@@ -377,11 +377,12 @@ export class PoolLease {
   }
 
   /** Starts a queue on its worker; resolves with where it resumed (see the `queue-started` reply). */
-  async startQueue(queue: QueueStart): Promise<{ base: number; resyncedFrom: number }> {
+  async startQueue(queue: QueueStart): Promise<QueueStarted> {
     const worker = await this.#workerFor(queue.index);
     const reply = await worker.request({ type: 'start-queue', session: this.session, queue });
     if (reply.type !== 'queue-started') throw new VhostError('VHOST_INTERNAL', `start-queue answered with ${reply.type}`);
-    return { base: reply.base, resyncedFrom: reply.resyncedFrom };
+    const { type: _type, id: _id, ...started } = reply;
+    return started;
   }
 
   /** Stops a queue; resolves with its last avail index (-1 if it was not running). */

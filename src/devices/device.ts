@@ -38,6 +38,12 @@ export interface VirtioDevice {
    * with its `queues=` (pairs), as DPDK's vhost library expects.
    */
   readonly vhostQueueNum?: number;
+  /**
+   * Offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (default false): the worker records what each queue took and
+   * completed, so that requests in flight survive a backend restart. For devices whose queues the driver fills and
+   * the device completes once per request (blk); not for queues whose chains may be given back (`unpop`, net RX).
+   */
+  readonly inflightTracking?: boolean;
 }
 
 /** Per-queue context handed to `createQueueHandler`. */

@@ -38,6 +38,7 @@ import { MessageReader, type Message } from '../protocol/message-reader.js';
 import { encodeMessage } from '../protocol/message-writer.js';
 import {
   deviceConfigPayload,
+  inflightPayload,
   memoryTablePayload,
   singleMemoryRegionPayload,
   splitVringBase,
@@ -47,8 +48,9 @@ import {
   vringFilePayload,
   vringStatePayload,
 } from '../protocol/payloads.js';
+import type { Inflight } from '../protocol/payloads.js';
 import { createQueueDriver, queueDriverLayout, type QueueDriver } from '../queue/queue-driver.js';
-import type { RingLayout } from '../queue/split-queue-driver.js';
+import { SplitQueueDriver, type RingLayout } from '../queue/split-queue-driver.js';
 import { FdSocket } from '../transport/fd-socket.js';
 import type { GuestRam, GuestRamRegion } from './guest-ram.js';
 
@@ -59,7 +61,8 @@ export const SUPPORTED_PROTOCOL_FEATURES: bigint =
   featureBit(ProtocolFeature.CONFIG) |
   featureBit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
   featureBit(ProtocolFeature.STATUS) |
-  featureBit(ProtocolFeature.RESET_DEVICE);
+  featureBit(ProtocolFeature.RESET_DEVICE) |
+  featureBit(ProtocolFeature.INFLIGHT_SHMFD);
 
 /** virtio device status bits (VIRTIO 1.2 §2.1). */
 export const DeviceStatus = {
@@ -140,6 +143,12 @@ export interface QueueConfig {
   readonly ringGpa?: number;
   /** Initial avail position (SET_VRING_BASE; default the ring's start: split 0, packed 0x8000 = index 0, wrap 1). */
   readonly base?: number;
+  /**
+   * Carry over a split queue of an earlier frontend on the same guest RAM, as QEMU does when a backend restarts:
+   * the same ring, untouched, and the same driver with what it has in flight; SET_VRING_BASE is the ring's used.idx
+   * (QEMU's `virtio_queue_restore_last_avail_idx`) unless `base` says otherwise. The old queue is released.
+   */
+  readonly adopt?: FrontendQueue;
 }
 
 /** Options of `start`. */
@@ -640,6 +649,37 @@ export class VhostUserFrontend {
     }
   }
 
+  /**
+   * GET_INFLIGHT_FD (needs INFLIGHT_SHMFD), as QEMU's vhost-user-blk asks before it starts the device: the backend's
+   * inflight region for `numQueues` queues of `queueSize` entries. Keep it (the fd is the caller's to close) and
+   * hand it back with `setInflightFd`, now and to a restarted backend. `fd` is -1 when the backend tracks nothing
+   * (`mmapSize` 0).
+   */
+  async getInflightFd(numQueues: number, queueSize: number): Promise<Inflight & { fd: number }> {
+    this.#need(ProtocolFeature.INFLIGHT_SHMFD, 'GET_INFLIGHT_FD');
+    const reply = await this.request(FrontendRequest.GET_INFLIGHT_FD, inflightPayload.encode({ mmapSize: 0n, mmapOffset: 0n, numQueues, queueSize }));
+    let region: Inflight;
+    try {
+      region = inflightPayload.decode(reply.payload);
+    } catch (err) {
+      closeAll(reply.fds);
+      throw new VhostError(FrontendErrorCode.BAD_REPLY, 'GET_INFLIGHT_FD: bad reply payload', { cause: err });
+    }
+    const expected = region.mmapSize === 0n ? 0 : 1;
+    if (reply.fds.length !== expected) {
+      closeAll(reply.fds);
+      throw new VhostError(FrontendErrorCode.BAD_REPLY, `GET_INFLIGHT_FD: ${reply.fds.length} fds with mmap_size ${region.mmapSize}`);
+    }
+    return { ...region, fd: reply.fds[0] ?? -1 };
+  }
+
+  /** SET_INFLIGHT_FD (needs INFLIGHT_SHMFD): the region `getInflightFd` returned (its fd stays the caller's). */
+  async setInflightFd(region: Inflight & { fd: number }): Promise<void> {
+    this.#need(ProtocolFeature.INFLIGHT_SHMFD, 'SET_INFLIGHT_FD');
+    const { fd, ...payload } = region;
+    await this.requestWithAck(FrontendRequest.SET_INFLIGHT_FD, inflightPayload.encode(payload), [fd]);
+  }
+
   /** GET_CONFIG: `size` bytes of the device config space from `offset`. Needs CONFIG. */
   async getConfig(offset: number, size: number): Promise<Uint8Array> {
     this.#need(ProtocolFeature.CONFIG, 'GET_CONFIG');
@@ -718,6 +758,15 @@ export class VhostUserFrontend {
     const eventIdx = hasFeature(features, VirtioFeature.RING_EVENT_IDX);
     const packed = hasFeature(features, VirtioFeature.RING_PACKED);
     for (const qc of queues) {
+      if (qc.adopt !== undefined) {
+        const old = qc.adopt;
+        if (!(old.driver instanceof SplitQueueDriver) || packed) throw new VhostError(FrontendErrorCode.BAD_STATE, 'only split queues can be adopted');
+        old.dispose();
+        const queue = new FrontendQueue(qc.index, old.size, old.layout, old.driver);
+        this.#queues.set(qc.index, queue);
+        await this.#setupRing(queue, qc.base ?? (old.driver as SplitQueueDriver<number>).readUsedIdx());
+        continue;
+      }
       const base = qc.ringGpa ?? memory.alloc(queueDriverLayout(packed, qc.size, 0).end, { align: 4096 });
       const { layout, driver } = createQueueDriver<number>(memory, { packed, size: qc.size, base, eventIdx });
       if (qc.base !== undefined) driver.resetPositions(qc.base);

@@ -282,6 +282,28 @@ export class SplitQueue implements DeviceQueue {
     return from;
   }
 
+  /**
+   * Reads the chain at descriptor `head` into `chain`, validated like any other, without taking an avail entry: a
+   * request an inflight region says was taken before a restart (resubmission). `VIRTIO_DESC_INDEX_OUT_OF_RANGE` for
+   * a head past the queue; on any `VirtioError` `chain` is left cleared.
+   */
+  popChainAt(mem: GuestMemory, chain: DescriptorChain, head: number): void {
+    const v = this.#ring();
+    if (chain.capacity < this.maxChainLength) {
+      throw new RangeError(`chain capacity ${chain.capacity} is below the queue's maxChainLength ${this.maxChainLength}`);
+    }
+    chain.clear();
+    if (!Number.isInteger(head) || head < 0 || head >= this.size) {
+      throw new VirtioError('VIRTIO_DESC_INDEX_OUT_OF_RANGE', `resubmitted head ${head} is not below the queue size ${this.size}`);
+    }
+    try {
+      this.#walk(mem, v, head, chain);
+    } catch (err) {
+      chain.clear();
+      throw err;
+    }
+  }
+
   /** Whether avail.idx moved past `seen` (validated as every avail.idx read). */
   availableSince(seen: number): boolean {
     return ((this.#lastAvailIdx + this.availableCount()) & 0xffff) !== seen;

@@ -40,6 +40,8 @@ export class BlkDevice implements VirtioDevice {
   readonly numQueues: number;
   readonly maxQueueSize: number;
   readonly features: bigint;
+  /** Requests survive a backend restart (INFLIGHT_SHMFD), as with libvhost-user's and SPDK's blk backends. */
+  readonly inflightTracking = true;
   readonly capacityBytes: number;
   readonly worker: { readonly module: string; readonly options: BlkQueueOptions };
   readonly #config: Uint8Array;

@@ -1,0 +1,14 @@
+// A blk backend process for restart tests: `node delayed-blk-backend.js SOCKET IMAGE DELAY_MS`. Every request
+// completes DELAY_MS after its I/O (BlkDevice's completionDelayMs, in an I/O thread), so that a test can SIGKILL it
+// with requests in flight. Logs pino JSON lines on stderr ('listening' once it accepts).
+import pino from 'pino';
+import { VhostUserServer } from '../../src/backend/server.js';
+import { BlkDevice } from '../../src/devices/blk/blk-device.js';
+
+const [socketPath, image, delay] = process.argv.slice(2);
+if (socketPath === undefined || image === undefined) throw new Error('usage: delayed-blk-backend SOCKET IMAGE DELAY_MS');
+const log = pino({ level: 'debug' }, pino.destination(2));
+const device = new BlkDevice({ backend: { kind: 'file', path: image }, io: 'async', completionDelayMs: Number(delay ?? 0) });
+const server = new VhostUserServer({ socketPath, device, logger: log });
+server.listen();
+process.once('SIGTERM', () => void server.close().then(() => process.exit(0)));
