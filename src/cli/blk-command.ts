@@ -23,6 +23,7 @@ interface BlkOptions extends ServerCliOptions, EndpointCliOptions {
   queueSize: number;
   io: 'sync' | 'async';
   serial: string;
+  completionDelayMs?: number;
 }
 
 export function blkCommand(): Command {
@@ -44,7 +45,12 @@ export function blkCommand(): Command {
         .choices(['sync', 'async'])
         .default('sync'),
     )
-    .option('--serial <id>', 'device serial returned by GET_ID (up to 20 bytes)', 'vhost-user-ts');
+    .option('--serial <id>', 'device serial returned by GET_ID (up to 20 bytes)', 'vhost-user-ts')
+    .addOption(
+      new Option('--completion-delay-ms <ms>', 'test knob (with --io async): complete each request this long after its I/O')
+        .argParser(parseInteger(0, 60_000))
+        .hideHelp(),
+    );
   return addServerOptions(command, 'worker threads for the queues (default: one per queue)').action(async (opts: BlkOptions) => {
       const log = createLogger(opts.logLevel);
       const { socketPath, clientMode } = endpoint(opts);
@@ -63,7 +69,7 @@ export function blkCommand(): Command {
         serial: opts.serial,
         io: opts.io,
         memSlots: opts.memSlots,
-      });
+      }, opts.completionDelayMs !== undefined ? { completionDelayMs: opts.completionDelayMs } : {});
       const server = new VhostUserServer({
         socketPath,
         device,

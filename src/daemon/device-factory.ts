@@ -15,10 +15,16 @@ export interface ConfiguredDevice<D extends VirtioDevice = VirtioDevice> {
   close(): void;
 }
 
-export function createDevice(config: BlkDeviceConfig): ConfiguredDevice<BlkDevice>;
+/** Test knobs that no config file sets (the blk command's hidden options). */
+export interface DeviceTestKnobs {
+  /** blk with io 'async': each request completes this long after its I/O (requests in flight for restart tests). */
+  readonly completionDelayMs?: number;
+}
+
+export function createDevice(config: BlkDeviceConfig, knobs?: DeviceTestKnobs): ConfiguredDevice<BlkDevice>;
 export function createDevice(config: NetDeviceConfig): ConfiguredDevice<NetDevice>;
 export function createDevice(config: DeviceConfig): ConfiguredDevice;
-export function createDevice(config: DeviceConfig): ConfiguredDevice {
+export function createDevice(config: DeviceConfig, knobs: DeviceTestKnobs = {}): ConfiguredDevice {
   if (config.type === 'blk') {
     const device = new BlkDevice({
       backend: config.image !== undefined ? { kind: 'file', path: config.image } : { kind: 'null', size: config.null ?? 0 },
@@ -27,6 +33,7 @@ export function createDevice(config: DeviceConfig): ConfiguredDevice {
       maxQueueSize: config.queueSize,
       serial: config.serial,
       io: config.io,
+      ...(knobs.completionDelayMs !== undefined ? { completionDelayMs: knobs.completionDelayMs } : {}),
     });
     return { device, close: () => undefined };
   }

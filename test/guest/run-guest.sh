@@ -11,6 +11,8 @@
 #   --vhost-user-blk SOCK   add a vhost-user-blk-pci disk (repeatable; /dev/vda, /dev/vdb, ...)
 #   --blk-queues N          num-queues of the disks added after this option (default 1; it must not
 #                           exceed the backend's number of queues)
+#   --blk-reconnect S       reconnect=S on the chardev of the disks added after this option (default 0:
+#                           none): QEMU connects again every S seconds when the backend goes away
 #   --vhost-user-net SOCK[,mac=MAC][,queues=N]
 #                           add a virtio-net-pci NIC (repeatable; eth0, eth1, ... in this order) whose
 #                           backend listens on SOCK (no commas in SOCK); MAC default 52:54:00:12:34:5X
@@ -38,13 +40,14 @@ set -euo pipefail
 die() { echo "run-guest.sh: ERROR: $*" >&2; exit 125; }
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-GUEST_SCRIPT=""; GUEST_FILES=(); BLK=(); NET=(); QUEUES=1; MEM=512M; MAXMEM=""; SLOTS=4; SMP=1; ACCEL=tcg
+GUEST_SCRIPT=""; GUEST_FILES=(); BLK=(); NET=(); QUEUES=1; RECONNECT=0; MEM=512M; MAXMEM=""; SLOTS=4; SMP=1; ACCEL=tcg
 QMP=""; APPEND=""; KERNEL=""; INITRD=""; RUN_DIR=""; EXEC=0; PRINT_CMD=0; EXTRA=(); PACKED=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --script) GUEST_SCRIPT=$2; shift 2 ;;
     --guest-file) GUEST_FILES+=("$2"); shift 2 ;;
-    --vhost-user-blk) BLK+=("$QUEUES:$2"); shift 2 ;;
+    --vhost-user-blk) BLK+=("$RECONNECT:$QUEUES:$2"); shift 2 ;;
+    --blk-reconnect) RECONNECT=$2; shift 2 ;;
     --blk-queues) QUEUES=$2; shift 2 ;;
     --vhost-user-net) NET+=("$2"); shift 2 ;;
     --packed) PACKED=",packed=on"; shift ;;
@@ -84,7 +87,8 @@ fi
 [ -r "$INITRD" ] || die "initrd $INITRD not readable"
 [ -z "$GUEST_SCRIPT" ] || [ -r "$GUEST_SCRIPT" ] || die "guest script $GUEST_SCRIPT not readable"
 for d in "${BLK[@]}"; do
-  [ -S "${d#*:}" ] || die "vhost-user socket ${d#*:} does not exist (start the backend first)"
+  p=${d#*:}; p=${p#*:}
+  [ -S "$p" ] || die "vhost-user socket $p does not exist (start the backend first)"
 done
 # --vhost-user-net SOCK[,mac=MAC][,queues=N] -> NET_SOCK[i] NET_MAC[i] NET_QUEUES[i]
 NET_SOCK=(); NET_MAC=(); NET_QUEUES=()
@@ -143,9 +147,11 @@ CMD=("$QEMU" -name vhost-user-test -nodefaults -no-user-config -display none -no
 [ "$ACCEL" = tcg ] || CMD+=(-cpu host)
 i=0
 for d in "${BLK[@]}"; do
-  p=${d#*:}
-  CMD+=(-chardev "socket,id=vublk$i,path=${p//,/,,}"
-        -device "vhost-user-blk-pci,id=vublk$i,chardev=vublk$i,num-queues=${d%%:*}$PACKED")
+  r=${d%%:*}; rest=${d#*:}; q=${rest%%:*}; p=${rest#*:}
+  rc=""
+  [ "$r" = 0 ] || rc=",reconnect=$r"
+  CMD+=(-chardev "socket,id=vublk$i,path=${p//,/,,}$rc"
+        -device "vhost-user-blk-pci,id=vublk$i,chardev=vublk$i,num-queues=$q$PACKED")
   i=$((i + 1))
 done
 for (( i=0; i<${#NET_SOCK[@]}; i++ )); do
