@@ -13,6 +13,8 @@
 #                           exceed the backend's number of queues)
 #   --blk-reconnect S       reconnect=S on the chardev of the disks added after this option (default 0:
 #                           none): QEMU connects again every S seconds when the backend goes away
+#   --blk-server            QEMU listens on the socket of the disks added after this option
+#                           (server=on,wait=off): the backend connects (client mode), and may come later
 #   --vhost-user-net SOCK[,mac=MAC][,queues=N]
 #                           add a virtio-net-pci NIC (repeatable; eth0, eth1, ... in this order) whose
 #                           backend listens on SOCK (no commas in SOCK); MAC default 52:54:00:12:34:5X
@@ -40,13 +42,14 @@ set -euo pipefail
 die() { echo "run-guest.sh: ERROR: $*" >&2; exit 125; }
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-GUEST_SCRIPT=""; GUEST_FILES=(); BLK=(); NET=(); QUEUES=1; RECONNECT=0; MEM=512M; MAXMEM=""; SLOTS=4; SMP=1; ACCEL=tcg
+GUEST_SCRIPT=""; GUEST_FILES=(); BLK=(); NET=(); QUEUES=1; RECONNECT=0; SERVER=0; MEM=512M; MAXMEM=""; SLOTS=4; SMP=1; ACCEL=tcg
 QMP=""; APPEND=""; KERNEL=""; INITRD=""; RUN_DIR=""; EXEC=0; PRINT_CMD=0; EXTRA=(); PACKED=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --script) GUEST_SCRIPT=$2; shift 2 ;;
     --guest-file) GUEST_FILES+=("$2"); shift 2 ;;
-    --vhost-user-blk) BLK+=("$RECONNECT:$QUEUES:$2"); shift 2 ;;
+    --vhost-user-blk) BLK+=("$SERVER:$RECONNECT:$QUEUES:$2"); shift 2 ;;
+    --blk-server) SERVER=1; shift ;;
     --blk-reconnect) RECONNECT=$2; shift 2 ;;
     --blk-queues) QUEUES=$2; shift 2 ;;
     --vhost-user-net) NET+=("$2"); shift 2 ;;
@@ -87,8 +90,8 @@ fi
 [ -r "$INITRD" ] || die "initrd $INITRD not readable"
 [ -z "$GUEST_SCRIPT" ] || [ -r "$GUEST_SCRIPT" ] || die "guest script $GUEST_SCRIPT not readable"
 for d in "${BLK[@]}"; do
-  p=${d#*:}; p=${p#*:}
-  [ -S "$p" ] || die "vhost-user socket $p does not exist (start the backend first)"
+  p=${d#*:}; p=${p#*:}; p=${p#*:}
+  [ "${d%%:*}" = 1 ] || [ -S "$p" ] || die "vhost-user socket $p does not exist (start the backend first)"
 done
 # --vhost-user-net SOCK[,mac=MAC][,queues=N] -> NET_SOCK[i] NET_MAC[i] NET_QUEUES[i]
 NET_SOCK=(); NET_MAC=(); NET_QUEUES=()
@@ -147,9 +150,10 @@ CMD=("$QEMU" -name vhost-user-test -nodefaults -no-user-config -display none -no
 [ "$ACCEL" = tcg ] || CMD+=(-cpu host)
 i=0
 for d in "${BLK[@]}"; do
-  r=${d%%:*}; rest=${d#*:}; q=${rest%%:*}; p=${rest#*:}
+  srv=${d%%:*}; rest=${d#*:}; r=${rest%%:*}; rest=${rest#*:}; q=${rest%%:*}; p=${rest#*:}
   rc=""
   [ "$r" = 0 ] || rc=",reconnect=$r"
+  [ "$srv" = 0 ] || rc=",server=on,wait=off"
   CMD+=(-chardev "socket,id=vublk$i,path=${p//,/,,}$rc"
         -device "vhost-user-blk-pci,id=vublk$i,chardev=vublk$i,num-queues=$q$PACKED")
   i=$((i + 1))

@@ -225,6 +225,8 @@ export interface BlkDeviceOptions {
   readonly numQueues?: number;
   /** reconnect=S on its chardev: QEMU connects again every S seconds when the backend goes away (default none). */
   readonly reconnectSeconds?: number;
+  /** QEMU listens on `socketPath` (server=on,wait=off) and the backend connects to it (client mode). */
+  readonly server?: boolean;
 }
 
 export interface NetDeviceOptions {
@@ -396,7 +398,9 @@ export async function startGuest(opts: BootGuestOptions): Promise<RunningGuest> 
     for (const f of guestFiles) args.push('--guest-file', f);
     if (opts.packed === true) args.push('--packed');
     for (const d of opts.blk ?? []) {
-      args.push('--blk-queues', String(d.numQueues ?? 1), '--blk-reconnect', String(d.reconnectSeconds ?? 0), '--vhost-user-blk', d.socketPath);
+      args.push('--blk-queues', String(d.numQueues ?? 1), '--blk-reconnect', String(d.reconnectSeconds ?? 0));
+      if (d.server === true) args.push('--blk-server');
+      args.push('--vhost-user-blk', d.socketPath);
     }
     for (const n of opts.net ?? []) {
       if (n.socketPath.includes(',')) throw new Error(`a net socket path cannot contain a comma: ${n.socketPath}`);

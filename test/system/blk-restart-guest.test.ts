@@ -21,55 +21,60 @@ function block(i: number): Buffer {
   return Buffer.from(`block ${String(i).padStart(8, '0')} \n`.repeat(256).slice(0, 4096));
 }
 
-test(`a guest writing through ${KILLS} SIGKILLs of its blk backend: no I/O error, no hang, every block written`, { timeout: 8 * 60_000 }, async (t) => {
-  if (!requireTools(t, GUEST_TOOLS)) return;
-  const dir = await testTempDir(t);
-  const image = dir.join('disk.img');
-  await writeFile(image, '');
-  await truncate(image, 16 * MiB);
-  const socketPath = dir.join('blk.sock');
-  const start = (): Promise<BackendProcess> => startBackend({ socketPath, args: ['--image', image, '--io', 'async', '--completion-delay-ms', '20'], logLevel: 'info' });
-  let backend = await start();
-  const all: BackendProcess[] = [backend];
-  t.after(async () => {
-    for (const b of all) await b.kill();
+for (const mode of ['listen', 'client'] as const) {
+  const how = mode === 'listen' ? 'QEMU reconnects (reconnect=1)' : 'QEMU listens, the backend connects (--connect)';
+  test(`a guest writing through ${KILLS} SIGKILLs of its blk backend, ${how}: no I/O error, no hang, every block written`, { timeout: 8 * 60_000 }, async (t) => {
+    if (!requireTools(t, GUEST_TOOLS)) return;
+    const dir = await testTempDir(t);
+    const image = dir.join('disk.img');
+    await writeFile(image, '');
+    await truncate(image, 16 * MiB);
+    const socketPath = dir.join('blk.sock');
+    const start = (): Promise<BackendProcess> =>
+      startBackend({ socketPath, args: ['--image', image, '--io', 'async', '--completion-delay-ms', '20'], logLevel: 'info', connect: mode === 'client' });
+    // Client mode: the backend starts first and connects once QEMU listens (QEMU waits for it before the guest boots).
+    let backend = await start();
+    const all: BackendProcess[] = [backend];
+    t.after(async () => {
+      for (const b of all) await b.kill();
+    });
+    const guest = await startGuest({
+      blk: [mode === 'listen' ? { socketPath, reconnectSeconds: 1 } : { socketPath, server: true }],
+      script: { file: guestScript('blk-kill-writer.sh') },
+      env: { BLOCKS: String(BLOCKS) },
+      serialLog: dir.join('serial.log'),
+      timeoutMs: 6 * 60_000,
+      signal: t.signal,
+    });
+    await guest.waitForMarker('GUEST-MARK: writing', 120_000);
+    const recoveryMs: number[] = [];
+    let resubmitted = 0;
+    for (let k = 0; k < KILLS; k++) {
+      await sleep(200 + Math.floor(Math.random() * 600)); // a random moment of the write stream
+      await backend.kill();
+      const t0 = performance.now();
+      backend = await start();
+      all.push(backend);
+      // QEMU reconnects (within its 1 s reconnect period), sets the device up again and restarts the ring.
+      const b = backend;
+      for (let i = 0; i < 600 && !b.logs().some((l) => l.msg === 'ring started'); i++) await sleep(20);
+      assert.ok(b.logs().some((l) => l.msg === 'ring started'), `restart ${k + 1}: QEMU did not start the ring again`);
+      recoveryMs.push(performance.now() - t0);
+      for (const l of b.logs()) if (typeof l.resubmitted === 'number') resubmitted += l.resubmitted;
+      assert.ok(b.logs().some((l) => l.msg === 'inflight region mapped'), `restart ${k + 1}: QEMU handed the inflight region back`);
+    }
+    assert.ok(all[0]?.logs().some((l) => l.msg === 'inflight region created'), 'QEMU asked the first backend for an inflight region');
+    const r = await guest.done;
+    const sorted = [...recoveryMs].sort((a, b) => a - b);
+    t.diagnostic(
+      `${KILLS} kills; backend start -> ring running again: p50 ${sorted[Math.floor(sorted.length / 2)]?.toFixed(0)} ms, ` +
+        `max ${sorted.at(-1)?.toFixed(0)} ms; requests taken again from the inflight region: ${resubmitted}; guest ${r.durationMs} ms`,
+    );
+    assert.equal(r.exitCode, 0, r.serial.slice(-3000));
+    assert.ok(r.results.includes(`PASS blocks=${BLOCKS}`), r.serial.slice(-3000));
+    const disk = await readFile(image);
+    for (let i = 0; i < BLOCKS; i++) {
+      if (!disk.subarray(4096 * i, 4096 * (i + 1)).equals(block(i))) assert.fail(`block ${i} is not on disk as written`);
+    }
   });
-  const guest = await startGuest({
-    blk: [{ socketPath, reconnectSeconds: 1 }],
-    script: { file: guestScript('blk-kill-writer.sh') },
-    env: { BLOCKS: String(BLOCKS) },
-    serialLog: dir.join('serial.log'),
-    timeoutMs: 6 * 60_000,
-    signal: t.signal,
-  });
-  await guest.waitForMarker('GUEST-MARK: writing', 120_000);
-  const recoveryMs: number[] = [];
-  let resubmitted = 0;
-  for (let k = 0; k < KILLS; k++) {
-    await sleep(200 + Math.floor(Math.random() * 600)); // a random moment of the write stream
-    await backend.kill();
-    const t0 = performance.now();
-    backend = await start();
-    all.push(backend);
-    // QEMU reconnects (within its 1 s reconnect period), sets the device up again and restarts the ring.
-    const b = backend;
-    for (let i = 0; i < 600 && !b.logs().some((l) => l.msg === 'ring started'); i++) await sleep(20);
-    assert.ok(b.logs().some((l) => l.msg === 'ring started'), `restart ${k + 1}: QEMU did not start the ring again`);
-    recoveryMs.push(performance.now() - t0);
-    for (const l of b.logs()) if (typeof l.resubmitted === 'number') resubmitted += l.resubmitted;
-    assert.ok(b.logs().some((l) => l.msg === 'inflight region mapped'), `restart ${k + 1}: QEMU handed the inflight region back`);
-  }
-  assert.ok(all[0]?.logs().some((l) => l.msg === 'inflight region created'), 'QEMU asked the first backend for an inflight region');
-  const r = await guest.done;
-  const sorted = [...recoveryMs].sort((a, b) => a - b);
-  t.diagnostic(
-    `${KILLS} kills; backend start -> ring running again: p50 ${sorted[Math.floor(sorted.length / 2)]?.toFixed(0)} ms, ` +
-      `max ${sorted.at(-1)?.toFixed(0)} ms; requests taken again from the inflight region: ${resubmitted}; guest ${r.durationMs} ms`,
-  );
-  assert.equal(r.exitCode, 0, r.serial.slice(-3000));
-  assert.ok(r.results.includes(`PASS blocks=${BLOCKS}`), r.serial.slice(-3000));
-  const disk = await readFile(image);
-  for (let i = 0; i < BLOCKS; i++) {
-    if (!disk.subarray(4096 * i, 4096 * (i + 1)).equals(block(i))) assert.fail(`block ${i} is not on disk as written`);
-  }
-});
+}
