@@ -9,6 +9,7 @@
  * checked against its real size and mapped.
  */
 import type { Inflight } from '../protocol/index.js';
+import { sealAgainstShrinking } from '../memory/region.js';
 import * as native from '../native/index.js';
 import {
   type InflightGeometry,
@@ -58,7 +59,12 @@ export interface MappedInflight {
  * the region. Does not take ownership of `fd` (close it after: the mapping stays valid).
  */
 export function mapInflightFd(fd: number, request: Inflight, limits: InflightLimits): MappedInflight {
-  const truncatable = !sealAgainstShrinking(fd);
+  let truncatable: boolean;
+  try {
+    truncatable = !sealAgainstShrinking(fd);
+  } catch (err) {
+    throw new InflightError(InflightErrorCode.BAD_FD, 'inflight fd is not usable', { cause: err });
+  }
   let stat: native.FileStat;
   try {
     stat = native.fstat(fd);
@@ -74,24 +80,4 @@ export function mapInflightFd(fd: number, request: Inflight, limits: InflightLim
   }
   const { numQueues, queueSize, packed, queueRegionSize, mmapSize } = geometry;
   return { geometry: { numQueues, queueSize, packed, queueRegionSize, mmapSize }, buffer, truncatable };
-}
-
-/** F_SEAL_SHRINK on the file, added when possible; false when the file cannot be sealed (see memory/region.ts). */
-function sealAgainstShrinking(fd: number): boolean {
-  let seals: number;
-  try {
-    seals = native.getSeals(fd);
-  } catch (err) {
-    throw new InflightError(InflightErrorCode.BAD_FD, 'inflight fd is not usable', { cause: err });
-  }
-  if (seals < 0) return false;
-  if ((seals & native.F_SEAL_SHRINK) !== 0) return true;
-  if ((seals & native.F_SEAL_SEAL) !== 0) return false;
-  try {
-    native.addSeals(fd, native.F_SEAL_SHRINK);
-    return true;
-  } catch {
-    const now = native.getSeals(fd);
-    return now >= 0 && (now & native.F_SEAL_SHRINK) !== 0;
-  }
 }

@@ -75,7 +75,12 @@ export function mapRegion(desc: RegionDescriptor, fd: number, slot = 0): MappedR
     throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', 'region end overflows');
   }
   // Sealed first, sized second: a frontend shrinking the file in between must not pass the size check below.
-  const truncatable = !sealAgainstShrinking(fd);
+  let truncatable: boolean;
+  try {
+    truncatable = !sealAgainstShrinking(fd);
+  } catch (err) {
+    throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', 'region fd is not usable', { cause: err });
+  }
   let stat: native.FileStat;
   try {
     stat = native.fstat(fd);
@@ -102,15 +107,10 @@ export function mapRegion(desc: RegionDescriptor, fd: number, slot = 0): MappedR
 /**
  * Makes sure the file cannot shrink (F_SEAL_SHRINK), adding the seal when the file allows it. Returns false when
  * the file cannot be sealed (see the file comment). Runs before the size check, so the size checked then holds for
- * as long as the file lives.
+ * as long as the file lives. Throws the system error of an fd that cannot be inspected at all.
  */
-function sealAgainstShrinking(fd: number): boolean {
-  let seals: number;
-  try {
-    seals = native.getSeals(fd);
-  } catch (err) {
-    throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', 'region fd is not usable', { cause: err });
-  }
+export function sealAgainstShrinking(fd: number): boolean {
+  const seals = native.getSeals(fd);
   if (seals < 0) return false; // not a memfd, tmpfs or hugetlbfs file: no seals at all
   if ((seals & native.F_SEAL_SHRINK) !== 0) return true;
   if ((seals & native.F_SEAL_SEAL) !== 0) return false; // sealing is closed (or was never allowed)
