@@ -50,6 +50,8 @@ export interface BlkLoadOptions {
   readonly indirect?: boolean;
   /** Packed rings (VIRTIO_F_RING_PACKED, which the backend must offer). Default false: split rings. */
   readonly packed?: boolean;
+  /** Ask for an inflight region (GET/SET_INFLIGHT_FD, as QEMU's vhost-user-blk does), so the backend tracks requests. */
+  readonly inflight?: boolean;
   /** The backend's process: its CPU time over the window is read from /proc (all its threads). */
   readonly backendPid?: number;
   /** Seed of the offset generator (default 1). */
@@ -323,6 +325,14 @@ export async function runBlkLoad(
       driver = new BlkDriver(loopback.frontend, { memory, maxRequestBytes: bs, slotsPerQueue: iodepth, indirect: wantIndirect });
     } else {
       frontend = await VhostUserFrontend.connect(target, { connectTimeoutMs: 5000 });
+      if (options.inflight === true) {
+        const region = await frontend.getInflightFd(queues, queueSize);
+        try {
+          await frontend.setInflightFd(region);
+        } finally {
+          if (region.fd >= 0) native.close(region.fd); // the backend keeps its mapping
+        }
+      }
       const indirect = wantIndirect && hasFeature(frontend.backendFeatures, VirtioFeature.RING_INDIRECT_DESC);
       driver = await BlkDriver.start(frontend, {
         memory,
@@ -520,6 +530,7 @@ interface BenchBlkCliOptions {
   queueSize?: number;
   indirect: boolean;
   packed: boolean;
+  inflight: boolean;
   backendPid?: number;
   json: boolean;
 }
@@ -571,6 +582,7 @@ function blkBenchCommand(): Command {
     .option('--queue-size <n>', 'ring size (default: a power of two >= 128 that holds iodepth requests)', parseInteger(1, 32768))
     .option('--indirect', 'one indirect table per request (as Linux guests) instead of three ring descriptors', false)
     .option('--packed', 'packed rings (VIRTIO_F_RING_PACKED) instead of split rings', false)
+    .option('--inflight', 'ask for an inflight region (GET/SET_INFLIGHT_FD) as QEMU does: the backend tracks requests', false)
     .option('--backend-pid <pid>', "also report the backend process's CPU time per request (/proc/PID/stat)", parseInteger(1, 2 ** 22))
     .option('--json', 'print the result as JSON on stdout (progress still goes to stderr)', false)
     .action(async (opts: BenchBlkCliOptions) => {
@@ -589,6 +601,7 @@ function blkBenchCommand(): Command {
           rwmixread: opts.rwmixread,
           indirect: opts.indirect,
           packed: opts.packed,
+          inflight: opts.inflight,
           ...(opts.span !== undefined ? { span: opts.span } : {}),
           ...(opts.queueSize !== undefined ? { queueSize: opts.queueSize } : {}),
           ...(opts.backendPid !== undefined ? { backendPid: opts.backendPid } : {}),
