@@ -141,8 +141,6 @@ export const InflightErrorCode = {
   BAD_FD: 'VHOST_INFLIGHT_BAD_FD',
   /** GET_INFLIGHT_FD: the memfd could not be created, sealed or mapped. */
   ALLOC_FAILED: 'VHOST_INFLIGHT_ALLOC_FAILED',
-  /** SET_INFLIGHT_FD with packed rings negotiated: this backend tracks split rings only (so far). */
-  PACKED_NOT_TRACKED: 'VHOST_INFLIGHT_PACKED_NOT_TRACKED',
 } as const;
 
 function alignUp(value: number, alignment: number): number {
@@ -1169,6 +1167,15 @@ export class PackedInflightQueue {
     if (!Number.isInteger(len) || len < 0 || len > 0xffff_ffff) throw new RangeError(`descriptor length is not a u32: ${len}`);
     checkU16(id, 'descriptor id');
     checkU16(flags, 'descriptor flags');
+    this.addRingDescriptor(lo, hi, len, id, flags);
+  }
+
+  /**
+   * `addDescriptor` with the address as its two u32 halves and every field already in range (the datapath's form:
+   * the queue's `PackedRingRecord` holds exactly these; no conversion, no allocation).
+   */
+  addRingDescriptor(lo: number, hi: number, len: number, id: number, flags: number): void {
+    if (this.#chainHead < 0) throw new RangeError('addDescriptor without beginChain');
     if (this.#chainLen >= this.#ringSize) throw new RangeError(`a chain of more than ${this.#ringSize} ring descriptors`);
     const e = this.#cursor;
     if (e >= this.descNum) {

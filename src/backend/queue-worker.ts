@@ -26,13 +26,12 @@ import type { MappedRegion } from '../memory/region.js';
 import * as native from '../native/index.js';
 import type { DescriptorChain } from '../queue/descriptor-chain.js';
 import { createDeviceQueue, type DeviceQueue } from '../queue/device-queue.js';
-import { SplitQueue } from '../queue/split-queue.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import { PENDING, ProduceResult, type DeviceWorkerModule, type QueueHandler, type QueueProducer } from '../devices/device.js';
 import { countStat, QueueStat, queueStatsRow } from '../devices/queue-stats.js';
 import { MAX_QUEUES, PoolBlock, SyncBlock, UNSYNCHRONIZED } from './sync-block.js';
 import type { QueueStart, QueueStarted, SessionAttach, WorkerCommand, WorkerInit, WorkerRegion, WorkerToControl } from './worker-messages.js';
-import { InflightRegion, type SplitInflightQueue } from './inflight-region.js';
+import { startQueueInflight, type QueueInflight } from './queue-inflight.js';
 
 /** Most chains handled per queue before the worker looks at its other queues and its port (fairness). */
 const BATCH_LIMIT = 256;
@@ -70,10 +69,10 @@ interface RunningQueue {
   kicked: boolean;
   /** Requests the handler completes later: chain head -> the memory slots pinned for it. */
   readonly inflight: Map<number, number[]>;
-  /** INFLIGHT_SHMFD: what this queue takes and completes is recorded there (split rings). */
-  readonly tracker: SplitInflightQueue | undefined;
-  /** Heads the inflight region says were in flight when the ring started: taken again first, oldest first. */
-  readonly resubmit: number[];
+  /** Completions pushed since the last publication. */
+  pushed: number;
+  /** INFLIGHT_SHMFD: what this queue takes and completes is recorded there (queue-inflight.ts). */
+  readonly tracker: QueueInflight | undefined;
   /** A stop-queue command waiting for the in-flight requests to finish. */
   stopRequest: number | undefined;
   /** Device-to-driver queues (net receive): the handler's producer. */
@@ -95,6 +94,16 @@ const unsynchronized = init.mode === UNSYNCHRONIZED;
  * Not in lock mode, where every look at a ring must hold the queue's lock.
  */
 const BUSY_POLL_MS = useLocks ? 0 : Math.min(Math.max(Number(process.env.VHOST_USER_BUSY_POLL_US ?? 0) || 0, 0), 1_000_000) / 1000;
+
+/**
+ * Test hook VHOST_USER_TEST_KILL=before-publish:N | after-publish:N: the process kills itself (SIGKILL) at the first
+ * publication of a batch of at least N completions, just before (used elements written, used.idx not) or just after
+ * its used.idx store (inflight region not yet committed). For restart tests of what the spec calls the half-done
+ * batch; unset, it costs a comparison per publication.
+ */
+const KILL_HOOK = /^(before|after)-publish:(\d+)$/.exec(process.env.VHOST_USER_TEST_KILL ?? '');
+const KILL_BEFORE_PUBLISH = KILL_HOOK?.[1] === 'before' ? Number(KILL_HOOK[2]) : Infinity;
+const KILL_AFTER_PUBLISH = KILL_HOOK?.[1] === 'after' ? Number(KILL_HOOK[2]) : Infinity;
 
 const sessions = new Map<number, WorkerSession>();
 /** Device worker modules by URL, loaded once per worker. */
@@ -235,27 +244,19 @@ function closeHandler(q: RunningQueue): void {
 
 /** Starts a queue; returns where it resumed. */
 function startQueue(s: WorkerSession, start: QueueStart): QueueStarted {
-  let inflightRecovered: QueueStarted['inflight'];
   if (s.device === undefined) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: queue started before its device module loaded`);
   const key = queueKey(s.id, start.index);
   if (queues.has(key)) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: queue ${start.index} is already running`);
   const queue = createDeviceQueue({ ...start, cacheViews: init.mode !== 'copy' });
   queue.attach(s.memory);
-  let tracker: SplitInflightQueue | undefined;
-  let resubmit: number[] = [];
   // Resume where the driver's state says: avail from SET_VRING_BASE; split: used from the ring itself (as
   // libvhost-user and DPDK do), which is what the driver last saw; packed: used = avail (the ring was drained).
   queue.resume(start.lastAvailIdx);
   const resyncedFrom = start.resyncToUsed ? queue.resyncToUsed() : -1;
-  if (start.inflight !== undefined && queue instanceof SplitQueue) {
-    // The region, not SET_VRING_BASE, says where to resume: used.idx plus what is still in flight (libvhost-user
-    // vu_check_queue_inflights). A half-published batch is repaired first; what was in flight is taken again.
-    tracker = new InflightRegion(start.inflight.buffer, start.inflight.geometry).splitQueue(start.index);
-    const rec = tracker.recover(queue.ringUsedIdx(), start.size);
-    queue.setBase(rec.lastAvailIdx, rec.usedIdx);
-    resubmit = [...rec.resubmit];
-    inflightRecovered = { resubmitted: rec.resubmit.length, repaired: rec.repaired, fresh: rec.fresh, anomalies: rec.anomalies };
-  }
+  // With an inflight region, the region says where to resume, repairs a half-published batch and lines up what was
+  // in flight to be taken again first.
+  const tracker =
+    start.inflight !== undefined ? startQueueInflight(queue, start.inflight.buffer, start.inflight.geometry, start.index, start.lastAvailIdx) : undefined;
   const stats = queueStatsRow(s.attach.stats, start.index);
   const handler = s.device.createQueueHandler(s.attach.deviceOptions, { queueIndex: start.index, features: start.features, instance: s.id, stats });
   queues.set(key, {
@@ -277,9 +278,9 @@ function startQueue(s: WorkerSession, start: QueueStart): QueueStarted {
     starved: false,
     starvedAvail: 0,
     tracker,
-    resubmit,
+    pushed: 0,
   });
-  return { index: start.index, base: queue.getBase(), resyncedFrom, ...(inflightRecovered !== undefined ? { inflight: inflightRecovered } : {}) };
+  return { index: start.index, base: queue.getBase(), resyncedFrom, ...(tracker !== undefined ? { inflight: tracker.recovered } : {}) };
 }
 
 /** Stops a queue once nothing is in flight; reports where it stopped. */
@@ -409,7 +410,10 @@ function drainCommands(): void {
 function publish(q: RunningQueue): void {
   // INFLIGHT_SHMFD: the batch is linked for recovery before used.idx is stored, and cleared after it.
   q.tracker?.prepareUsed();
+  if (q.pushed >= KILL_BEFORE_PUBLISH) process.kill(process.pid, 'SIGKILL');
   q.queue.publishUsed();
+  if (q.pushed >= KILL_AFTER_PUBLISH) process.kill(process.pid, 'SIGKILL');
+  q.pushed = 0;
   q.tracker?.commitUsed();
   if (q.callFd >= 0 && q.queue.needsNotification()) native.eventfdWrite(q.callFd);
 }
@@ -419,13 +423,9 @@ function publish(q: RunningQueue): void {
  * there), then the ring's next chain, marked in the region before it has any side effect. False when there is none.
  */
 function nextChain(q: RunningQueue, memory: GuestMemory): boolean {
-  const { queue, chain } = q;
-  const head = q.resubmit.shift();
-  if (head !== undefined) {
-    (queue as SplitQueue).popChainAt(memory, chain, head); // only split queues get a tracker
-  } else if (!queue.popChain(memory, chain)) {
-    return false;
-  } else if (q.inflight.has(chain.head) || (q.tracker !== undefined && !q.tracker.markInflight(chain.head))) {
+  const { chain } = q;
+  if (!(q.tracker !== undefined ? q.tracker.next(memory, chain) : q.queue.popChain(memory, chain))) return false;
+  if (q.inflight.has(chain.head)) {
     // The driver made a head available again while its request is still in flight (async I/O): a driver bug;
     // accepting it would lose the first request's pins. This also bounds requests in flight by the size.
     throw new VirtioError('VIRTIO_HEAD_IN_FLIGHT', `queue ${q.start.index}: descriptor ${chain.head} is already in flight`);
@@ -437,6 +437,7 @@ function nextChain(q: RunningQueue, memory: GuestMemory): boolean {
 function complete(q: RunningQueue, head: number, len: number): void {
   q.queue.pushUsed(head, len);
   q.tracker?.pushUsed(head);
+  q.pushed++;
 }
 
 /**

@@ -7,14 +7,14 @@
  * stops every running ring first: a stopped ring's worker holds no view of it), and the old mapping is revoked
  * only after that; so the ring stop handshake is its grace period.
  *
- * Tracking covers split rings. With VIRTIO_F_RING_PACKED negotiated, GET_INFLIGHT_FD answers "no region"
- * (`mmap_size` 0, no fd: QEMU then runs without one) and SET_INFLIGHT_FD is refused.
+ * The layout (split or packed) follows the features negotiated when the region is made or handed back: QEMU sends
+ * SET_FEATURES right before GET/SET_INFLIGHT_FD (`vhost_dev_prepare_inflight`), and DPDK decides the same way.
  */
 import type { Logger } from 'pino';
 import * as native from '../native/index.js';
 import { inflightPayload, type Inflight } from '../protocol/payloads.js';
 import { createInflightFd, mapInflightFd } from './inflight-fd.js';
-import { InflightError, InflightErrorCode, checkGetInflight, type InflightGeometry, type InflightLimits } from './inflight-region.js';
+import { checkGetInflight, type InflightGeometry, type InflightLimits } from './inflight-region.js';
 
 /** What a ring start gets: the whole region (the worker takes its queue's part). */
 export interface InflightMapping {
@@ -41,14 +41,10 @@ export class SessionInflight {
    * state, DPDK e4a01eea66) and the reply with its fd (the caller closes the fd once sent). Rings must be stopped.
    */
   get(request: Inflight, limits: InflightLimits): { payload: Uint8Array; fds: number[] } {
-    if (limits.packed) {
-      this.#log.warn('GET_INFLIGHT_FD with packed rings: not tracked (no region)');
-      return { payload: inflightPayload.encode({ mmapSize: 0n, mmapOffset: 0n, numQueues: request.numQueues, queueSize: request.queueSize }), fds: [] };
-    }
     const geometry = checkGetInflight(request, limits);
     const { fd, buffer } = createInflightFd(geometry);
     this.#replace({ buffer, geometry });
-    this.#log.info({ numQueues: geometry.numQueues, queueSize: geometry.queueSize, bytes: geometry.mmapSize }, 'inflight region created');
+    this.#log.info({ numQueues: geometry.numQueues, queueSize: geometry.queueSize, packed: geometry.packed, bytes: geometry.mmapSize }, 'inflight region created');
     const payload = inflightPayload.encode({
       mmapSize: BigInt(geometry.mmapSize),
       mmapOffset: 0n,
@@ -60,13 +56,10 @@ export class SessionInflight {
 
   /** SET_INFLIGHT_FD: maps the region the frontend hands back (validated against `fd`). Rings must be stopped. */
   set(request: Inflight, fd: number, limits: InflightLimits): void {
-    if (limits.packed) {
-      throw new InflightError(InflightErrorCode.PACKED_NOT_TRACKED, 'inflight tracking is not available with packed rings');
-    }
     const mapped = mapInflightFd(fd, request, limits);
     if (mapped.truncatable) this.#log.warn('the inflight region cannot be sealed against shrinking: a truncation by the frontend kills this process');
     this.#replace({ buffer: mapped.buffer, geometry: mapped.geometry });
-    this.#log.info({ numQueues: mapped.geometry.numQueues, queueSize: mapped.geometry.queueSize }, 'inflight region mapped');
+    this.#log.info({ numQueues: mapped.geometry.numQueues, queueSize: mapped.geometry.queueSize, packed: mapped.geometry.packed }, 'inflight region mapped');
   }
 
   /** Unmaps the region (rings stopped, or the session gone). */

@@ -735,7 +735,15 @@ export class BackendSession {
       indirect: this.#hasFeature(VirtioFeature.RING_INDIRECT_DESC),
       features: this.#features,
     };
-    const inflight = packed ? undefined : this.#inflight.forQueue(index);
+    const inflight = this.#inflight.forQueue(index);
+    if (inflight !== undefined && inflight.geometry.packed !== packed) {
+      // The layout was chosen from the features at GET/SET_INFLIGHT_FD (as DPDK does); tracking in the other
+      // layout would read the region wrong.
+      throw new ProtocolError(
+        'VHOST_PROTOCOL_INFLIGHT_LAYOUT_MISMATCH',
+        `the inflight region is laid out for ${inflight.geometry.packed ? 'packed' : 'split'} rings but ring ${index} is ${packed ? 'packed' : 'split'}`,
+      );
+    }
     // Without an inflight region a split ring resumes at used.idx when SET_VRING_BASE disagrees with it; with one,
     // the region says where (DeviceQueue.resyncToUsed, inflight-region.ts).
     const { base, resyncedFrom, inflight: recovered } = await this.#pool.startQueue(

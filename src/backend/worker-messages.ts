@@ -9,7 +9,8 @@
  */
 import type { MessagePort } from 'node:worker_threads';
 import type { WorkerSyncMode } from './sync-block.js';
-import type { InflightAnomalies, InflightGeometry } from './inflight-region.js';
+import type { InflightGeometry } from './inflight-region.js';
+import type { InflightRecovered } from './queue-inflight.js';
 
 /** A region as a worker needs it: the mapping is shared (SharedArrayBuffer), not copied. */
 export interface WorkerRegion {
@@ -43,7 +44,7 @@ export interface QueueStart {
   /** No inflight region: a split ring whose used.idx differs from `lastAvailIdx` resumes at used.idx. */
   resyncToUsed: boolean;
   /**
-   * INFLIGHT_SHMFD (split rings): the session's inflight region, whose queue `index` region records what this
+   * INFLIGHT_SHMFD: the session's inflight region, whose queue `index` region records what this
    * queue takes; at start, what it says was in flight is taken again first (inflight-region.ts).
    */
   inflight?: { buffer: SharedArrayBuffer; geometry: InflightGeometry };
@@ -57,7 +58,7 @@ export interface QueueStarted {
   /** The position SET_VRING_BASE gave when the queue moved to used.idx instead (`resyncToUsed`), else -1. */
   resyncedFrom: number;
   /** With an inflight region: what its recovery found. */
-  inflight?: { resubmitted: number; repaired: number; fresh: boolean; anomalies: InflightAnomalies };
+  inflight?: InflightRecovered;
 }
 
 /** What a worker learns of a session the first time it is given one of its queues. */

@@ -23,7 +23,7 @@ interface BlkOptions extends ServerCliOptions, EndpointCliOptions {
   queueSize: number;
   io: 'sync' | 'async';
   serial: string;
-  completionDelayMs?: number;
+  completionDelayMs?: number[];
 }
 
 export function blkCommand(): Command {
@@ -47,8 +47,11 @@ export function blkCommand(): Command {
     )
     .option('--serial <id>', 'device serial returned by GET_ID (up to 20 bytes)', 'vhost-user-ts')
     .addOption(
-      new Option('--completion-delay-ms <ms>', 'test knob (with --io async): complete each request this long after its I/O')
-        .argParser(parseInteger(0, 60_000))
+      new Option(
+        '--completion-delay-ms <ms,...>',
+        'test knob (with --io async): complete each request this long after its I/O; a list is taken in turn (out of order)',
+      )
+        .argParser((v: string) => v.split(',').map((x) => parseInteger(0, 60_000)(x)))
         .hideHelp(),
     );
   return addServerOptions(command, 'worker threads for the queues (default: one per queue)').action(async (opts: BlkOptions) => {

@@ -17,8 +17,11 @@ export interface ConfiguredDevice<D extends VirtioDevice = VirtioDevice> {
 
 /** Test knobs that no config file sets (the blk command's hidden options). */
 export interface DeviceTestKnobs {
-  /** blk with io 'async': each request completes this long after its I/O (requests in flight for restart tests). */
-  readonly completionDelayMs?: number;
+  /**
+   * blk with io 'async': each request completes this long after its I/O (requests in flight for restart tests); a
+   * list is taken in turn (out-of-order completion).
+   */
+  readonly completionDelayMs?: number | readonly number[];
 }
 
 export function createDevice(config: BlkDeviceConfig, knobs?: DeviceTestKnobs): ConfiguredDevice<BlkDevice>;

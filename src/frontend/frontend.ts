@@ -115,6 +115,8 @@ const EMPTY = new Uint8Array(0);
 const DEFAULT_TIMEOUT_MS = 10_000;
 /** Enough of `struct virtio_blk_config` for every field up to write_zeroes_may_unmap (QEMU asks for about this). */
 const DEFAULT_CONFIG_SIZE = 60;
+/** A fresh packed ring's position: index 0, wrap counter 1 (`index | wrap << 15`). */
+const PACKED_RING_START = 0x8000;
 
 /** Options of `VhostUserFrontend.connect`. */
 export interface FrontendOptions {
@@ -144,9 +146,11 @@ export interface QueueConfig {
   /** Initial avail position (SET_VRING_BASE; default the ring's start: split 0, packed 0x8000 = index 0, wrap 1). */
   readonly base?: number;
   /**
-   * Carry over a split queue of an earlier frontend on the same guest RAM, as QEMU does when a backend restarts:
-   * the same ring, untouched, and the same driver with what it has in flight; SET_VRING_BASE is the ring's used.idx
-   * (QEMU's `virtio_queue_restore_last_avail_idx`) unless `base` says otherwise. The old queue is released.
+   * Carry over a queue of an earlier frontend on the same guest RAM, as QEMU does when a backend restarts: the same
+   * ring, untouched, and the same driver with what it has in flight. SET_VRING_BASE, unless `base` says otherwise:
+   * split, the ring's used.idx (QEMU's `virtio_queue_restore_last_avail_idx`); packed, the ring's start 0x8000
+   * (QEMU cannot restore a packed ring and sends what it last had: only an inflight region says where it is). The
+   * old queue is released.
    */
   readonly adopt?: FrontendQueue;
 }
@@ -680,6 +684,18 @@ export class VhostUserFrontend {
     await this.requestWithAck(FrontendRequest.SET_INFLIGHT_FD, inflightPayload.encode(payload), [fd]);
   }
 
+  /**
+   * SET_FEATURES (bit 30 added when the backend offers it: QEMU keeps it, and without it a backend enables rings as
+   * soon as they are kicked). `start` sends it; QEMU also sends it before GET/SET_INFLIGHT_FD
+   * (`vhost_dev_prepare_inflight`), since the backend lays the region out for the negotiated ring layout.
+   */
+  async setFeatures(features: bigint): Promise<void> {
+    let f = features;
+    if (hasFeature(this.#backendFeatures, VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES)) f |= featureBit(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES);
+    await this.#setup(FrontendRequest.SET_FEATURES, u64Payload.encode(f));
+    this.#features = f;
+  }
+
   /** GET_CONFIG: `size` bytes of the device config space from `offset`. Needs CONFIG. */
   async getConfig(offset: number, size: number): Promise<Uint8Array> {
     this.#need(ProtocolFeature.CONFIG, 'GET_CONFIG');
@@ -739,13 +755,8 @@ export class VhostUserFrontend {
 
     const R = FrontendRequest;
     this.#started = true;
-    let features = options.features;
-    if (hasFeature(this.#backendFeatures, VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES)) {
-      // QEMU keeps bit 30 in SET_FEATURES; without it a backend enables rings as soon as they are kicked.
-      features |= featureBit(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES);
-    }
-    await this.#setup(R.SET_FEATURES, u64Payload.encode(features));
-    this.#features = features;
+    await this.setFeatures(options.features);
+    const features = this.#features;
     this.#memory = memory;
     this.#ownsMemory = options.ownMemory ?? false;
 
@@ -760,11 +771,12 @@ export class VhostUserFrontend {
     for (const qc of queues) {
       if (qc.adopt !== undefined) {
         const old = qc.adopt;
-        if (!(old.driver instanceof SplitQueueDriver) || packed) throw new VhostError(FrontendErrorCode.BAD_STATE, 'only split queues can be adopted');
+        if (old.driver.packed !== packed) throw new VhostError(FrontendErrorCode.BAD_STATE, 'an adopted queue keeps its ring layout');
         old.dispose();
         const queue = new FrontendQueue(qc.index, old.size, old.layout, old.driver);
         this.#queues.set(qc.index, queue);
-        await this.#setupRing(queue, qc.base ?? (old.driver as SplitQueueDriver<number>).readUsedIdx());
+        const restored = old.driver instanceof SplitQueueDriver ? old.driver.readUsedIdx() : PACKED_RING_START;
+        await this.#setupRing(queue, qc.base ?? restored);
         continue;
       }
       const base = qc.ringGpa ?? memory.alloc(queueDriverLayout(packed, qc.size, 0).end, { align: 4096 });

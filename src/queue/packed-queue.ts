@@ -181,6 +181,37 @@ function checkU16(value: number, what: string): void {
   if (!Number.isInteger(value) || value < 0 || value > 0xffff) throw new RangeError(`${what} must be a u16, got ${value}`);
 }
 
+/** A ring descriptor as the driver wrote it (what inflight tracking saves of a chain, and gives back at restart). */
+export interface PackedRingDescriptor {
+  readonly addr: bigint;
+  readonly len: number;
+  readonly id: number;
+  readonly flags: number;
+}
+
+/**
+ * The ring descriptors of the chain `popChain` took last, exactly as it read them (one read per field: the values it
+ * validated), kept only after `recordRingDescriptors()`. Inflight tracking copies them before the request has any
+ * side effect (the ring slots may be overwritten by used descriptors before the chain completes).
+ */
+export class PackedRingRecord {
+  /** Ring descriptors of the chain (1 for an indirect chain). */
+  count = 0;
+  readonly addrLo: Uint32Array;
+  readonly addrHi: Uint32Array;
+  readonly len: Uint32Array;
+  readonly id: Uint16Array;
+  readonly flags: Uint16Array;
+
+  constructor(capacity: number) {
+    this.addrLo = new Uint32Array(capacity);
+    this.addrHi = new Uint32Array(capacity);
+    this.len = new Uint32Array(capacity);
+    this.id = new Uint16Array(capacity);
+    this.flags = new Uint16Array(capacity);
+  }
+}
+
 /** The device side of a packed virtqueue. See the module documentation for the ring, memory model and bounds. */
 export class PackedQueue implements DeviceQueue {
   readonly size: number;
@@ -231,6 +262,8 @@ export class PackedQueue implements DeviceQueue {
   #indirectView: DataView | undefined;
   readonly #scratch = new Uint8Array(DESC_SIZE);
   readonly #scratchView = new DataView(this.#scratch.buffer);
+  /** See `recordRingDescriptors`. */
+  #record: PackedRingRecord | undefined;
 
   /**
    * Checks the size and the areas' alignment (`VIRTIO_QUEUE_SIZE_INVALID`, `VIRTIO_RING_MISALIGNED`,
@@ -340,6 +373,63 @@ export class PackedQueue implements DeviceQueue {
   /** Packed rings keep no used index in guest memory: nothing to resync to. */
   resyncToUsed(): number {
     return -1;
+  }
+
+  /**
+   * From now on every `popChain` keeps the ring descriptors it read in the returned record (inflight tracking).
+   * A chain in the ring takes at most `size` slots, so the record holds `size` descriptors.
+   */
+  recordRingDescriptors(): PackedRingRecord {
+    this.#record ??= new PackedRingRecord(this.size);
+    return this.#record;
+  }
+
+  /**
+   * Restart with chains in flight (inflight tracking): writes `chains` (ring descriptors as the driver wrote them,
+   * oldest first) back into the ring from `position` (`index | wrap << 15`, the used position), each descriptor's
+   * AVAIL / USED bits set to "available" for the lap of the slot it lands in, then resumes at `position`. The next
+   * `popChain`s take exactly these chains again, validated like any chain, and then what the driver made available
+   * after them. The slots are the device's: the driver made them available and reads them only once they are used
+   * at its next used position, which is `position`. `RangeError` when the chains take more than `size` slots.
+   */
+  restoreInFlight(position: number, chains: readonly (readonly PackedRingDescriptor[])[]): void {
+    const v = this.#ring();
+    let at = this.#checkPosition(position, 'restore');
+    let total = 0;
+    for (const c of chains) total += c.length;
+    if (total > this.size) throw new RangeError(`chains of ${total} ring descriptors do not fit a ring of ${this.size}`);
+    for (const c of chains) {
+      if (c.length === 0) throw new RangeError('a chain has at least one descriptor');
+      for (const d of c) {
+        const wrap = at < this.size;
+        const slot = wrap ? at : at - this.size;
+        const off = v.descBase + DESC_SIZE * slot;
+        v.desc.setUint32(off, Number(BigInt.asUintN(32, d.addr)), true);
+        v.desc.setUint32(off + 4, Number(BigInt.asUintN(32, d.addr >> 32n)), true);
+        v.desc.setUint32(off + D_LEN, d.len, true);
+        v.desc.setUint16(off + D_ID, d.id, true);
+        const flags = (d.flags & ~(VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED)) | (wrap ? VRING_PACKED_DESC_F_AVAIL : VRING_PACKED_DESC_F_USED);
+        Atomics.store(v.descU16, 8 * slot + FLAGS_WORD, le16(flags));
+        at = advance(at, 1, this.#period);
+      }
+    }
+    this.resume(position);
+  }
+
+  /** The `flags` of ring slot `slot` (an atomic load; for inflight recovery). */
+  ringFlags(slot: number): number {
+    return le16(Atomics.load(this.#ring().descU16, 8 * this.#checkSlot(slot) + FLAGS_WORD));
+  }
+
+  /** Stores the `flags` of ring slot `slot` (an atomic store; for inflight recovery). */
+  setRingFlags(slot: number, flags: number): void {
+    checkU16(flags, 'flags');
+    Atomics.store(this.#ring().descU16, 8 * this.#checkSlot(slot) + FLAGS_WORD, le16(flags));
+  }
+
+  #checkSlot(slot: number): number {
+    if (!Number.isInteger(slot) || slot < 0 || slot >= this.size) throw new RangeError(`ring slot ${slot} is not below the queue size ${this.size}`);
+    return slot;
   }
 
   /** GET_VRING_BASE: the next avail position, `index | wrap << 15`. */
@@ -598,6 +688,15 @@ export class PackedQueue implements DeviceQueue {
       const addrHi = v.desc.getUint32(off + 4, true);
       const len = v.desc.getUint32(off + D_LEN, true);
       const id = v.desc.getUint16(off + D_ID, true);
+      const rec = this.#record;
+      if (rec !== undefined) {
+        rec.addrLo[slots] = addrLo;
+        rec.addrHi[slots] = addrHi;
+        rec.len[slots] = len;
+        rec.id[slots] = id;
+        rec.flags[slots] = flags;
+        rec.count = slots + 1;
+      }
       slots++;
       at = at + 1 === this.#period ? 0 : at + 1;
       // -1 when the address is not below 2^53. Checked together with the length before any use.

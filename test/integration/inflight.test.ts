@@ -1,8 +1,10 @@
 // INFLIGHT_SHMFD with the TypeScript frontend playing QEMU's vhost-user-blk: GET_INFLIGHT_FD, SET_INFLIGHT_FD, the
-// backend SIGKILLed with requests in flight, a new backend handed the same region and the same rings (SET_VRING_BASE
-// = used.idx, as QEMU restores it): every request completes exactly once, with its data on disk. And what a hostile
-// frontend sends in these messages is refused (NACK), with the connection and the device going on, nothing leaked.
-import { test } from 'node:test';
+// backend SIGKILLed with requests in flight (all of them, or every other one with the rest completed out of order,
+// or inside a batch publication), a new backend handed the same region and the same rings: every request completes
+// exactly once, with its data on disk, on split and packed rings; without the region the same crash loses requests.
+// A VM reset's fresh region drops what the old one held. And what a hostile frontend sends in these messages is
+// refused (NACK), with the connection and the device going on, nothing leaked.
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -23,22 +25,34 @@ const TIMEOUT = { timeout: 60_000 };
 const FEATURES = featureBit(VirtioFeature.VERSION_1);
 const REQUESTS = 8;
 
-/** Our blk backend in a child process whose requests complete `delayMs` after their I/O. */
-async function spawnBackend(socketPath: string, image: string, delayMs: number): Promise<{ kill(): Promise<void>; logs(): Record<string, unknown>[] }> {
+interface Backend {
+  kill(): Promise<void>;
+  /** Resolves when the process has exited (by itself or killed). */
+  readonly exited: Promise<void>;
+  logs(): Record<string, unknown>[];
+}
+
+/**
+ * Our blk backend in a child process (test/helpers/delayed-blk-backend.ts): `delays` the completion delays in ms,
+ * taken in turn ('5000,0': every other request held, out of order), or 'sync' for I/O in the queue worker.
+ */
+async function spawnBackend(socketPath: string, image: string, delays: string, env: Record<string, string> = {}): Promise<Backend> {
   const script = join(new URL('../helpers/', import.meta.url).pathname, 'delayed-blk-backend.js');
-  const child = spawnOwned(process.execPath, [script, socketPath, image, String(delayMs)]);
+  const args = delays === 'sync' ? [socketPath, image, '0', 'sync'] : [socketPath, image, delays];
+  const child = spawnOwned(process.execPath, [script, ...args], { env: { ...process.env, ...env } });
   let text = '';
   child.stderr?.setEncoding('utf8');
   child.stderr?.on('data', (c: string) => (text += c));
   const logs = (): Record<string, unknown>[] => jsonLogLines(text);
   for (let i = 0; i < 300 && !logs().some((l) => l.msg === 'listening'); i++) await sleep(20);
   if (!existsSync(socketPath)) throw new Error(`backend did not start: ${text}`);
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  const exited = new Promise<void>((resolve) => (hasExited(child) ? resolve() : child.once('exit', () => resolve())));
   return {
     kill: async () => {
       if (!hasExited(child)) child.kill('SIGKILL');
       await exited;
     },
+    exited,
     logs,
   };
 }
@@ -64,60 +78,223 @@ function addWrite(q: FrontendQueue, ram: GuestRam, token: number, sector: number
   return base + 16;
 }
 
-test('SIGKILL with requests in flight: the restarted backend takes them again from the inflight region, each completes once', TIMEOUT, async (t) => {
+interface RestartScenario {
+  readonly packed: boolean;
+  /** The first backend's completion delays (see spawnBackend). */
+  readonly delays: string;
+  /** With an inflight region (QEMU's vhost-user-blk), or without (every frontend that does not ask for one). */
+  readonly inflight: boolean;
+  /** The first backend kills itself (VHOST_USER_TEST_KILL) instead of being killed after 500 ms. */
+  readonly killHook?: string;
+}
+
+interface RestartOutcome {
+  /** Tokens completed by the first backend, then by the second (once each, in completion order). */
+  readonly before: number[];
+  readonly after: number[];
+  /** Completions of the second backend for requests not in flight (VIRTIO_USED_ID_INVALID at the driver). */
+  readonly duplicates: number;
+  /** The second backend's 'requests in flight before the restart are taken again' log line, if any. */
+  readonly recovered: Record<string, unknown> | undefined;
+  readonly statusOk: boolean[];
+  readonly onDisk: boolean[];
+}
+
+/**
+ * The TypeScript frontend plays QEMU's vhost-user-blk: REQUESTS writes, the first backend dies with some of them in
+ * flight, a second backend gets the same rings (split: SET_VRING_BASE = used.idx, as QEMU restores it; packed: the
+ * stale 0x8000, QEMU cannot restore a packed ring) and, with `inflight`, the same region.
+ */
+async function crashAndRestart(t: TestContext, o: RestartScenario): Promise<RestartOutcome> {
   const dir = await testTempDir(t, 'vu-inflight-');
   const image = dir.join('disk.img');
   writeFileSync(image, Buffer.alloc(4 * MiB));
+  const features = FEATURES | (o.packed ? featureBit(VirtioFeature.RING_PACKED) : 0n);
   const ram = GuestRam.create(16 * MiB);
-  let first: Awaited<ReturnType<typeof spawnBackend>> | undefined;
-  let second: Awaited<ReturnType<typeof spawnBackend>> | undefined;
-  let fe1: VhostUserFrontend | undefined;
-  let fe2: VhostUserFrontend | undefined;
+  const backends: Backend[] = [];
+  const frontends: VhostUserFrontend[] = [];
   let regionFd = -1;
   try {
-    // The first backend completes each request 5 s after its I/O: all of them are in flight when it is killed.
-    first = await spawnBackend(dir.join('a.sock'), image, 5000);
-    fe1 = await VhostUserFrontend.connect(dir.join('a.sock'));
-    const region = await fe1.getInflightFd(1, 128);
-    regionFd = region.fd;
-    assert.ok(region.mmapSize > 0n && regionFd >= 0, 'the backend made a region');
-    await fe1.setInflightFd(region);
-    await fe1.start({ features: FEATURES, memory: ram, queues: [{ index: 0, size: 32 }] });
+    const first = await spawnBackend(dir.join('a.sock'), image, o.delays, o.killHook !== undefined ? { VHOST_USER_TEST_KILL: o.killHook } : {});
+    backends.push(first);
+    const fe1 = await VhostUserFrontend.connect(dir.join('a.sock'));
+    frontends.push(fe1);
+    let region: Awaited<ReturnType<VhostUserFrontend['getInflightFd']>> | undefined;
+    if (o.inflight) {
+      await fe1.setFeatures(features); // the region's layout follows the features (QEMU: vhost_dev_prepare_inflight)
+      region = await fe1.getInflightFd(1, 128);
+      regionFd = region.fd;
+      assert.ok(region.mmapSize > 0n && regionFd >= 0, 'the backend made a region');
+      await fe1.setInflightFd(region);
+    }
+    await fe1.start({ features, memory: ram, queues: [{ index: 0, size: 32 }] });
     const q1 = fe1.queue(0);
     const status: number[] = [];
     for (let i = 0; i < REQUESTS; i++) status.push(addWrite(q1, ram, i, 8 * i, 0x10 + i));
     q1.publishAndKick();
-    await sleep(500);
-    assert.equal(q1.driver.pollUsed(() => assert.fail('a request completed before the kill')), 0);
+    const before: number[] = [];
+    if (o.killHook !== undefined) await first.exited;
+    else await sleep(500);
+    q1.driver.pollUsed((token) => before.push(token));
     await first.kill();
-    first = undefined;
     assert.equal((await fe1.closed)?.code, FrontendErrorCode.DISCONNECTED);
 
-    // QEMU: a new connection, SET_INFLIGHT_FD with the region it kept, the rings where they are, base = used.idx.
-    second = await spawnBackend(dir.join('b.sock'), image, 0);
-    fe2 = await VhostUserFrontend.connect(dir.join('b.sock'));
-    await fe2.setInflightFd(region);
-    await fe2.start({ features: FEATURES, memory: ram, queues: [{ index: 0, size: 32, adopt: q1 }] });
+    const second = await spawnBackend(dir.join('b.sock'), image, '0');
+    backends.push(second);
+    const fe2 = await VhostUserFrontend.connect(dir.join('b.sock'));
+    frontends.push(fe2);
+    if (region !== undefined) {
+      await fe2.setFeatures(features);
+      await fe2.setInflightFd(region);
+    }
+    await fe2.start({ features, memory: ram, queues: [{ index: 0, size: 32, adopt: q1 }] });
     const q2 = fe2.queue(0);
-    const done: number[] = [];
-    for (let i = 0; i < 500 && done.length < REQUESTS; i++) {
-      q2.driver.pollUsed((token) => done.push(token));
+    const after: number[] = [];
+    let duplicates = 0;
+    // Until every request has completed, or 1.5 s (a lost request never does).
+    for (let i = 0; i < 150 && before.length + after.length < REQUESTS; i++) {
+      try {
+        q2.driver.pollUsed((token) => after.push(token));
+      } catch (err) {
+        assert.equal((err as { code?: string }).code, 'VIRTIO_USED_ID_INVALID', String(err));
+        duplicates++;
+      }
       await sleep(10);
     }
-    assert.deepEqual([...done].sort((a, b) => a - b), [...Array(REQUESTS).keys()], 'each request completed once');
     await sleep(100);
-    assert.equal(q2.driver.pollUsed(() => undefined), 0, 'and only once');
-    for (const s of status) assert.equal(ram.bytes(s, 1)[0], 0, 'status OK');
+    try {
+      q2.driver.pollUsed((token) => after.push(token));
+    } catch {
+      duplicates++;
+    }
     const disk = readFileSync(image);
-    for (let i = 0; i < REQUESTS; i++) assert.ok(disk.subarray(8 * i * 512, 8 * i * 512 + 4096).every((b) => b === 0x10 + i), `write ${i} is on disk`);
-    const recovered = second.logs().find((l) => l.msg === 'inflight region: requests in flight before the restart are taken again');
-    assert.equal(recovered?.resubmitted, REQUESTS, 'the requests came from the inflight region, not from the avail ring');
+    return {
+      before,
+      after,
+      duplicates,
+      recovered: second.logs().find((l) => l.msg === 'inflight region: requests in flight before the restart are taken again'),
+      statusOk: status.map((s) => ram.bytes(s, 1)[0] === 0),
+      onDisk: [...Array(REQUESTS).keys()].map((i) => disk.subarray(8 * i * 512, 8 * i * 512 + 4096).every((b) => b === 0x10 + i)),
+    };
   } finally {
-    fe1?.close();
-    fe2?.close();
-    await first?.kill();
-    await second?.kill();
+    for (const f of frontends) f.close();
+    for (const b of backends) await b.kill();
     if (regionFd >= 0) native.close(regionFd);
+    ram.close();
+  }
+}
+
+const ALL = [...Array(REQUESTS).keys()];
+const EVEN = ALL.filter((i) => i % 2 === 0);
+const ODD = ALL.filter((i) => i % 2 === 1);
+const sorted = (a: readonly number[]): number[] => [...a].sort((x, y) => x - y);
+
+/** Every request completed exactly once, with its status and its data on disk. */
+function assertExactlyOnce(r: RestartOutcome): void {
+  assert.deepEqual(sorted([...r.before, ...r.after]), ALL, `each request completed once (before ${r.before.join()}, after ${r.after.join()})`);
+  assert.equal(r.duplicates, 0, 'and only once');
+  assert.ok(r.statusOk.every(Boolean), 'status OK');
+  assert.ok(r.onDisk.every(Boolean), 'every write is on disk');
+}
+
+for (const packed of [false, true]) {
+  const ring = packed ? 'packed' : 'split';
+
+  test(`${ring}: SIGKILL with every request in flight: the restarted backend takes them again from the inflight region, each completes once`, TIMEOUT, async (t) => {
+    const r = await crashAndRestart(t, { packed, delays: '5000', inflight: true });
+    assert.deepEqual(r.before, [], 'nothing completed before the kill');
+    assertExactlyOnce(r);
+    assert.equal(r.recovered?.resubmitted, REQUESTS, 'the requests came from the inflight region, not from the avail ring');
+  });
+
+  test(`${ring}: out-of-order completion (every other request held), SIGKILL: with the region the held ones complete once, nothing twice`, TIMEOUT, async (t) => {
+    const r = await crashAndRestart(t, { packed, delays: '5000,0', inflight: true });
+    assert.deepEqual(sorted(r.before), ODD, 'the first backend completed the odd requests, out of order');
+    assertExactlyOnce(r);
+    assert.deepEqual(sorted(r.after), EVEN);
+    assert.equal(r.recovered?.resubmitted, EVEN.length);
+  });
+
+  test(`${ring}: the same without an inflight region loses the held requests${packed ? '' : ' and completes others twice'} (what the region buys)`, TIMEOUT, async (t) => {
+    const r = await crashAndRestart(t, { packed, delays: '5000,0', inflight: false });
+    assert.deepEqual(sorted(r.before), ODD);
+    const lost = EVEN.filter((i) => !r.after.includes(i));
+    assert.ok(lost.length > 0, `held requests never complete (after: ${r.after.join()})`);
+    // Split: QEMU resumes at used.idx = 4, so avail entries 4..7 are taken again: 0 and 2 are lost, 5 and 7
+    // (completed before) complete a second time, which the driver refuses (and stops reading the used ring there).
+    // Packed: the ring holds used descriptors where QEMU's stale base points, so nothing is taken again at all.
+    if (packed) assert.deepEqual(r.after, [], 'nothing resumes');
+    else {
+      assert.ok(lost.includes(0) && lost.includes(2), `0 and 2 are lost (lost: ${lost.join()})`);
+      assert.ok(r.duplicates > 0, 'completions for requests that were not in flight');
+    }
+  });
+
+  test(`${ring}: killed inside a batch publication, before the used index store: the batch is taken again, each completes once`, TIMEOUT, async (t) => {
+    const r = await crashAndRestart(t, { packed, delays: 'sync', inflight: true, killHook: `before-publish:${REQUESTS}` });
+    assert.deepEqual(r.before, [], 'the driver saw none of the batch');
+    assertExactlyOnce(r);
+    assert.equal(r.recovered?.resubmitted, REQUESTS);
+  });
+
+  test(`${ring}: killed right after the used index store, before the region's commit: the batch is not redone`, TIMEOUT, async (t) => {
+    const r = await crashAndRestart(t, { packed, delays: 'sync', inflight: true, killHook: `after-publish:${REQUESTS}` });
+    assertExactlyOnce(r);
+    assert.deepEqual(r.after, [], 'nothing completed a second time');
+    assert.equal(r.recovered?.resubmitted, 0);
+    assert.ok((r.recovered?.repaired as number) > 0, 'the half-committed batch was repaired');
+  });
+}
+
+test('VM reset after a crash: a fresh GET_INFLIGHT_FD replaces the region handed back, nothing stale is taken again', TIMEOUT, async (t) => {
+  const dir = await testTempDir(t, 'vu-inflight-');
+  const image = dir.join('disk.img');
+  writeFileSync(image, Buffer.alloc(4 * MiB));
+  const ram = GuestRam.create(16 * MiB);
+  const backends: Backend[] = [];
+  const frontends: VhostUserFrontend[] = [];
+  const fds: number[] = [];
+  try {
+    const first = await spawnBackend(dir.join('a.sock'), image, '5000');
+    backends.push(first);
+    const fe1 = await VhostUserFrontend.connect(dir.join('a.sock'));
+    frontends.push(fe1);
+    const old = await fe1.getInflightFd(1, 128);
+    fds.push(old.fd);
+    await fe1.setInflightFd(old);
+    await fe1.start({ features: FEATURES, memory: ram, queues: [{ index: 0, size: 32 }] });
+    for (let i = 0; i < REQUESTS; i++) addWrite(fe1.queue(0), ram, i, 8 * i, 0x10 + i);
+    fe1.queue(0).publishAndKick();
+    await sleep(500);
+    await first.kill();
+
+    // The backend comes back; QEMU hands the old region back, then the VM resets: a fresh region and fresh rings.
+    const second = await spawnBackend(dir.join('b.sock'), image, '0');
+    backends.push(second);
+    const fe2 = await VhostUserFrontend.connect(dir.join('b.sock'));
+    frontends.push(fe2);
+    await fe2.setInflightFd(old);
+    const fresh = await fe2.getInflightFd(1, 128);
+    fds.push(fresh.fd);
+    await fe2.setInflightFd(fresh);
+    await fe2.start({ features: FEATURES, memory: ram, queues: [{ index: 0, size: 32 }] });
+    const q = fe2.queue(0);
+    const status = addWrite(q, ram, 99, 800, 0x77);
+    q.publishAndKick();
+    const done: number[] = [];
+    for (let i = 0; i < 100 && done.length === 0; i++) {
+      q.driver.pollUsed((token) => done.push(token));
+      await sleep(10);
+    }
+    await sleep(100);
+    q.driver.pollUsed((token) => done.push(token));
+    assert.deepEqual(done, [99], 'the new request completes, nothing of before the reset');
+    assert.equal(ram.bytes(status, 1)[0], 0);
+    assert.equal(second.logs().find((l) => l.msg === 'inflight region: requests in flight before the restart are taken again'), undefined);
+  } finally {
+    for (const f of frontends) f.close();
+    for (const b of backends) await b.kill();
+    for (const fd of fds) native.close(fd);
     ram.close();
   }
 });

@@ -267,6 +267,50 @@ test('ids completed out of order: each used descriptor at the next used slot, th
   assert.equal(p.driver.usedPosition, 0x0002);
 });
 
+test('restart with chains in flight: the recorded ring descriptors go back into their slots, popChain takes them again', () => {
+  const p = packedPair({ size: 8 });
+  const rec = p.queue.recordRingDescriptors();
+  const a = p.driver.addChain([r(1), w(1)], 'A'); // slots 0-1
+  const b = p.driver.addChain([w(2)], 'B'); // slot 2
+  const c = p.driver.addChain([r(1), r(1), w(3)], 'C'); // slots 3-5
+  p.driver.publish();
+  const saved: { addr: bigint; len: number; id: number; flags: number }[][] = [];
+  for (let i = 0; i < 3; i++) {
+    assert.ok(p.queue.popChain(p.mem, p.chain));
+    const chain = [];
+    for (let k = 0; k < rec.count; k++) {
+      chain.push({ addr: (BigInt(rec.addrHi[k] as number) << 32n) | BigInt(rec.addrLo[k] as number), len: rec.len[k] as number, id: rec.id[k] as number, flags: rec.flags[k] as number });
+    }
+    saved.push(chain);
+  }
+  assert.deepEqual(saved.map((ch) => ch.map((d) => `${d.len} ${d.id} ${d.flags.toString(16)}`)), [['1 0 81', '1 0 82'], ['2 1 82'], ['1 0 81', '1 0 81', '3 2 82']]);
+  // B completes and is published over slot 0; A and C stay in flight, then the backend dies.
+  p.queue.pushUsed(b, 2);
+  p.queue.publishUsed();
+  assert.deepEqual(drain(p), ['B:2']);
+  // A new queue on the same ring: A (2 slots) and C (3 slots) go back from the used position 0x8001, oldest first.
+  const q = new PackedQueue({ size: 8, ...p.layout, eventIdx: false, indirect: true });
+  q.attach(p.mem);
+  q.restoreInFlight(0x8001, [saved[0] as never, saved[2] as never]);
+  assert.deepEqual(image(p, 6).slice(1), ['8000 1 0 0081', '8000 1 0 0082', '8000 1 0 0081', '8000 1 0 0081', '8000 3 2 0082']);
+  const again: string[] = [];
+  while (q.popChain(p.mem, p.chain)) again.push(`${p.chain.head}:${segmentsOf(p.chain).length}`);
+  assert.deepEqual(again, [`${a}:2`, `${c}:3`]);
+  q.pushUsed(c, 3);
+  q.pushUsed(a, 1);
+  q.publishUsed();
+  assert.deepEqual(drain(p), ['C:3', 'A:1'], 'each completes once, out of order');
+  // Across the end of the ring: the lap of each slot decides its AVAIL / USED bits.
+  const z = new PackedQueue({ size: 8, ...p.layout, eventIdx: false, indirect: true });
+  z.attach(p.mem);
+  z.restoreInFlight(0x8007, [saved[2] as never]);
+  assert.deepEqual(image(p, 8).filter((_, i) => i === 7 || i < 2), ['8000 1 0 8001', '8000 3 2 8002', '8000 1 0 0081']);
+  assert.ok(z.popChain(p.mem, p.chain));
+  assert.equal(p.chain.head, c);
+  assert.equal(z.getBase(), 0x0002);
+  assert.throws(() => z.restoreInFlight(0x8000, Array.from({ length: 3 }, () => saved[2] as never)), RangeError, 'more slots than the ring');
+});
+
 test('an id made available again while in flight: VIRTIO_PACKED_ID_IN_FLIGHT, nothing consumed', () => {
   const p = packedPair();
   p.driver.makeAvailableRaw([{ addr: BUF_BASE, len: 1, id: 3, flags: WRITE }]);

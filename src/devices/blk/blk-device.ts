@@ -20,8 +20,8 @@ export interface BlkDeviceOptions {
   serial?: string;
   /** Where reads and writes run: in the queue worker ('sync', default) or an I/O thread per queue ('async'). */
   io?: 'sync' | 'async';
-  /** With io 'async': complete each request this long after its I/O (tests and torture runs). */
-  completionDelayMs?: number;
+  /** With io 'async': complete each request this long after its I/O; a list: in turn (tests and torture runs). */
+  completionDelayMs?: number | readonly number[];
 }
 
 /** Most data segments per request that the driver may use (config seg_max). */

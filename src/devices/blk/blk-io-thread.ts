@@ -45,6 +45,9 @@ function complete(req: IoRequest, status: number): void {
   native.eventfdWrite(init.completionFd);
 }
 
+/** Requests taken so far (picks each one's delay). */
+let taken = 0;
+
 requests.on('message', (msg: IoRequest | 'stop') => {
   if (msg === 'stop') {
     backend.close();
@@ -56,6 +59,7 @@ requests.on('message', (msg: IoRequest | 'stop') => {
   }
   if (stopping()) return;
   const status = execute(msg);
-  if (init.delayMs > 0) setTimeout(() => complete(msg, status), init.delayMs);
+  const delay = init.delaysMs.length > 0 ? (init.delaysMs[taken++ % init.delaysMs.length] as number) : 0;
+  if (delay > 0) setTimeout(() => complete(msg, status), delay);
   else complete(msg, status);
 });

@@ -41,8 +41,11 @@ export interface BlkQueueOptions {
    * thread per queue and complete later; the worker pins the request's memory until then.
    */
   io?: 'sync' | 'async';
-  /** async only: complete each request this long after its I/O (exercises requests in flight). */
-  completionDelayMs?: number;
+  /**
+   * async only: complete each request this long after its I/O (exercises requests in flight); a list is taken in
+   * turn, request by request, so that `[5000, 0]` completes every other request at once: out of order.
+   */
+  completionDelayMs?: number | readonly number[];
 }
 
 /** The async half: an I/O thread, its request and completion ports, and the completion eventfd. */
@@ -60,7 +63,7 @@ class AsyncIo {
       completions: port2,
       completionFd: this.completionFd,
       control: this.#control.buffer,
-      delayMs: options.completionDelayMs ?? 0,
+      delaysMs: typeof options.completionDelayMs === 'number' ? [options.completionDelayMs] : (options.completionDelayMs ?? []),
     };
     this.#thread = new Worker(new URL('./blk-io-thread.js', import.meta.url), { workerData: init, transferList: [port2] });
   }

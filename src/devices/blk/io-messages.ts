@@ -30,8 +30,11 @@ export interface IoThreadInit {
   completions: MessagePort;
   completionFd: number;
   control: SharedArrayBuffer;
-  /** Completes each request this long after its I/O (to exercise requests in flight across map changes). */
-  delayMs: number;
+  /**
+   * Completes the n-th request `delaysMs[n % length]` ms after its I/O (to exercise requests in flight across map
+   * changes and restarts; several values complete requests out of order). Empty: at once.
+   */
+  delaysMs: readonly number[];
 }
 
 export const STOP = 0;
