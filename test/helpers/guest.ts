@@ -230,12 +230,14 @@ export interface BlkDeviceOptions {
 }
 
 export interface NetDeviceOptions {
-  /** The backend's vhost-user-net socket; it must already accept connections. */
+  /** The backend's vhost-user-net socket; it must already accept connections (unless `server`). */
   readonly socketPath: string;
   /** The NIC's MAC address (default 52:54:00:12:34:56 for the first NIC, ...:57 for the second, ...). */
   readonly mac?: string;
   /** Queue pairs (default 1); must not exceed what the backend offers. */
   readonly queuePairs?: number;
+  /** QEMU listens on `socketPath` (server=on,wait=off) and the backend connects to it (client mode). */
+  readonly server?: boolean;
 }
 
 /** The script run in the guest as /guest/test.sh: its text, or a file (e.g. guestScript('blk-pattern.sh')). */
@@ -411,6 +413,7 @@ export async function startGuest(opts: BootGuestOptions): Promise<RunningGuest> 
       let spec = n.socketPath;
       if (n.mac !== undefined) spec += `,mac=${n.mac}`;
       if (n.queuePairs !== undefined) spec += `,queues=${n.queuePairs}`;
+      if (n.server === true) spec += ',server=1';
       args.push('--vhost-user-net', spec);
     }
     if (opts.append !== undefined) args.push('--append', opts.append);

@@ -1,9 +1,11 @@
-// A QEMU guest keeps writing (O_DIRECT, one numbered 4 KiB block at a time) while our blk backend is SIGKILLed and
-// started again, 10 times, with QEMU's vhost-user-blk reconnecting (`reconnect=1` on its chardev) and handing each
-// new backend the inflight region it kept (INFLIGHT_SHMFD). The guest must see no I/O error and not hang, read every
-// block back as written, and the image must hold every block. Split rings (packed rings are not tracked yet). The
-// backend runs reads and writes in an I/O thread and completes each 20 ms later (`--io async` and a test knob), so
-// that most kills find a request in flight: the new backend takes it again from the region.
+// A QEMU guest keeps writing (O_DIRECT, numbered 4 KiB blocks) while our blk backend is SIGKILLed and started
+// again, 10 times, with QEMU's vhost-user-blk reconnecting (`reconnect=1` on its chardev) or listening while our
+// backend connects (client mode), and handing each new backend the inflight region it kept (INFLIGHT_SHMFD). The guest
+// must see no I/O error and not hang, read every block back as written, and the image must hold every block. The
+// backend runs reads and writes in an I/O thread and completes each one later (`--io async` and a test knob), so
+// that most kills find requests in flight: the new backend takes them again from the region. Three scenarios: split
+// rings with one writer, in both connection modes; and packed rings (which QEMU cannot restore after a crash: only
+// the region says where they stand) with four writers and completions out of order (delays 40, 0, 15, 5 ms in turn).
 import { readFile, truncate, writeFile } from 'node:fs/promises';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -21,8 +23,23 @@ function block(i: number): Buffer {
   return Buffer.from(`block ${String(i).padStart(8, '0')} \n`.repeat(256).slice(0, 4096));
 }
 
-for (const mode of ['listen', 'client'] as const) {
-  const how = mode === 'listen' ? 'QEMU reconnects (reconnect=1)' : 'QEMU listens, the backend connects (--connect)';
+interface Scenario {
+  readonly mode: 'listen' | 'client';
+  readonly packed: boolean;
+  readonly writers: number;
+  readonly delays: string;
+}
+
+const SCENARIOS: readonly Scenario[] = [
+  { mode: 'listen', packed: false, writers: 1, delays: '20' },
+  { mode: 'client', packed: false, writers: 1, delays: '20' },
+  { mode: 'listen', packed: true, writers: 4, delays: '40,0,15,5' },
+];
+
+for (const { mode, packed, writers, delays } of SCENARIOS) {
+  const how =
+    (mode === 'listen' ? 'QEMU reconnects (reconnect=1)' : 'QEMU listens, the backend connects (--connect)') +
+    (packed ? `, packed rings, ${writers} writers, out-of-order completion` : ', split rings');
   test(`a guest writing through ${KILLS} SIGKILLs of its blk backend, ${how}: no I/O error, no hang, every block written`, { timeout: 8 * 60_000 }, async (t) => {
     if (!requireTools(t, GUEST_TOOLS)) return;
     const dir = await testTempDir(t);
@@ -31,7 +48,7 @@ for (const mode of ['listen', 'client'] as const) {
     await truncate(image, 16 * MiB);
     const socketPath = dir.join('blk.sock');
     const start = (): Promise<BackendProcess> =>
-      startBackend({ socketPath, args: ['--image', image, '--io', 'async', '--completion-delay-ms', '20'], logLevel: 'info', connect: mode === 'client' });
+      startBackend({ socketPath, args: ['--image', image, '--io', 'async', '--completion-delay-ms', delays], logLevel: 'info', connect: mode === 'client' });
     // Client mode: the backend starts first and connects once QEMU listens (QEMU waits for it before the guest boots).
     let backend = await start();
     const all: BackendProcess[] = [backend];
@@ -41,7 +58,8 @@ for (const mode of ['listen', 'client'] as const) {
     const guest = await startGuest({
       blk: [mode === 'listen' ? { socketPath, reconnectSeconds: 1 } : { socketPath, server: true }],
       script: { file: guestScript('blk-kill-writer.sh') },
-      env: { BLOCKS: String(BLOCKS) },
+      env: { BLOCKS: String(BLOCKS), WRITERS: String(writers) },
+      packed,
       serialLog: dir.join('serial.log'),
       timeoutMs: 6 * 60_000,
       signal: t.signal,
@@ -62,6 +80,7 @@ for (const mode of ['listen', 'client'] as const) {
       recoveryMs.push(performance.now() - t0);
       for (const l of b.logs()) if (typeof l.resubmitted === 'number') resubmitted += l.resubmitted;
       assert.ok(b.logs().some((l) => l.msg === 'inflight region mapped'), `restart ${k + 1}: QEMU handed the inflight region back`);
+      if (packed) assert.ok(b.logs().some((l) => l.msg === 'ring started' && l.packed === true), `restart ${k + 1}: the ring is packed`);
     }
     assert.ok(all[0]?.logs().some((l) => l.msg === 'inflight region created'), 'QEMU asked the first backend for an inflight region');
     const r = await guest.done;

@@ -261,6 +261,34 @@ test('a guest on `net --port tap:NAME` in a network namespace: ping both ways, 2
   assertNoWarnings(be.logs());
 });
 
+test('QEMU listening (server=on) and `net --connect --port loopback` restarted under the guest (SIGKILL, then SIGTERM): frames flow again after each', TIMEOUT, async (t) => {
+  if (!requireTools(t, GUEST_TOOLS)) return;
+  const dir = await testTempDir(t, 'vu-net-');
+  const socketPath = dir.join('net.sock');
+  const argv = ['net', '--connect', socketPath, '--port', 'loopback', '--log-level', 'debug'];
+  // The backend first: it connects as soon as QEMU listens (QEMU waits for it before the guest runs).
+  let be = await startCli(t, argv);
+  const guest = await bootOwned(t, {
+    net: [{ socketPath, server: true }],
+    script: { file: guestScript('net-restart.sh') },
+    env: { NET_RESTARTS: '2' },
+  });
+  await be.waitForLog((l) => l.msg === 'ring started', 'ring started', 60_000);
+  await waitForMarker(guest, 'GUEST-MARK: waiting-restart 1');
+  process.kill(be.pid, 'SIGKILL');
+  await be.stop();
+  be = await startCli(t, argv);
+  await be.waitForLog((l) => l.msg === 'ring started', 'ring started after the SIGKILL', 30_000);
+  await waitForMarker(guest, 'GUEST-MARK: round 1 ok');
+  await waitForMarker(guest, 'GUEST-MARK: waiting-restart 2');
+  assert.equal(await be.stop(), 0, 'SIGTERM: exit code 0');
+  be = await startCli(t, argv);
+  await be.waitForLog((l) => l.msg === 'ring started', 'ring started after the SIGTERM', 30_000);
+  const r = await guest.done;
+  t.diagnostic(`guest: ${r.durationMs} ms`);
+  assertGuestPassed(r);
+});
+
 test('a guest on `net --port loopback` boots and gets its own frames back', TIMEOUT, async (t) => {
   if (!requireTools(t, GUEST_TOOLS)) return;
   const dir = await testTempDir(t, 'vu-net-');
