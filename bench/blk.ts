@@ -15,8 +15,9 @@
  * Options: --seconds S (1) --ramp S (0.5) --rounds N (3) --devices null,image --only SUBSTRING --quick (1 round of
  * 0.5 s runs, about a minute) --image-size BYTES (1 GiB) --qsd-aio threads|io_uring (threads, its default)
  * --busy-poll-us N (adds our backend with the optional busy-poll as a third contender) --packed (adds our backend
- * driven with packed rings as another contender: the same process as "ours", its own connection) --name NAME (of the result
- * files). The default takes about 8 minutes.
+ * driven with packed rings as another contender: the same process as "ours", its own connection) --inflight (adds our
+ * backend with an inflight region, as QEMU's vhost-user-blk asks for, so every request is tracked in it: its cost;
+ * with --packed also on packed rings) --name NAME (of the result files). The default takes about 8 minutes.
  */
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -76,6 +77,8 @@ interface Backend {
   readonly pid: number;
   /** The load generator drives packed rings (VIRTIO_F_RING_PACKED) on this one. */
   readonly packed?: boolean;
+  /** The load generator asks for an inflight region on this one. */
+  readonly inflight?: boolean;
   stop(): Promise<void>;
 }
 
@@ -330,6 +333,7 @@ interface SavedRun {
   qsdAio: string;
   busyPollUs: number;
   packed?: boolean;
+  inflight?: boolean;
   imageSize: number;
   devices: DeviceKind[];
   workloads: string[];
@@ -344,16 +348,40 @@ interface Summary {
   ours: Stats;
   theirs: Stats;
   busyPoll?: Stats;
-  packed?: Stats;
-  /** Per round, ours packed / ours split: median, and range over rounds. */
-  packedRatio?: number;
-  packedRatioRange?: [number, number];
+  /** Our backend driven another way (packed rings, an inflight region), each against the run it varies. */
+  variants: VariantSummary[];
   ceilingIops: number;
   iopsRatio: number;
   /** Per round, ours / theirs of the runs taken back to back: the spread of the ratio. */
   iopsRatioRange: [number, number];
   cpuRatio: number;
   datapathNsPerIo: number;
+}
+
+/** A contender that is "ours" driven another way (the same backend process, its own connection). */
+interface Variant {
+  readonly name: string;
+  readonly packed: boolean;
+  readonly inflight: boolean;
+  /** The contender it is compared with (the same but for one thing). */
+  readonly base: string;
+}
+
+function variantsOf(packed: boolean, inflight: boolean): Variant[] {
+  const v: Variant[] = [];
+  if (packed) v.push({ name: 'ours packed', packed: true, inflight: false, base: 'ours' });
+  if (inflight) v.push({ name: 'ours inflight', packed: false, inflight: true, base: 'ours' });
+  if (packed && inflight) v.push({ name: 'ours packed inflight', packed: true, inflight: true, base: 'ours packed' });
+  return v;
+}
+
+interface VariantSummary {
+  readonly name: string;
+  readonly base: string;
+  readonly stats: Stats;
+  /** Per round, this variant / its base: median, and range over rounds. */
+  readonly ratio: number;
+  readonly ratioRange: [number, number];
 }
 
 interface Stats {
@@ -443,6 +471,7 @@ export async function main(argv: string[]): Promise<void> {
       'qsd-aio': { type: 'string', default: 'threads' },
       'busy-poll-us': { type: 'string', default: '0' },
       packed: { type: 'boolean', default: false },
+      inflight: { type: 'boolean', default: false },
       name: { type: 'string', default: 'blk' },
       resummarize: { type: 'string' },
     },
@@ -454,6 +483,8 @@ export async function main(argv: string[]): Promise<void> {
   const ramp = earlier?.ramp ?? (values.quick ? 0.3 : Number(values.ramp));
   const busyPollUs = earlier?.busyPollUs ?? Number(values['busy-poll-us']);
   const packed = earlier?.packed ?? values.packed;
+  const inflight = earlier?.inflight ?? values.inflight;
+  const variants = variantsOf(packed, inflight);
   const imageSize = earlier?.imageSize ?? Number(values['image-size']);
   const qsdAio = earlier?.qsdAio ?? values['qsd-aio'];
   const command = earlier?.command ?? `npm run bench -- blk ${argv.join(' ')}`.trim();
@@ -514,13 +545,24 @@ export async function main(argv: string[]): Promise<void> {
     try {
       if (devices.includes('image')) makeImage(image, imageSize);
 
-      const total = rounds * workloads.length * (1 + devices.length * 2 * (2 + (busyPollUs > 0 ? 1 : 0) + (packed ? 1 : 0)));
+      const total = rounds * workloads.length * (1 + devices.length * 2 * (2 + (busyPollUs > 0 ? 1 : 0) + variants.length));
       let started = 0;
-      const run = async (device: Sample['device'], w: Workload, backend: string, socket: string, round: number, pid?: number, packedRings = false): Promise<void> => {
+      const run = async (device: Sample['device'], w: Workload, b: Pick<Backend, 'name' | 'socket' | 'packed' | 'inflight'> & { pid?: number }, round: number): Promise<void> => {
+        const backend = b.name;
         const label = `[${++started}/${total}] round ${round + 1} ${device} ${w.name} ${backend}`;
         const result = await runBlkLoad(
-          socket,
-          { rw: w.rw, bs: w.bs, iodepth: w.iodepth, queues: w.queues, seconds, rampSeconds: ramp, packed: packedRings, ...(pid !== undefined ? { backendPid: pid } : {}) },
+          b.socket,
+          {
+            rw: w.rw,
+            bs: w.bs,
+            iodepth: w.iodepth,
+            queues: w.queues,
+            seconds,
+            rampSeconds: ramp,
+            packed: b.packed === true,
+            inflight: b.inflight === true,
+            ...(b.pid !== undefined ? { backendPid: b.pid } : {}),
+          },
           (p) => progress(`${label}: ${fmtIops(p.iops)} IOPS${p.measuring ? '' : ' (warm-up)'}`),
         );
         samples.push({ device, workload: w.name, backend, round, result });
@@ -533,18 +575,19 @@ export async function main(argv: string[]): Promise<void> {
       for (let round = 0; round < rounds; round++) {
         await measureBest();
         // The generator's ceiling: no backend at all.
-        for (const w of workloads) await run('loopback', w, 'loopback', 'loopback', round);
+        for (const w of workloads) await run('loopback', w, { name: 'loopback', socket: 'loopback' }, round);
         for (const device of devices) {
           const backends = [await startOurs('ours', dir, device, image), await startTheirs(dir, device, image, qsdAio)];
           if (busyPollUs > 0) backends.push(await startOurs('ours+busy-poll', dir, device, image, { VHOST_USER_BUSY_POLL_US: String(busyPollUs) }));
-          // qemu-storage-daemon (libvhost-user) does not offer VIRTIO_F_RING_PACKED: packed rings are ours alone.
+          // qemu-storage-daemon (libvhost-user) offers neither VIRTIO_F_RING_PACKED nor (as a daemon export) an inflight
+          // region: those variants are ours alone.
           const ours = backends[0] as Backend;
-          if (packed) backends.push({ ...ours, name: 'ours packed', packed: true, stop: () => Promise.resolve() });
+          for (const v of variants) backends.push({ ...ours, name: v.name, packed: v.packed, inflight: v.inflight, stop: () => Promise.resolve() });
           try {
             for (const [k, w] of workloads.entries()) {
               // A B B A, back to back (which one goes first alternates): drift, even a steady one, hits both alike.
               const order = (k + round) % 2 === 0 ? backends : [...backends].reverse();
-              for (const b of [...order, ...[...order].reverse()]) await run(device, w, b.name, b.socket, round, b.pid, b.packed);
+              for (const b of [...order, ...[...order].reverse()]) await run(device, w, b, round);
             }
           } finally {
             for (const b of backends) await b.stop();
@@ -579,14 +622,14 @@ export async function main(argv: string[]): Promise<void> {
         iopsRatioRange: [Math.min(...paired), Math.max(...paired)],
         cpuRatio: 0,
         datapathNsPerIo: datapath.get(`${device} ${w.name}`) ?? NaN,
+        variants: [],
       };
       if (busyPollUs > 0) s.busyPoll = stats(pick(device, w.name, 'ours+busy-poll'));
-      if (packed) {
-        const p = pick(device, w.name, 'ours packed');
-        const ratios = roundsOf(p).map((r) => roundFigures(p, r).iops / roundFigures(ours, r).iops);
-        s.packed = stats(p);
-        s.packedRatio = median(ratios);
-        s.packedRatioRange = [Math.min(...ratios), Math.max(...ratios)];
+      for (const v of variants) {
+        const p = pick(device, w.name, v.name);
+        const base = pick(device, w.name, v.base);
+        const ratios = roundsOf(p).map((r) => roundFigures(p, r).iops / roundFigures(base, r).iops);
+        s.variants.push({ name: v.name, base: v.base, stats: stats(p), ratio: median(ratios), ratioRange: [Math.min(...ratios), Math.max(...ratios)] });
       }
       s.iopsRatio = median(paired);
       s.cpuRatio = median(pairedCpu);
@@ -611,9 +654,9 @@ export async function main(argv: string[]): Promise<void> {
     ...(busyPollUs > 0 && s.busyPoll !== undefined
       ? [`${fmtIops(s.busyPoll.iops)}, ${s.busyPoll.cpuUsPerIo.toFixed(2)} us`]
       : []),
-    ...(packed && s.packed !== undefined && s.packedRatioRange !== undefined
-      ? [`${fmtIops(s.packed.iops)}, ${s.packed.cpuUsPerIo.toFixed(2)} us; **${(s.packedRatio ?? NaN).toFixed(2)}** (${s.packedRatioRange[0].toFixed(2)}-${s.packedRatioRange[1].toFixed(2)})`]
-      : []),
+    ...s.variants.map(
+      (v) => `${fmtIops(v.stats.iops)}, ${v.stats.cpuUsPerIo.toFixed(2)} us; **${v.ratio.toFixed(2)}** (${v.ratioRange[0].toFixed(2)}-${v.ratioRange[1].toFixed(2)})`,
+    ),
   ]);
   const table = markdownTable({
     columns: [
@@ -630,7 +673,7 @@ export async function main(argv: string[]): Promise<void> {
       'generator: alone (loopback); CPU use with ours / qsd',
       'ours vs the limits',
       ...(busyPollUs > 0 ? [`ours + busy-poll ${busyPollUs} us: IOPS, CPU/req`] : []),
-      ...(packed ? ['ours, packed rings: IOPS, CPU/req; packed/split IOPS (range)'] : []),
+      ...variants.map((v) => `${v.name}: IOPS, CPU/req; / ${v.base} IOPS (range)`),
     ],
     rows,
   });
@@ -661,11 +704,13 @@ export async function main(argv: string[]): Promise<void> {
       `ours \`--image\` vs \`driver=file,aio=${qsdAio},cache.direct=off\` on the same ${imageSize / GiB} GiB raw image on tmpfs. ` +
       'CPU = each backend process\'s utime + stime (/proc/PID/stat, all threads) over the measured window / requests. ' +
       `Both backends offer 2 queues; qemu-storage-daemon ${'runs its export in the main loop (its default)'}.`,
-    ...(packed
+    ...(variants.length > 0
       ? [
           '',
-          '"ours, packed rings": the same backend process as "ours", driven by the same generator over its own connection with ' +
-            'VIRTIO_F_RING_PACKED (run in the same A B B A order); qemu-storage-daemon (libvhost-user) does not offer packed rings.',
+          `${variants.map((v) => `"${v.name}"`).join(', ')}: the same backend process as "ours", driven by the same generator ` +
+            'over its own connection (run in the same A B B A order), with VIRTIO_F_RING_PACKED ("packed") and with an inflight ' +
+            'region asked for as QEMU\'s vhost-user-blk does ("inflight": every request marked in it before its I/O and cleared ' +
+            'after its completion is published); each is compared with the same run without that one difference.',
         ]
       : []),
     '',
@@ -693,6 +738,7 @@ export async function main(argv: string[]): Promise<void> {
       qsdAio,
       busyPollUs,
       packed,
+      inflight,
       imageSize,
       devices,
       workloads: workloads.map((w) => w.name),

@@ -400,10 +400,14 @@ function readCounter(u32: Uint32Array, loIndex: number): number {
   return hi >= COUNTER_HI_LIMIT ? -1 : hi * TWO_32 + lo;
 }
 
-/** Stores counter `c` (< 2^53) as two u32 halves: only into an entry not in flight, so no reader sees it torn. */
+/**
+ * Stores counter `c` (< 2^53) as two u32 halves, only into an entry not in flight (no reader sees it torn), and as
+ * plain stores: every caller stores the entry's inflight flag with `Atomics.store` after
+ * it (a release: these become visible first), and a recovery reads counters of entries in flight only.
+ */
 function storeCounter(u32: Uint32Array, loIndex: number, c: number): void {
-  Atomics.store(u32, loIndex, c >>> 0);
-  Atomics.store(u32, loIndex + 1, Math.floor(c / TWO_32));
+  u32[loIndex] = c >>> 0;
+  u32[loIndex + 1] = Math.floor(c / TWO_32);
 }
 
 /** Batch phases: pushUsed collects, prepareUsed stores the links, commitUsed clears after the ring was published. */
@@ -654,9 +658,10 @@ export class SplitInflightQueue {
     let lbh = this.#lastBatchHead;
     // These stores are read only when used->idx moved past used_idx, i.e. after the queue's store of used.idx,
     // which comes after them: a crash before that store finds used->idx == used_idx and ignores the list.
+    // Plain stores: the Atomics.store of last_batch_head below (a release) orders them before it.
     for (let k = 0; k < this.#batchLen; k++) {
       const head = this.#batch[k] as number;
-      Atomics.store(u16, S_NEXT(head), lbh);
+      u16[S_NEXT(head)] = lbh;
       lbh = head;
     }
     Atomics.store(u16, S_LAST_BATCH_HEAD, lbh);
@@ -1187,12 +1192,13 @@ export class PackedInflightQueue {
     }
     const { u16, u32 } = this.#v;
     // Entries still on the committed free list (old_free_head has not moved past them): a crash leaves them free,
-    // whatever they hold.
-    Atomics.store(u32, P_U32(e, PackedRegion.D_ADDR), lo);
-    Atomics.store(u32, P_U32(e, PackedRegion.D_ADDR) + 1, hi);
-    Atomics.store(u32, P_U32(e, PackedRegion.D_LEN), len);
-    Atomics.store(u16, P_U16(e, PackedRegion.D_ID), id);
-    Atomics.store(u16, P_U16(e, PackedRegion.D_FLAGS), flags);
+    // whatever they hold. So plain stores: endChain's Atomics.store of the inflight flag, which commits them, is a
+    // release that makes them visible first.
+    u32[P_U32(e, PackedRegion.D_ADDR)] = lo;
+    u32[P_U32(e, PackedRegion.D_ADDR) + 1] = hi;
+    u32[P_U32(e, PackedRegion.D_LEN)] = len;
+    u16[P_U16(e, PackedRegion.D_ID)] = id;
+    u16[P_U16(e, PackedRegion.D_FLAGS)] = flags;
     this.#chainLast = e;
     this.#chainId = id;
     this.#chainLen++;
@@ -1217,8 +1223,9 @@ export class PackedInflightQueue {
     // The head's bookkeeping, then inflight = 1, all while old_free_head still points at e0: a crash up to the
     // old_free_head store below finds e0 on the free list, clears it and does not resubmit the chain (it had no
     // side effect yet), and the avail position it computes leaves the chain in the ring to be taken again.
-    Atomics.store(u16, P_U16(e0, PackedRegion.D_LAST), this.#chainLast);
-    Atomics.store(u16, P_U16(e0, PackedRegion.D_NUM), this.#chainLen);
+    // (Plain stores before the flag's Atomics.store: it is their release.)
+    u16[P_U16(e0, PackedRegion.D_LAST)] = this.#chainLast;
+    u16[P_U16(e0, PackedRegion.D_NUM)] = this.#chainLen;
     storeCounter(u32, P_U32(e0, PackedRegion.D_COUNTER), c);
     Atomics.store(u8, P_INFLIGHT(e0), 1);
     // free_head, then old_free_head: the commit of the mark. Between the two, fh !== ofh with equal positions: a
@@ -1282,7 +1289,7 @@ export class PackedInflightQueue {
     for (let k = 0; k < this.#batchLen; k++) {
       const e = this.#batch[k] as number;
       const last = this.#last[e] as number;
-      Atomics.store(u16, P_U16(last, PackedRegion.D_NEXT), fh);
+      u16[P_U16(last, PackedRegion.D_NEXT)] = fh; // plain: the Atomics.store of free_head below is its release
       this.#next[last] = fh;
       fh = e;
       pos = (pos + (this.#num[e] as number)) % period;

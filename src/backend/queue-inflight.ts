@@ -55,17 +55,40 @@ export function startQueueInflight(queue: DeviceQueue, buffer: SharedArrayBuffer
   throw new TypeError('inflight tracking needs a split or a packed queue');
 }
 
-class SplitTracking implements QueueInflight {
+/** What both layouts' trackers do alike: completions and the publication are passed on as they are. */
+abstract class Tracking<T extends SplitInflightQueue | PackedInflightQueue> implements QueueInflight {
+  abstract readonly recovered: InflightRecovered;
+  protected readonly tracker: T;
+
+  constructor(tracker: T) {
+    this.tracker = tracker;
+  }
+
+  abstract next(memory: GuestMemory, chain: DescriptorChain): boolean;
+
+  pushUsed(head: number): void {
+    this.tracker.pushUsed(head);
+  }
+
+  prepareUsed(): void {
+    this.tracker.prepareUsed();
+  }
+
+  commitUsed(): void {
+    this.tracker.commitUsed();
+  }
+}
+
+class SplitTracking extends Tracking<SplitInflightQueue> {
   readonly recovered: InflightRecovered;
   readonly #queue: SplitQueue;
-  readonly #tracker: SplitInflightQueue;
   /** Heads to take again, oldest first; `#taken` of them are. */
   readonly #resubmit: readonly number[];
   #taken = 0;
 
   constructor(queue: SplitQueue, tracker: SplitInflightQueue) {
+    super(tracker);
     this.#queue = queue;
-    this.#tracker = tracker;
     // Resume at used.idx plus what is in flight (libvhost-user vu_check_queue_inflights).
     const rec = tracker.recover(queue.ringUsedIdx(), queue.size);
     queue.setBase(rec.lastAvailIdx, rec.usedIdx);
@@ -80,35 +103,23 @@ class SplitTracking implements QueueInflight {
       return true;
     }
     if (!this.#queue.popChain(memory, chain)) return false;
-    if (!this.#tracker.markInflight(chain.head)) throw headInFlight(chain.head);
+    if (!this.tracker.markInflight(chain.head)) throw headInFlight(chain.head);
     return true;
   }
 
-  pushUsed(head: number): void {
-    this.#tracker.pushUsed(head);
-  }
-
-  prepareUsed(): void {
-    this.#tracker.prepareUsed();
-  }
-
-  commitUsed(): void {
-    this.#tracker.commitUsed();
-  }
 }
 
-class PackedTracking implements QueueInflight {
+class PackedTracking extends Tracking<PackedInflightQueue> {
   readonly recovered: InflightRecovered;
   readonly #queue: PackedQueue;
-  readonly #tracker: PackedInflightQueue;
   readonly #record: PackedRingRecord;
   /** Buffer ids of the chains to take again, oldest first; `#taken` of them are. */
   readonly #resubmit: readonly number[];
   #taken = 0;
 
   constructor(queue: PackedQueue, tracker: PackedInflightQueue, base: number) {
+    super(tracker);
     this.#queue = queue;
-    this.#tracker = tracker;
     this.#record = queue.recordRingDescriptors();
     const rec = tracker.recover({
       ringSize: queue.size,
@@ -141,7 +152,7 @@ class PackedTracking implements QueueInflight {
       return true;
     }
     // Copy the ring descriptors as popChain read and validated them, before the request has any side effect.
-    const t = this.#tracker;
+    const t = this.tracker;
     const r = this.#record;
     t.beginChain();
     try {
@@ -154,17 +165,6 @@ class PackedTracking implements QueueInflight {
     return true;
   }
 
-  pushUsed(head: number): void {
-    this.#tracker.pushUsed(head);
-  }
-
-  prepareUsed(): void {
-    this.#tracker.prepareUsed();
-  }
-
-  commitUsed(): void {
-    this.#tracker.commitUsed();
-  }
 }
 
 function headInFlight(head: number): VirtioError {

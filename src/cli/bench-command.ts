@@ -325,14 +325,6 @@ export async function runBlkLoad(
       driver = new BlkDriver(loopback.frontend, { memory, maxRequestBytes: bs, slotsPerQueue: iodepth, indirect: wantIndirect });
     } else {
       frontend = await VhostUserFrontend.connect(target, { connectTimeoutMs: 5000 });
-      if (options.inflight === true) {
-        const region = await frontend.getInflightFd(queues, queueSize);
-        try {
-          await frontend.setInflightFd(region);
-        } finally {
-          if (region.fd >= 0) native.close(region.fd); // the backend keeps its mapping
-        }
-      }
       const indirect = wantIndirect && hasFeature(frontend.backendFeatures, VirtioFeature.RING_INDIRECT_DESC);
       driver = await BlkDriver.start(frontend, {
         memory,
@@ -342,6 +334,7 @@ export async function runBlkLoad(
         slotsPerQueue: iodepth,
         indirect,
         packed,
+        inflight: options.inflight === true,
       });
     }
     if (driver.slotsPerQueue < iodepth) throw new RangeError(`ring of ${queueSize} cannot hold ${iodepth} requests`);

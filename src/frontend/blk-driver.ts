@@ -18,6 +18,7 @@
  * `close()`).
  */
 import { VhostError } from '../errors.js';
+import * as native from '../native/index.js';
 import { VirtioFeature, featureBit, hasFeature } from '../protocol/constants.js';
 import { queueDriverLayout, type QueueDriver } from '../queue/queue-driver.js';
 import type { AddChainOptions } from '../queue/split-queue-driver.js';
@@ -113,6 +114,12 @@ export interface BlkStartOptions extends BlkDriverOptions {
   readonly eventIdx?: boolean;
   /** Use packed rings: acknowledge VIRTIO_F_RING_PACKED, which the backend must offer (default false: split rings). */
   readonly packed?: boolean;
+  /**
+   * Ask for an inflight region as QEMU's vhost-user-blk does (SET_FEATURES, GET_INFLIGHT_FD, SET_INFLIGHT_FD before
+   * the rings start; needs INFLIGHT_SHMFD), so that the backend tracks every request in it. The region's fd is
+   * closed once handed over: this driver does not reconnect.
+   */
+  readonly inflight?: boolean;
   /** Allocate the rings in the region holding this GPA (default: anywhere). */
   readonly ringRegion?: number | GuestRamRegion;
   /** See `StartOptions.memoryMode`. */
@@ -274,6 +281,16 @@ export class BlkDriver {
       } else {
         const ringBytes = queueDriverLayout(packed, queueSize, 0).end;
         queueConfigs.push({ index, size: queueSize, ringGpa: memory.alloc(ringBytes, { align: 4096, region: options.ringRegion }) });
+      }
+    }
+    if (options.inflight === true) {
+      // The backend lays the region out for the ring layout in these features (QEMU: vhost_dev_prepare_inflight).
+      await frontend.setFeatures(features);
+      const region = await frontend.getInflightFd(queues, queueSize);
+      try {
+        await frontend.setInflightFd(region);
+      } finally {
+        if (region.fd >= 0) native.close(region.fd); // the backend keeps its own mapping
       }
     }
     await frontend.start({

@@ -1284,13 +1284,15 @@ function runScript(make: (crashAt: number[]) => Harness, script: readonly Op[]):
 
 test('split, a crash at every store of the script (queue, tracker, recovery): each request completes exactly once', () => {
   const { stores, crashPoints } = runScript((c) => new SplitHarness(c), SCRIPT);
-  assert.ok(stores > 40, `${stores} stores`);
+  // The crash points are the Atomics.stores; the plain stores of the tracker (descriptor copies, counters, links)
+  // all come before the Atomics.store that commits them, so a crash among them equals a crash at that store.
+  assert.ok(stores > 25, `${stores} stores`);
   assert.equal(crashPoints, stores);
 });
 
 test('packed, a crash at every store of the script (queue, tracker, recovery): each chain completes exactly once', () => {
   const { stores, crashPoints } = runScript((c) => new PackedHarness(c), SCRIPT);
-  assert.ok(stores > 80, `${stores} stores`);
+  assert.ok(stores > 60, `${stores} stores`);
   assert.equal(crashPoints, stores);
 });
 

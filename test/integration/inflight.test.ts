@@ -27,6 +27,7 @@ const REQUESTS = 8;
 
 interface Backend {
   kill(): Promise<void>;
+  alive(): boolean;
   /** Resolves when the process has exited (by itself or killed). */
   readonly exited: Promise<void>;
   logs(): Record<string, unknown>[];
@@ -53,6 +54,7 @@ async function spawnBackend(socketPath: string, image: string, delays: string, e
       await exited;
     },
     exited,
+    alive: () => !hasExited(child),
     logs,
   };
 }
@@ -86,6 +88,8 @@ interface RestartScenario {
   readonly inflight: boolean;
   /** The first backend kills itself (VHOST_USER_TEST_KILL) instead of being killed after 500 ms. */
   readonly killHook?: string;
+  /** Changes the region (queue 0's part, as bytes) between the crash and the restart: a hostile frontend. */
+  readonly corrupt?: (region: Uint8Array) => void;
 }
 
 interface RestartOutcome {
@@ -98,6 +102,10 @@ interface RestartOutcome {
   readonly recovered: Record<string, unknown> | undefined;
   readonly statusOk: boolean[];
   readonly onDisk: boolean[];
+  /** The second backend: its log lines, whether it still runs, its device status at the end. */
+  readonly logs: Record<string, unknown>[];
+  readonly alive: boolean;
+  readonly deviceStatus: number;
 }
 
 /**
@@ -138,6 +146,11 @@ async function crashAndRestart(t: TestContext, o: RestartScenario): Promise<Rest
     q1.driver.pollUsed((token) => before.push(token));
     await first.kill();
     assert.equal((await fe1.closed)?.code, FrontendErrorCode.DISCONNECTED);
+    if (o.corrupt !== undefined && region !== undefined) {
+      const mapping = native.mapShared(region.fd, 0, Number(region.mmapSize));
+      o.corrupt(new Uint8Array(mapping));
+      native.revoke(mapping);
+    }
 
     const second = await spawnBackend(dir.join('b.sock'), image, '0');
     backends.push(second);
@@ -168,6 +181,7 @@ async function crashAndRestart(t: TestContext, o: RestartScenario): Promise<Rest
       duplicates++;
     }
     const disk = readFileSync(image);
+    const deviceStatus = await fe2.getStatus();
     return {
       before,
       after,
@@ -175,6 +189,9 @@ async function crashAndRestart(t: TestContext, o: RestartScenario): Promise<Rest
       recovered: second.logs().find((l) => l.msg === 'inflight region: requests in flight before the restart are taken again'),
       statusOk: status.map((s) => ram.bytes(s, 1)[0] === 0),
       onDisk: [...Array(REQUESTS).keys()].map((i) => disk.subarray(8 * i * 512, 8 * i * 512 + 4096).every((b) => b === 0x10 + i)),
+      logs: second.logs(),
+      alive: second.alive(),
+      deviceStatus,
     };
   } finally {
     for (const f of frontends) f.close();
@@ -245,6 +262,71 @@ for (const packed of [false, true]) {
     assert.ok((r.recovered?.repaired as number) > 0, 'the half-committed batch was repaired');
   });
 }
+
+/** Entries of queue 0's region (queue_size 128) marked in flight, oldest first: [entry, counter]. */
+function markedEntries(region: Uint8Array, packed: boolean): [number, bigint][] {
+  const base = packed ? 32 : 16; // the header
+  const stride = packed ? 32 : 16; // a descriptor state
+  const view = new DataView(region.buffer, region.byteOffset, region.byteLength);
+  const found: [number, bigint][] = [];
+  for (let e = 0; e < 128; e++) {
+    if (region[base + stride * e] === 1) found.push([e, view.getBigUint64(base + stride * e + 8, true)]);
+  }
+  return found.sort((a, b) => (a[1] < b[1] ? -1 : a[1] > b[1] ? 1 : 0));
+}
+
+test('split: a region corrupted after the crash (an index past the ring, a repeated counter, a bad flag): ignored per entry, nothing runs twice, the queue stops (NEEDS_RESET)', TIMEOUT, async (t) => {
+  const r = await crashAndRestart(t, {
+    packed: false,
+    delays: '5000',
+    inflight: true,
+    corrupt: (region) => {
+      const view = new DataView(region.buffer, region.byteOffset, region.byteLength);
+      const marked = markedEntries(region, false);
+      assert.equal(marked.length, REQUESTS);
+      const [, c0] = marked[0] as [number, bigint];
+      const [h1] = marked[1] as [number, bigint];
+      const [h2] = marked[2] as [number, bigint];
+      view.setBigUint64(16 + 16 * h1 + 8, c0, true); // request 1 repeats request 0's counter
+      region[16 + 16 * h2] = 2; // request 2's flag is neither 0 nor 1
+      region[16 + 16 * 100] = 1; // head 100 of a ring of 32
+      view.setBigUint64(16 + 16 * 100 + 8, 7n, true);
+    },
+  });
+  assert.ok(r.alive, 'the backend runs on');
+  const anomalies = r.recovered?.anomalies as Record<string, number>;
+  assert.deepEqual(Object.keys(anomalies).sort(), ['bad-inflight-value', 'duplicate-counter', 'index-out-of-range']);
+  assert.equal(r.recovered?.resubmitted, REQUESTS - 2, 'the bad entries are not taken again');
+  // With two real requests dropped, the region's count puts the avail position at used.idx + 6: the ring's next
+  // chains are requests 6 and 7 again, whose heads are still in flight. That is refused like any chain made
+  // available twice (nothing completes twice): the queue stops and the device needs a reset.
+  assert.equal(r.duplicates, 0);
+  assert.ok(
+    r.logs.some((l) => l.msg === 'queue stopped by an error: device needs reset' && l.code === 'VIRTIO_HEAD_IN_FLIGHT'),
+    'a head taken again while in flight is refused',
+  );
+  assert.equal(r.deviceStatus & 0x40, 0x40, 'NEEDS_RESET');
+});
+
+test('packed: a saved descriptor corrupted after the crash is validated like any chain: the queue stops (NEEDS_RESET), the backend runs on', TIMEOUT, async (t) => {
+  const r = await crashAndRestart(t, {
+    packed: true,
+    delays: '5000',
+    inflight: true,
+    corrupt: (region) => {
+      const view = new DataView(region.buffer, region.byteOffset, region.byteLength);
+      const [e0] = markedEntries(region, true)[0] as [number, bigint];
+      view.setBigUint64(32 + 32 * e0 + 24, 1n << 60n, true); // request 0's header buffer far past 2^53
+    },
+  });
+  assert.ok(r.alive, 'the backend runs on');
+  assert.deepEqual(r.after, [], 'nothing completes on the stopped queue');
+  assert.ok(
+    r.logs.some((l) => l.msg === 'queue stopped by an error: device needs reset' && l.code === 'VIRTIO_DESC_ADDRESS_INVALID'),
+    'the restored chain failed validation',
+  );
+  assert.equal(r.deviceStatus & 0x40, 0x40, 'NEEDS_RESET');
+});
 
 test('VM reset after a crash: a fresh GET_INFLIGHT_FD replaces the region handed back, nothing stale is taken again', TIMEOUT, async (t) => {
   const dir = await testTempDir(t, 'vu-inflight-');
