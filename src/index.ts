@@ -3,14 +3,17 @@
  *
  * - `VhostUserServer` + a device (`BlkDevice`) serve a VMM such as QEMU over a unix socket.
  * - `VhostUserFrontend` + `BlkDriver` drive any vhost-user-blk backend (ours, qemu-storage-daemon) from Node.
- * - `SplitQueue`, `DescriptorChain`, `MemoryTable` are the building blocks for devices of your own.
+ * - `VirtioDevice`, `QueueHandler`, `DescriptorChain`, `GuestMemory`: devices of your own (docs/writing-a-device.md;
+ *   `RngDevice` is the worked example); `SplitQueue`, `PackedQueue`, `MemoryTable` are the building blocks below.
  */
 export { VhostError, ProtocolError, VirtioError, type SystemError } from './errors.js';
 export { VhostUserServer, type ServerOptions } from './backend/server.js';
 export { BackendSession, MAX_MEM_SLOTS, OFFERED_PROTOCOL_FEATURES } from './backend/session.js';
 export type { VirtioDevice, QueueHandler, QueueContext, QueueProducer, DeviceWorkerModule } from './devices/device.js';
-export { ProduceResult } from './devices/device.js';
+export { PENDING, ProduceResult } from './devices/device.js';
+export { QueueStat, countStat, readQueueStats, type QueueCounters } from './devices/queue-stats.js';
 export { BlkDevice, type BlkDeviceOptions } from './devices/blk/blk-device.js';
+export { RngDevice, VIRTIO_ID_RNG, type RngDeviceOptions } from './devices/rng/rng-device.js';
 export { NetDevice, type NetDeviceOptions, type NetPortOption } from './devices/net/net-device.js';
 export { SwitchFabric } from './devices/net/ports/switch.js';
 export type { NetStatsSnapshot } from './devices/net/stats.js';
@@ -18,4 +21,6 @@ export type { GuestMemory } from './memory/guest-memory.js';
 export { MemoryTable } from './memory/memory-table.js';
 export type { MappedRegion } from './memory/region.js';
 export { SplitQueue } from './queue/split-queue.js';
+export { PackedQueue } from './queue/packed-queue.js';
+export type { DeviceQueue } from './queue/device-queue.js';
 export { DescriptorChain, ChainReader, ChainWriter } from './queue/descriptor-chain.js';

@@ -5,6 +5,7 @@ import { blkCommand } from './blk-command.js';
 import { ctlCommand } from './ctl-command.js';
 import { demoCommand } from './demo-command.js';
 import { netCommand, switchCommand } from './net-command.js';
+import { rngCommand } from './rng-command.js';
 import { serveCommand } from './serve-command.js';
 
 const program = new Command('vhost-user')
@@ -13,6 +14,7 @@ const program = new Command('vhost-user')
   .addCommand(blkCommand())
   .addCommand(netCommand())
   .addCommand(switchCommand())
+  .addCommand(rngCommand())
   .addCommand(serveCommand())
   .addCommand(demoCommand())
   .addCommand(benchCommand())

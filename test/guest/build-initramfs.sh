@@ -12,7 +12,7 @@
 #   --vmlinux FILE   also extract the ELF kernel to FILE (needs xz-utils for Debian's kernel). QEMU boots
 #                    it through its PVH entry point, which skips the in-guest decompression (about 2 s
 #                    faster per boot under TCG). If that fails, FILE is not written: boot the bzImage.
-#   -m LIST          modules loaded by /init at boot (default "virtio_pci virtio_blk virtio_net")
+#   -m LIST          modules loaded by /init at boot (default "virtio_pci virtio_blk virtio_net virtio_rng")
 #   --extra-modules LIST  modules only packed, for `modprobe NAME` in guest scripts
 #                    (default "crc32c_generic ext4": Debian's ext4 needs crc32c, even for ext2)
 # Dependencies come from modules.dep; compressed modules (.ko.xz/.gz/.zst) are decompressed. The guest
@@ -21,7 +21,7 @@ set -euo pipefail
 die() { echo "build-initramfs.sh: ERROR: $*" >&2; exit 1; }
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-OUT=""; KVER=""; VMLINUX=""; MODULES="virtio_pci virtio_blk virtio_net"; EXTRA_MODULES="crc32c_generic ext4"
+OUT=""; KVER=""; VMLINUX=""; MODULES="virtio_pci virtio_blk virtio_net virtio_rng"; EXTRA_MODULES="crc32c_generic ext4"
 while [ $# -gt 0 ]; do
   case "$1" in
     -o) OUT=$2; shift 2 ;;

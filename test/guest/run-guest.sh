@@ -23,6 +23,8 @@
 #                           (client mode); QEMU waits for it before the guest starts.
 #                           Always vectors=0 (INTx): Debian's QEMU 7.2 crashes with MSI-X on
 #                           vhost-user netdevs.
+#   --vhost-user-rng SOCK   add a vhost-user-rng-pci entropy source (repeatable) whose backend listens on
+#                           SOCK; the guest's virtio_rng driver makes it /dev/hwrng
 #   --packed                packed virtqueues (packed=on) on every disk and NIC (VIRTIO_F_RING_PACKED; QEMU
 #                           negotiates it only when the backend offers it: check the guest's features)
 #   --mem SIZE              guest RAM (default 512M), always a shared memfd (share=on), as vhost-user needs
@@ -44,7 +46,7 @@ set -euo pipefail
 die() { echo "run-guest.sh: ERROR: $*" >&2; exit 125; }
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-GUEST_SCRIPT=""; GUEST_FILES=(); BLK=(); NET=(); QUEUES=1; RECONNECT=0; SERVER=0; MEM=512M; MAXMEM=""; SLOTS=4; SMP=1; ACCEL=tcg
+GUEST_SCRIPT=""; GUEST_FILES=(); BLK=(); NET=(); RNG=(); QUEUES=1; RECONNECT=0; SERVER=0; MEM=512M; MAXMEM=""; SLOTS=4; SMP=1; ACCEL=tcg
 QMP=""; APPEND=""; KERNEL=""; INITRD=""; RUN_DIR=""; EXEC=0; PRINT_CMD=0; EXTRA=(); PACKED=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -55,6 +57,7 @@ while [ $# -gt 0 ]; do
     --blk-reconnect) RECONNECT=$2; shift 2 ;;
     --blk-queues) QUEUES=$2; shift 2 ;;
     --vhost-user-net) NET+=("$2"); shift 2 ;;
+    --vhost-user-rng) RNG+=("$2"); shift 2 ;;
     --packed) PACKED=",packed=on"; shift ;;
     --mem) MEM=$2; shift 2 ;;
     --maxmem) MAXMEM=$2; shift 2 ;;
@@ -169,6 +172,10 @@ for (( i=0; i<${#NET_SOCK[@]}; i++ )); do
   CMD+=(-chardev "socket,id=vunet$i,path=${NET_SOCK[$i]}$rc"
         -netdev "vhost-user,id=vunet$i,chardev=vunet$i,queues=$q"
         -device "virtio-net-pci,id=nic$i,netdev=vunet$i,mac=${NET_MAC[$i]},romfile=,vectors=0$mq$PACKED")
+done
+for (( i=0; i<${#RNG[@]}; i++ )); do
+  [ -S "${RNG[$i]}" ] || die "vhost-user socket ${RNG[$i]} does not exist (start the backend first)"
+  CMD+=(-chardev "socket,id=vurng$i,path=${RNG[$i]//,/,,}" -device "vhost-user-rng-pci,id=vurng$i,chardev=vurng$i$PACKED")
 done
 CMD+=("${EXTRA[@]}")
 [ "$PRINT_CMD" = 0 ] || { printf '%q ' "${CMD[@]}" >&2; echo >&2; }

@@ -260,6 +260,8 @@ export interface GuestMemoryOptions {
 export interface BootGuestOptions {
   /** vhost-user-blk-pci disks, seen by the guest as /dev/vda, /dev/vdb, ... */
   readonly blk?: readonly BlkDeviceOptions[];
+  /** vhost-user-rng-pci entropy sources: the backends' sockets (listening already); the guest sees /dev/hwrng. */
+  readonly rng?: readonly string[];
   /** virtio-net-pci NICs (vhost-user netdevs, INTx only), seen by the guest as eth0, eth1, ... */
   readonly net?: readonly NetDeviceOptions[];
   /** Without a script, the guest lists its disks as GUEST-RESULT lines and exits 0. */
@@ -416,6 +418,7 @@ export async function startGuest(opts: BootGuestOptions): Promise<RunningGuest> 
       if (n.server === true) spec += ',server=1';
       args.push('--vhost-user-net', spec);
     }
+    for (const socketPath of opts.rng ?? []) args.push('--vhost-user-rng', socketPath);
     if (opts.append !== undefined) args.push('--append', opts.append);
     args.push('--', ...(opts.extraQemuArgs ?? []));
 

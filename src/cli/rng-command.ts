@@ -1,0 +1,40 @@
+/** `vhost-user rng`: serve a virtio-rng device (entropy from the system's CSPRNG) as a vhost-user backend. */
+import { Command } from 'commander';
+import { VhostUserServer } from '../backend/server.js';
+import { RngDevice } from '../devices/rng/rng-device.js';
+import { createLogger } from './logger.js';
+import { parseInteger } from './parse.js';
+import {
+  STOP_DRAIN_MS,
+  addEndpointOptions,
+  addServerOptions,
+  endpoint,
+  serverOptions,
+  stopSignal,
+  type EndpointCliOptions,
+  type ServerCliOptions,
+} from './server-options.js';
+
+interface RngOptions extends ServerCliOptions, EndpointCliOptions {
+  maxBytes: number;
+}
+
+export function rngCommand(): Command {
+  const command = new Command('rng').description(
+    'Serve a virtio-rng device over vhost-user: every buffer the guest makes available is filled from the ' +
+      "system's CSPRNG (QEMU: -chardev socket,id=r0,path=SOCK -device vhost-user-rng-pci,chardev=r0; the guest " +
+      'reads /dev/hwrng). Listens on --socket, or connects with --connect. SIGINT/SIGTERM: exits (status 0).',
+  );
+  addEndpointOptions(command).option('--max-bytes <n>', 'most bytes given per request', parseInteger(1, 1 << 20), 65536);
+  return addServerOptions(command, 'worker threads for the queue (default: one)').action(async (opts: RngOptions) => {
+    const log = createLogger(opts.logLevel);
+    const { socketPath, clientMode } = endpoint(opts);
+    const server = new VhostUserServer({ socketPath, device: new RngDevice({ maxBytesPerRequest: opts.maxBytes }), logger: log, ...serverOptions(opts) });
+    if (clientMode) server.connect();
+    else server.listen();
+    log.info({ maxBytesPerRequest: opts.maxBytes }, 'vhost-user-rng ready');
+    await stopSignal(log);
+    await server.close({ drainMs: STOP_DRAIN_MS });
+    log.flush();
+  });
+}
