@@ -1,19 +1,9 @@
 /** `vhost-user blk`: serve a raw image (or a null device) as a vhost-user-blk backend on a unix socket. */
 import { Command, Option } from 'commander';
-import { VhostUserServer } from '../backend/server.js';
 import { createDevice } from '../daemon/device-factory.js';
 import { createLogger } from './logger.js';
 import { parseInteger, parseSize } from './parse.js';
-import {
-  STOP_DRAIN_MS,
-  addEndpointOptions,
-  addServerOptions,
-  endpoint,
-  serverOptions,
-  stopSignal,
-  type EndpointCliOptions,
-  type ServerCliOptions,
-} from './server-options.js';
+import { addEndpointOptions, addServerOptions, endpoint, serveUntilStopped, type EndpointCliOptions, type ServerCliOptions } from './server-options.js';
 
 interface BlkOptions extends ServerCliOptions, EndpointCliOptions {
   image?: string;
@@ -56,7 +46,7 @@ export function blkCommand(): Command {
     );
   return addServerOptions(command, 'worker threads for the queues (default: one per queue)').action(async (opts: BlkOptions) => {
       const log = createLogger(opts.logLevel);
-      const { socketPath, clientMode } = endpoint(opts);
+      const { socketPath } = endpoint(opts);
       if ((opts.image === undefined) === (opts.null === undefined)) {
         throw new Error('give exactly one of --image FILE or --null SIZE');
       }
@@ -73,17 +63,7 @@ export function blkCommand(): Command {
         io: opts.io,
         memSlots: opts.memSlots,
       }, opts.completionDelayMs !== undefined ? { completionDelayMs: opts.completionDelayMs } : {});
-      const server = new VhostUserServer({
-        socketPath,
-        device,
-        logger: log,
-        ...serverOptions(opts),
-      });
-      if (clientMode) server.connect();
-      else server.listen();
-      log.info({ capacity: device.capacityBytes, queues: device.numQueues, readOnly: opts.readOnly }, 'vhost-user-blk ready');
-      await stopSignal(log);
-      await server.close({ drainMs: STOP_DRAIN_MS });
+      await serveUntilStopped(device, opts, log, { capacity: device.capacityBytes, queues: device.numQueues, readOnly: opts.readOnly });
       log.flush();
     });
 }

@@ -9,11 +9,10 @@ import { MAX_SWITCH_PORTS, SwitchFabric } from '../devices/net/ports/switch.js';
 import { createLogger } from './logger.js';
 import { parseInteger, parsePort } from './parse.js';
 import {
-  STOP_DRAIN_MS,
   addEndpointOptions,
   addServerOptions,
   endpoint,
-  serverOptions,
+  serveUntilStopped,
   stopSignal,
   type EndpointCliOptions,
   type ServerCliOptions,
@@ -48,7 +47,7 @@ export function netCommand(): Command {
     .option('--frame-len <bytes>', `length of the source port's frames (${MIN_FRAME}..${MAX_FRAME})`, parseInteger(MIN_FRAME, MAX_FRAME), 64);
   return addServerOptions(command, 'worker threads (default: one per queue pair)').action(async (opts: NetOptions) => {
     const log = createLogger(opts.logLevel);
-    const { socketPath, clientMode } = endpoint(opts);
+    const { socketPath } = endpoint(opts);
     // The same construction as a daemon's `{"type": "net", ...}` device (daemon/device-factory.ts).
     const net = createDevice({
       id: 'net',
@@ -62,13 +61,8 @@ export function netCommand(): Command {
       ...(opts.mac !== undefined ? { mac: opts.mac } : {}),
     });
     const device = net.device;
-    const server = new VhostUserServer({ socketPath, device, logger: log, ...serverOptions(opts) });
     try {
-      if (clientMode) server.connect();
-      else server.listen();
-      log.info({ port: opts.port, queuePairs: opts.queues }, 'vhost-user-net ready');
-      await stopSignal(log);
-      await server.close({ drainMs: STOP_DRAIN_MS });
+      await serveUntilStopped(device, opts, log, { port: opts.port, queuePairs: opts.queues });
     } finally {
       device.close();
     }

@@ -1,19 +1,9 @@
 /** `vhost-user rng`: serve a virtio-rng device (entropy from the system's CSPRNG) as a vhost-user backend. */
 import { Command } from 'commander';
-import { VhostUserServer } from '../backend/server.js';
 import { RngDevice } from '../devices/rng/rng-device.js';
 import { createLogger } from './logger.js';
 import { parseInteger } from './parse.js';
-import {
-  STOP_DRAIN_MS,
-  addEndpointOptions,
-  addServerOptions,
-  endpoint,
-  serverOptions,
-  stopSignal,
-  type EndpointCliOptions,
-  type ServerCliOptions,
-} from './server-options.js';
+import { addEndpointOptions, addServerOptions, serveUntilStopped, type EndpointCliOptions, type ServerCliOptions } from './server-options.js';
 
 interface RngOptions extends ServerCliOptions, EndpointCliOptions {
   maxBytes: number;
@@ -28,13 +18,7 @@ export function rngCommand(): Command {
   addEndpointOptions(command).option('--max-bytes <n>', 'most bytes given per request', parseInteger(1, 1 << 20), 65536);
   return addServerOptions(command, 'worker threads for the queue (default: one)').action(async (opts: RngOptions) => {
     const log = createLogger(opts.logLevel);
-    const { socketPath, clientMode } = endpoint(opts);
-    const server = new VhostUserServer({ socketPath, device: new RngDevice({ maxBytesPerRequest: opts.maxBytes }), logger: log, ...serverOptions(opts) });
-    if (clientMode) server.connect();
-    else server.listen();
-    log.info({ maxBytesPerRequest: opts.maxBytes }, 'vhost-user-rng ready');
-    await stopSignal(log);
-    await server.close({ drainMs: STOP_DRAIN_MS });
+    await serveUntilStopped(new RngDevice({ maxBytesPerRequest: opts.maxBytes }), opts, log, { maxBytesPerRequest: opts.maxBytes });
     log.flush();
   });
 }

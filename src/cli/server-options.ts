@@ -1,6 +1,8 @@
-/** Options and the run loop that every device command (blk, net, switch) shares. */
+/** Options and the run loop that every device command (blk, net, rng, switch) shares. */
 import { Option, type Command } from 'commander';
+import { VhostUserServer } from '../backend/server.js';
 import { SYNC_MODES, type SyncMode } from '../backend/sync-block.js';
+import type { VirtioDevice } from '../devices/device.js';
 import type { Logger } from 'pino';
 import { parseInteger } from './parse.js';
 
@@ -73,4 +75,24 @@ export function stopSignal(log: Logger): Promise<void> {
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
   });
+}
+
+/**
+ * The run loop of a single-device command: serves `device` on the endpoint the options name (listening, or
+ * connecting in client mode), logs "vhost-user-NAME ready" with `details`, and at SIGINT/SIGTERM stops taking
+ * requests, lets those in flight complete (up to STOP_DRAIN_MS) and closes the server.
+ */
+export async function serveUntilStopped(
+  device: VirtioDevice,
+  opts: ServerCliOptions & EndpointCliOptions,
+  log: Logger,
+  details: Record<string, unknown>,
+): Promise<void> {
+  const { socketPath, clientMode } = endpoint(opts);
+  const server = new VhostUserServer({ socketPath, device, logger: log, ...serverOptions(opts) });
+  if (clientMode) server.connect();
+  else server.listen();
+  log.info(details, `vhost-user-${device.name} ready`);
+  await stopSignal(log);
+  await server.close({ drainMs: STOP_DRAIN_MS });
 }
