@@ -54,6 +54,7 @@
  */
 import { VhostError, VirtioError } from '../errors.js';
 import type { Inflight } from '../protocol/index.js';
+import { packedAvailableFlags, isPackedAvailable } from '../queue/packed-queue.js';
 
 /** The region layout version this module writes and reads (`version` field). 0 means "never initialised". */
 export const INFLIGHT_VERSION = 1;
@@ -103,10 +104,6 @@ export const PackedRegion = {
   D_LEN: 20,
   D_ADDR: 24,
 } as const;
-
-/** Packed ring descriptor flags the recovery looks at (VIRTIO 1.2 §2.8.1). */
-const DESC_F_AVAIL = 1 << 7;
-const DESC_F_USED = 1 << 15;
 
 /** Counters are kept below 2^53 (exact in a JS number); a region holding a larger one is corrupt. */
 const COUNTER_HI_LIMIT = 0x20_0000;
@@ -402,8 +399,8 @@ function readCounter(u32: Uint32Array, loIndex: number): number {
 
 /**
  * Stores counter `c` (< 2^53) as two u32 halves, only into an entry not in flight (no reader sees it torn), and as
- * plain stores: every caller stores the entry's inflight flag with `Atomics.store` after
- * it (a release: these become visible first), and a recovery reads counters of entries in flight only.
+ * plain stores: every caller stores the entry's inflight flag with `Atomics.store` after it (a release: these
+ * become visible first), and a recovery reads counters of entries in flight only.
  */
 function storeCounter(u32: Uint32Array, loIndex: number, c: number): void {
   u32[loIndex] = c >>> 0;
@@ -936,10 +933,7 @@ export class PackedInflightQueue {
       // for old_used_wrap_counter (the first used descriptor of a batch is stored last).
       let published = false;
       try {
-        const flags = options.ringFlagsAt(oui);
-        const avail = (flags & DESC_F_AVAIL) !== 0;
-        const used = (flags & DESC_F_USED) !== 0;
-        published = !(avail === (ouw === 1) && used !== (ouw === 1));
+        published = !isPackedAvailable(options.ringFlagsAt(oui), ouw === 1);
       } catch (err) {
         if (!(err instanceof VhostError)) throw err;
         note(anomalies, 'ring-unreadable'); // rolled back: at least once
@@ -1048,7 +1042,7 @@ export class PackedInflightQueue {
         const p = (pos + k) % period;
         const slot = p < ringSize ? p : p - ringSize;
         const flags = options.ringFlagsAt(slot) & 0xffff;
-        const want = (flags & ~(DESC_F_AVAIL | DESC_F_USED)) | (p < ringSize ? DESC_F_AVAIL : DESC_F_USED);
+        const want = packedAvailableFlags(flags, p < ringSize);
         if (flags !== want) {
           options.setRingFlags(slot, want);
           ringSlotsReset++;

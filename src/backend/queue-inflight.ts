@@ -106,7 +106,6 @@ class SplitTracking extends Tracking<SplitInflightQueue> {
     if (!this.tracker.markInflight(chain.head)) throw headInFlight(chain.head);
     return true;
   }
-
 }
 
 class PackedTracking extends Tracking<PackedInflightQueue> {
@@ -164,7 +163,6 @@ class PackedTracking extends Tracking<PackedInflightQueue> {
     }
     return true;
   }
-
 }
 
 function headInFlight(head: number): VirtioError {

@@ -408,8 +408,7 @@ export class PackedQueue implements DeviceQueue {
         v.desc.setUint32(off + 4, Number(BigInt.asUintN(32, d.addr >> 32n)), true);
         v.desc.setUint32(off + D_LEN, d.len, true);
         v.desc.setUint16(off + D_ID, d.id, true);
-        const flags = (d.flags & ~(VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED)) | (wrap ? VRING_PACKED_DESC_F_AVAIL : VRING_PACKED_DESC_F_USED);
-        Atomics.store(v.descU16, 8 * slot + FLAGS_WORD, le16(flags));
+        Atomics.store(v.descU16, 8 * slot + FLAGS_WORD, le16(packedAvailableFlags(d.flags, wrap)));
         at = advance(at, 1, this.#period);
       }
     }
@@ -642,7 +641,7 @@ export class PackedQueue implements DeviceQueue {
     const wrap = at < this.size;
     const slot = wrap ? at : at - this.size;
     // Acquire; pairs with the driver's release store of the flags (after virtio_wmb in virtqueue_add_packed).
-    return isAvailable(le16(Atomics.load(v.descU16, 8 * slot + FLAGS_WORD)), wrap);
+    return isPackedAvailable(le16(Atomics.load(v.descU16, 8 * slot + FLAGS_WORD)), wrap);
   }
 
   #viewOf(buffer: ArrayBufferLike): DataView {
@@ -674,7 +673,7 @@ export class PackedQueue implements DeviceQueue {
       // Acquire load of the flags, then plain reads of the rest: pairs with the driver's release (virtio_wmb, then
       // the flags store). Every field is read exactly once; only these locals are used below.
       const flags = le16(Atomics.load(v.descU16, 8 * slot + FLAGS_WORD));
-      if (!isAvailable(flags, wrap)) {
+      if (!isPackedAvailable(flags, wrap)) {
         if (slots === 0) return false;
         throw ringError('VIRTIO_PACKED_DESC_UNAVAILABLE', start, size, slot,
           `is not available (flags 0x${flags.toString(16)}, wrap counter ${wrap ? 1 : 0}) but the descriptor before it has NEXT`);
@@ -834,8 +833,13 @@ export class PackedQueue implements DeviceQueue {
 }
 
 /** Whether descriptor `flags` mark it available for the wrap counter `wrap` (AVAIL == wrap, USED != wrap). */
-function isAvailable(flags: number, wrap: boolean): boolean {
+export function isPackedAvailable(flags: number, wrap: boolean): boolean {
   return ((flags & VRING_PACKED_DESC_F_AVAIL) !== 0) === wrap && ((flags & VRING_PACKED_DESC_F_USED) !== 0) !== wrap;
+}
+
+/** `flags` with its AVAIL / USED bits set to mark the descriptor available for the wrap counter `wrap` (§2.8.1). */
+export function packedAvailableFlags(flags: number, wrap: boolean): number {
+  return (flags & ~(VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED)) | (wrap ? VRING_PACKED_DESC_F_AVAIL : VRING_PACKED_DESC_F_USED);
 }
 
 function where(start: number, size: number): string {
