@@ -30,8 +30,20 @@ import type { GuestMemory } from '../memory/guest-memory.js';
 import { PENDING, ProduceResult, type DeviceWorkerModule, type QueueHandler, type QueueProducer } from '../devices/device.js';
 import { countStat, QueueStat, queueStatsRow } from '../devices/queue-stats.js';
 import { MAX_QUEUES, PoolBlock, SyncBlock, UNSYNCHRONIZED } from './sync-block.js';
-import type { QueueStart, QueueStarted, SessionAttach, WorkerCommand, WorkerInit, WorkerRegion, WorkerToControl } from './worker-messages.js';
+import type {
+  QueueStart,
+  QueueStarted,
+  RingLog,
+  SessionAttach,
+  WorkerCommand,
+  WorkerInit,
+  WorkerLog,
+  WorkerRegion,
+  WorkerToControl,
+} from './worker-messages.js';
 import { startQueueInflight, type QueueInflight } from './queue-inflight.js';
+import { DirtyLog } from '../memory/dirty-log.js';
+import { LoggingQueue, WrittenBuffers } from '../queue/written-buffers.js';
 
 /** Most chains handled per queue before the worker looks at its other queues and its port (fairness). */
 const BATCH_LIMIT = 256;
@@ -43,6 +55,8 @@ interface WorkerSession {
   /** The table in use, and its generation. */
   memory: MemoryTable;
   memoryGen: number;
+  /** Migration: the dirty log of this table's generation while logging is on (every device write is marked). */
+  log: DirtyLog | undefined;
   /** The generation last reported in this session's seen[me]. */
   seenGen: number;
   /** undefined while the module loads (no queue of the session can start before the attach is acknowledged). */
@@ -75,6 +89,14 @@ interface RunningQueue {
   readonly tracker: QueueInflight | undefined;
   /** A stop-queue command waiting for the in-flight requests to finish. */
   stopRequest: number | undefined;
+  /** Whether (and where) the used ring's writes are logged while the session logs (SET_VRING_ADDR). */
+  ringLog: RingLog;
+  /** The writable segments of the requests in flight, for the dirty log (queue/written-buffers.ts). */
+  readonly written: WrittenBuffers;
+  /** Bytes at the writable part's end that every completion writes (`QueueHandler.trailingStatusBytes`). */
+  readonly trailer: number;
+  /** A producer's queue while its session logs (made on first use). */
+  loggingQueue: LoggingQueue | undefined;
   /** Device-to-driver queues (net receive): the handler's producer. */
   readonly producer: QueueProducer | undefined;
   /** The producer has input but the ring had too few buffers: wait for a kick, not for more input. */
@@ -132,6 +154,16 @@ function send(msg: WorkerToControl): void {
   port.postMessage(msg);
 }
 
+function toLog(log: WorkerLog | undefined): DirtyLog | undefined {
+  return log === undefined ? undefined : new DirtyLog(log.buffer, log.offset, log.size);
+}
+
+/** Points the queue's own ring writes at its session's log, when the session logs and the ring asked for it. */
+function applyRingLog(q: RunningQueue): void {
+  const log = q.ringLog.enabled ? q.session.log : undefined;
+  q.queue.setDirtyLog(log, q.ringLog.usedAddr);
+}
+
 function toTable(regions: readonly WorkerRegion[]): MemoryTable {
   // The file identity fields are the control thread's business (it compares regions); the worker looks up GPAs.
   return new MemoryTable(regions.map((r): MappedRegion => ({ ...r, fileOffset: 0, dev: 0n, ino: 0n })));
@@ -144,14 +176,16 @@ function errorInfo(err: unknown): { code: string; message: string } {
 
 // ---- memory: the quiescent point and pins ---------------------------------------------------------------------------
 
-function setMemory(s: WorkerSession, gen: number, regions: readonly WorkerRegion[]): void {
+function setMemory(s: WorkerSession, gen: number, regions: readonly WorkerRegion[], log: WorkerLog | undefined): void {
   if (gen <= s.memoryGen) return;
   s.memoryGen = gen;
   try {
     s.memory = toTable(regions);
+    s.log = toLog(log);
   } catch (err) {
     // Control validated this table, so this is a bug; never keep using the old one: stop the session's queues.
     s.memory = MemoryTable.EMPTY;
+    s.log = undefined;
     for (const q of [...queues.values()]) if (q.session === s) failQueue(q, err);
     send({ type: 'queue-error', session: s.id, index: -1, ...errorInfo(err) });
     return;
@@ -161,6 +195,7 @@ function setMemory(s: WorkerSession, gen: number, regions: readonly WorkerRegion
     if (q.session !== s) continue;
     try {
       q.queue.attach(s.memory);
+      applyRingLog(q);
     } catch (err) {
       failQueue(q, err);
     }
@@ -249,6 +284,8 @@ function startQueue(s: WorkerSession, start: QueueStart): QueueStarted {
   if (queues.has(key)) throw new VhostError('VHOST_INTERNAL', `session ${s.id}: queue ${start.index} is already running`);
   const queue = createDeviceQueue({ ...start, cacheViews: init.mode !== 'copy' });
   queue.attach(s.memory);
+  // Logged from the first write on (a restored packed ring's descriptors included).
+  queue.setDirtyLog(start.ringLog.enabled ? s.log : undefined, start.ringLog.usedAddr);
   // Resume where the driver's state says: avail from SET_VRING_BASE; split: used from the ring itself (as
   // libvhost-user and DPDK do), which is what the driver last saw; packed: used = avail (the ring was drained).
   queue.resume(start.lastAvailIdx);
@@ -279,6 +316,10 @@ function startQueue(s: WorkerSession, start: QueueStart): QueueStarted {
     starvedAvail: 0,
     tracker,
     pushed: 0,
+    ringLog: start.ringLog,
+    written: new WrittenBuffers(queue.size),
+    trailer: handler.trailingStatusBytes ?? 0,
+    loggingQueue: undefined,
   });
   return { index: start.index, base: queue.getBase(), resyncedFrom, ...(tracker !== undefined ? { inflight: tracker.recovered } : {}) };
 }
@@ -289,6 +330,12 @@ function finishStop(q: RunningQueue): void {
   queues.delete(q.key);
   const lastAvailIdx = q.queue.getBase();
   q.queue.detach();
+  try {
+    // Everything it completed is durable before the stop is reported: a migration's destination reads it next.
+    q.handler.flush?.();
+  } catch (err) {
+    send({ type: 'queue-error', session: q.session.id, index: q.start.index, ...errorInfo(err) });
+  }
   closeHandler(q);
   send({ type: 'queue-stopped', id: q.stopRequest, index: q.start.index, lastAvailIdx });
 }
@@ -307,6 +354,7 @@ function attachSession(id: number, cmdId: number, a: SessionAttach): void {
     sync: new SyncBlock(pool, a.sync),
     memory: toTable(a.regions),
     memoryGen: a.gen,
+    log: toLog(a.log),
     seenGen: a.gen,
     device: modules.get(a.deviceModule),
     attach: a,
@@ -352,7 +400,7 @@ function apply(cmd: WorkerCommand): void {
     switch (cmd.type) {
       case 'memory': {
         const s = sessions.get(cmd.session);
-        if (s !== undefined) setMemory(s, cmd.gen, cmd.regions);
+        if (s !== undefined) setMemory(s, cmd.gen, cmd.regions, cmd.log);
         break;
       }
       case 'attach':
@@ -372,6 +420,22 @@ function apply(cmd: WorkerCommand): void {
           if (cmd.type === 'set-call') q.callFd = cmd.callFd;
           else q.errFd = cmd.errFd;
         }
+        send({ type: 'ack', id: cmd.id });
+        break;
+      }
+      case 'set-ring-log': {
+        const q = queues.get(queueKey(cmd.session, cmd.index));
+        if (q !== undefined) {
+          q.ringLog = cmd.ringLog;
+          applyRingLog(q);
+        }
+        send({ type: 'ack', id: cmd.id });
+        break;
+      }
+      case 'announce': {
+        const q = queues.get(queueKey(cmd.session, cmd.index));
+        if (q === undefined) throw new VhostError('VHOST_QUEUE_NOT_RUNNING', `queue ${cmd.index} does not run: nothing to announce on`);
+        q.handler.announce?.(cmd.mac);
         send({ type: 'ack', id: cmd.id });
         break;
       }
@@ -430,11 +494,18 @@ function nextChain(q: RunningQueue, memory: GuestMemory): boolean {
     // accepting it would lose the first request's pins. This also bounds requests in flight by the size.
     throw new VirtioError('VIRTIO_HEAD_IN_FLIGHT', `queue ${q.start.index}: descriptor ${chain.head} is already in flight`);
   }
+  if (q.session.log !== undefined) q.written.record(chain);
   return true;
 }
 
-/** Writes a completion to the used ring (published by `publish`), and records it in the inflight region. */
+/**
+ * Writes a completion to the used ring (published by `publish`), and records it in the inflight region. While the
+ * session logs, the pages the device wrote into the request's buffers are logged first (after the data, before the
+ * used element).
+ */
 function complete(q: RunningQueue, head: number, len: number): void {
+  const log = q.session.log;
+  if (log !== undefined) q.written.logUsed(log, head, len, q.trailer);
   q.queue.pushUsed(head, len);
   q.tracker?.pushUsed(head);
   q.pushed++;
@@ -469,7 +540,11 @@ function processQueue(q: RunningQueue, rearm: boolean): void {
       while (handled < BATCH_LIMIT && nextChain(q, memory)) {
         countStat(stats, QueueStat.requests);
         const len = handler.process(memory, chain);
-        if (len === PENDING) q.inflight.set(chain.head, pinChain(q.session, chain));
+        if (len === PENDING) {
+          // Logging may start before it completes: its buffers are logged then, from this record.
+          q.written.record(chain);
+          q.inflight.set(chain.head, pinChain(q.session, chain));
+        }
         else complete(q, chain.head, len);
         handled++;
       }
@@ -517,9 +592,12 @@ function produceQueue(q: RunningQueue, producer: QueueProducer, rearm: boolean):
   try {
     if (queues.get(q.key) !== q) return; // failed by a table switch in quiescent()
     const memory = q.session.memory;
+    const log = q.session.log;
+    // While the session logs, the producer's pops are recorded and its completions logged (LoggingQueue).
+    const target = log === undefined ? queue : (q.loggingQueue ??= new LoggingQueue(queue, q.written, log, q.trailer)).use(log, q.trailer);
     queue.disableNotification();
     for (let round = 1; ; round++) {
-      const result = producer.produce(memory, queue, BATCH_LIMIT);
+      const result = producer.produce(memory, target, BATCH_LIMIT);
       publish(q);
       if (q.kicked) {
         q.kicked = false;

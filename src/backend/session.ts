@@ -19,6 +19,7 @@ import {
   MAX_MEM_TABLE_REGIONS,
   ProtocolFeature,
   VirtioFeature,
+  VringAddrFlag,
   requestName,
 } from '../protocol/constants.js';
 import { encodeReply } from '../protocol/message-writer.js';
@@ -26,6 +27,7 @@ import type { Message } from '../protocol/message-reader.js';
 import {
   deviceConfigPayload,
   inflightPayload,
+  logPayload,
   memoryTablePayload,
   packedVringBase,
   singleMemoryRegionPayload,
@@ -39,7 +41,8 @@ import {
 import { isValidQueueSize } from '../queue/split-queue.js';
 import { availRingSize, descTableSize, PACKED_EVENT_SIZE, usedRingSize } from '../queue/constants.js';
 import type { VirtioDevice } from '../devices/device.js';
-import type { WorkerRegion } from './worker-messages.js';
+import type { RingLog, WorkerLog, WorkerRegion } from './worker-messages.js';
+import { mapLog, type LogMapping } from './session-log.js';
 import type { PoolLease } from './worker-pool.js';
 import { SessionInflight } from './session-inflight.js';
 import type { InflightLimits } from './inflight-region.js';
@@ -85,10 +88,12 @@ const TRANSPORT_FEATURES =
   bit(VirtioFeature.RING_INDIRECT_DESC) |
   bit(VirtioFeature.RING_EVENT_IDX) |
   bit(VirtioFeature.RING_PACKED) |
+  bit(VirtioFeature.LOG_ALL) |
   bit(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES);
 
 export const OFFERED_PROTOCOL_FEATURES =
   bit(ProtocolFeature.MQ) |
+  bit(ProtocolFeature.LOG_SHMFD) |
   bit(ProtocolFeature.REPLY_ACK) |
   bit(ProtocolFeature.CONFIG) |
   bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
@@ -153,6 +158,8 @@ interface Vring {
   num: number;
   /** Frontend virtual addresses from SET_VRING_ADDR, or undefined before it. */
   addr: { desc: number; used: number; avail: number } | undefined;
+  /** SET_VRING_ADDR's VHOST_VRING_F_LOG and `log_guest_addr`: log the used ring's writes there while logging. */
+  ringLog: RingLog;
   base: number;
   kickFd: number;
   callFd: number;
@@ -165,7 +172,7 @@ interface Vring {
 }
 
 function newVring(): Vring {
-  return { num: 0, addr: undefined, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false, failed: false };
+  return { num: 0, addr: undefined, ringLog: { enabled: false, usedAddr: 0 }, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false, failed: false };
 }
 
 /**
@@ -218,6 +225,9 @@ export class BackendSession {
   readonly #freeSlots: number[] = Array.from({ length: MAX_MEM_SLOTS }, (_, i) => MAX_MEM_SLOTS - 1 - i);
   readonly #memSlots: number;
   readonly #offeredProtocolFeatures: bigint;
+  /** Migration: the dirty log SET_LOG_BASE mapped (session-log.ts), and the one the workers were last given. */
+  #logMapping: LogMapping | undefined;
+  #publishedLog: LogMapping | undefined;
 
   constructor(options: SessionOptions, send: (bytes: Uint8Array, fds: readonly number[]) => void, log: Logger) {
     this.device = options.device;
@@ -232,7 +242,8 @@ export class BackendSession {
     }
     this.#offeredProtocolFeatures =
       (this.#memSlots === 0 ? OFFERED_PROTOCOL_FEATURES & ~bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) : OFFERED_PROTOCOL_FEATURES) |
-      (options.device.inflightTracking === true ? bit(ProtocolFeature.INFLIGHT_SHMFD) : 0n);
+      (options.device.inflightTracking === true ? bit(ProtocolFeature.INFLIGHT_SHMFD) : 0n) |
+      (options.device.announceQueue !== undefined ? bit(ProtocolFeature.RARP) : 0n);
     this.#inflight = new SessionInflight(this.#log);
     this.#offeredFeatures = options.device.features | TRANSPORT_FEATURES;
     this.#vrings = Array.from({ length: options.device.numQueues }, newVring);
@@ -268,8 +279,10 @@ export class BackendSession {
    */
   async handle(msg: Message): Promise<boolean> {
     const name = requestName(msg.request);
+    // SET_LOG_BASE with LOG_SHMFD is always answered (QEMU waits for that reply): a u64, 0 or a refusal, as an ack.
     const ackWanted =
-      (msg.flags & HeaderFlag.NEED_REPLY) !== 0 && (this.#protocolFeatures & bit(ProtocolFeature.REPLY_ACK)) !== 0n;
+      ((msg.flags & HeaderFlag.NEED_REPLY) !== 0 && (this.#protocolFeatures & bit(ProtocolFeature.REPLY_ACK)) !== 0n) ||
+      (msg.request === FrontendRequest.SET_LOG_BASE && (this.#protocolFeatures & bit(ProtocolFeature.LOG_SHMFD)) !== 0n);
     this.#log.debug({ request: name, size: msg.payload.length, fds: msg.fds.length }, 'message');
     const t0 = MEMORY_REQUESTS.has(msg.request) ? performance.now() : -1;
     let reply: Uint8Array | ReplyWithFds | undefined;
@@ -334,7 +347,17 @@ export class BackendSession {
         if ((features & ~this.#offeredFeatures) !== 0n) {
           throw new ProtocolError('VHOST_PROTOCOL_BAD_FEATURES', `features 0x${features.toString(16)} were not offered`);
         }
+        const logAll = (features & bit(VirtioFeature.LOG_ALL)) !== 0n;
+        if (logAll && !this.#hasFeature(VirtioFeature.LOG_ALL) && !this.#logCoversMemory() && this.#vrings.some((v) => v.started)) {
+          // Running rings would write memory that no log records. (A device being started with logging on gets
+          // SET_LOG_BASE after SET_FEATURES, vhost_dev_start: its rings wait for the log, #maybeStartRing.)
+          throw new ProtocolError('VHOST_PROTOCOL_LOG_NOT_MAPPED', 'LOG_ALL while rings run needs a log covering guest memory (SET_LOG_BASE) first');
+        }
         this.#features = features;
+        // Logging on: once this is answered, every worker marks what it writes (QEMU waits for the reply); off:
+        // they stop, and the log is dropped.
+        await this.#publishLog();
+        if (!logAll) this.#dropLog();
         // Without protocol features, rings are enabled as soon as they are started (spec "Ring states").
         return undefined;
       }
@@ -368,6 +391,28 @@ export class BackendSession {
         if (fd === undefined || msg.fds.length !== 1) throw new ProtocolError('VHOST_PROTOCOL_MISSING_FDS', 'SET_INFLIGHT_FD needs one fd');
         const request = inflightPayload.decode(p);
         await this.#withRingsStopped(() => this.#inflight.set(request, fd, this.#inflightLimits())); // fd closed by handle()
+        return undefined;
+      }
+      case R.SET_LOG_BASE:
+        await this.#setLogBase(msg);
+        return u64Payload.encode(0n);
+      case R.SET_LOG_FD:
+        // An eventfd to signal after logging (libvhost-user's log_call_fd); QEMU never sends it, and a frontend that
+        // syncs the log reads it anyway. Accepted and closed (by handle()).
+        this.#needProtocolFeature(ProtocolFeature.LOG_SHMFD, 'SET_LOG_FD');
+        if (msg.fds.length !== 1) throw new ProtocolError('VHOST_PROTOCOL_MISSING_FDS', 'SET_LOG_FD needs one fd');
+        return undefined;
+      case R.SEND_RARP: {
+        // After a migration, for a guest that does not announce itself (no GUEST_ANNOUNCE): the first 6 bytes of the
+        // u64 are its MAC. The frame goes out through the running queue the device names.
+        this.#expectNoFds(msg);
+        this.#needProtocolFeature(ProtocolFeature.RARP, 'SEND_RARP');
+        u64Payload.decode(p); // 8 bytes
+        const mac = p.slice(0, 6);
+        const index = this.device.announceQueue as number; // RARP is offered only with an announce queue
+        if (!this.#vring(index).started) throw new ProtocolError('VHOST_PROTOCOL_RING_STOPPED', `SEND_RARP: queue ${index} does not run`);
+        await this.#pool.announce(index, mac);
+        this.#log.info({ mac: [...mac].map((b) => b.toString(16).padStart(2, '0')).join(':') }, 'SEND_RARP: announced');
         return undefined;
       }
       case R.GET_QUEUE_NUM:
@@ -405,7 +450,20 @@ export class BackendSession {
         const a = vringAddrPayload.decode(p);
         const vring = this.#vring(a.index);
         const addr = { desc: addressOf(a.desc, 'descriptor table'), used: addressOf(a.used, 'used ring'), avail: addressOf(a.avail, 'available ring') };
-        await this.#changeRunningRing(a.index, () => (vring.addr = addr));
+        const logged = (a.flags & VringAddrFlag.LOG) !== 0;
+        const ringLog: RingLog = { enabled: logged, usedAddr: logged ? addressOf(a.log, 'log') : 0 };
+        const old = vring.addr;
+        if (old !== undefined && old.desc === addr.desc && old.used === addr.used && old.avail === addr.avail) {
+          // The same rings again with logging switched (QEMU at migration start and end): the ring keeps running,
+          // only its used-ring logging changes (acknowledged once the worker applied it).
+          vring.ringLog = ringLog;
+          if (vring.started) await this.#pool.setRingLog(a.index, ringLog);
+          return undefined;
+        }
+        await this.#changeRunningRing(a.index, () => {
+          vring.addr = addr;
+          vring.ringLog = ringLog;
+        });
         return undefined;
       }
       case R.SET_VRING_BASE: {
@@ -578,14 +636,23 @@ export class BackendSession {
    */
   async #publish(next: MemoryTable): Promise<void> {
     const previous = this.#memory;
+    if (this.#hasFeature(VirtioFeature.LOG_ALL) && this.#logMapping !== undefined && next.end > this.#logMapping.covers) {
+      // QEMU grows the log (SET_LOG_BASE) before it adds memory: memory the log cannot record is refused.
+      throw new ProtocolError(
+        'VHOST_PROTOCOL_LOG_TOO_SMALL',
+        `the dirty log covers guest memory up to 0x${this.#logMapping.covers.toString(16)}, the new table ends at 0x${next.end.toString(16)}`,
+      );
+    }
     const removed = previous.regions.filter((r) => !next.regions.includes(r));
     const gen = ++this.#gen;
     this.#memory = next;
+    const log = this.#loggingTo(next);
     const revoke = (): void => this.#release(removed);
     const pool = this.#pool;
     const running = this.#vrings.flatMap((v, i) => (v.started ? [i] : []));
     try {
-      await pool.publishMemory(gen, toWorkerRegions(next), removed.map((r) => r.slot), running, revoke);
+      await pool.publishMemory(gen, toWorkerRegions(next), workerLog(log), removed.map((r) => r.slot), running, revoke);
+      this.#publishedLog = log;
     } catch (err) {
       // Not published (--sync lock: a queue lock could not be taken before the table was posted): nothing
       // changed, so the request can be refused.
@@ -593,6 +660,7 @@ export class BackendSession {
         this.#memory = previous;
         throw err;
       }
+      this.#publishedLog = log;
       // Published: workers may already use the new table, so a NACK would be a lie (the frontend would believe
       // the regions are still there, and retry a removal we would refuse). The 5 s bound of each wait only
       // means "slow" now: keep waiting for the grace period and the pins (I/O in flight), up to a bound after
@@ -624,6 +692,57 @@ export class BackendSession {
         'guest memory in files that cannot be sealed against shrinking: if the frontend truncates them, this process dies (SIGBUS)',
       );
     }
+  }
+
+  // ---- dirty log (migration) -------------------------------------------------------------------------------------
+
+  /**
+   * SET_LOG_BASE: maps the new log (session-log.ts checks it), gives it to the workers if logging is on, and unmaps
+   * the old one once no worker can write to it (the grace period of that publication): the reply means every bit
+   * from now on goes to the new log. Rings that waited for a log start.
+   */
+  async #setLogBase(msg: Message): Promise<void> {
+    this.#needProtocolFeature(ProtocolFeature.LOG_SHMFD, 'SET_LOG_BASE');
+    const fd = msg.fds[0];
+    if (fd === undefined || msg.fds.length !== 1) throw new ProtocolError('VHOST_PROTOCOL_MISSING_FDS', 'SET_LOG_BASE needs one fd (LOG_SHMFD)');
+    const mapping = mapLog(logPayload.decode(msg.payload), fd, this.#memory.end); // fd closed by handle()
+    const old = this.#logMapping;
+    this.#logMapping = mapping;
+    try {
+      await this.#publishLog();
+    } catch (err) {
+      if (this.#publishedLog !== mapping) {
+        this.#logMapping = old; // not published: nothing changed
+        native.revoke(mapping.buffer);
+      }
+      throw err;
+    }
+    if (old !== undefined && old !== this.#publishedLog) native.revoke(old.buffer);
+    this.#log.info({ bytes: mapping.size, covers: mapping.covers, logging: this.#publishedLog === mapping }, 'dirty log');
+    for (let i = 0; i < this.#vrings.length; i++) await this.#maybeStartRing(i);
+  }
+
+  /** The log the workers must write along with memory table `table`: while LOG_ALL is on and a log covers it. */
+  #loggingTo(table: MemoryTable): LogMapping | undefined {
+    const m = this.#logMapping;
+    return this.#hasFeature(VirtioFeature.LOG_ALL) && m !== undefined && m.covers >= table.end ? m : undefined;
+  }
+
+  #logCoversMemory(): boolean {
+    return this.#logMapping !== undefined && this.#logMapping.covers >= this.#memory.end;
+  }
+
+  /** Gives the workers the log they must write now when it is not the one they have: a generation of its own. */
+  async #publishLog(): Promise<void> {
+    if (this.#loggingTo(this.#memory) !== this.#publishedLog) await this.#publish(this.#memory);
+  }
+
+  /** Logging is off: the log is unmapped (no worker has it: the publication without it came first). */
+  #dropLog(): void {
+    const m = this.#logMapping;
+    if (m === undefined || m === this.#publishedLog) return;
+    this.#logMapping = undefined;
+    native.revoke(m.buffer);
   }
 
   // ---- vrings ----------------------------------------------------------------------------------------------------
@@ -711,6 +830,12 @@ export class BackendSession {
     const vring = this.#vring(index);
     if (vring.started || vring.failed || !vring.enabled || vring.kickFd < 0 || vring.addr === undefined || vring.num === 0) return;
     if (this.#memory.regions.length === 0) return;
+    if (this.#hasFeature(VirtioFeature.LOG_ALL) && !this.#logCoversMemory()) {
+      // Logging is on but there is no log to write yet (QEMU starts a device under migration with SET_LOG_BASE
+      // after the rings): the ring starts with SET_LOG_BASE.
+      this.#log.info({ queue: index }, 'ring waits for SET_LOG_BASE (LOG_ALL is negotiated)');
+      return;
+    }
     const n = vring.num;
     // Packed: `desc` is the ring, `avail` the driver's event suppression area, `used` the device's (4 bytes each).
     const packed = this.#hasFeature(VirtioFeature.RING_PACKED);
@@ -734,6 +859,7 @@ export class BackendSession {
       eventIdx: this.#hasFeature(VirtioFeature.RING_EVENT_IDX),
       indirect: this.#hasFeature(VirtioFeature.RING_INDIRECT_DESC),
       features: this.#features,
+      ringLog: vring.ringLog,
     };
     const inflight = this.#inflight.forQueue(index);
     if (inflight !== undefined && inflight.geometry.packed !== packed) {
@@ -788,6 +914,8 @@ export class BackendSession {
     this.#features = 0n;
     this.#status = 0;
     this.#needsReset = false;
+    await this.#publishLog(); // logging is off
+    this.#dropLog();
   }
 
   #closeVringFds(vring: Vring): void {
@@ -809,11 +937,17 @@ export class BackendSession {
     } finally {
       for (const vring of this.#vrings) this.#closeVringFds(vring);
       this.#inflight.close();
+      if (this.#logMapping !== undefined) native.revoke(this.#logMapping.buffer);
+      this.#logMapping = this.#publishedLog = undefined;
       this.#release(this.#memory.regions);
       this.#memory = MemoryTable.EMPTY;
       this.#extraRegionRefs.clear();
     }
   }
+}
+
+function workerLog(log: LogMapping | undefined): WorkerLog | undefined {
+  return log === undefined ? undefined : { buffer: log.buffer, offset: log.offset, size: log.size };
 }
 
 function toWorkerRegions(table: MemoryTable): WorkerRegion[] {

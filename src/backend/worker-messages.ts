@@ -22,6 +22,24 @@ export interface WorkerRegion {
   slot: number;
 }
 
+/**
+ * Migration: the session's dirty log (SET_LOG_BASE), given to the workers only while logging is on (LOG_ALL
+ * negotiated): `size` bytes at `offset` in the mapping. Published with the memory table, through the same grace
+ * period (docs/memory-sync.md): once a new log's generation is seen, no worker writes to the old one.
+ */
+export interface WorkerLog {
+  buffer: SharedArrayBuffer;
+  offset: number;
+  size: number;
+}
+
+/** A ring's logging (SET_VRING_ADDR): whether its used ring writes are logged (VHOST_VRING_F_LOG) and where. */
+export interface RingLog {
+  enabled: boolean;
+  /** `log_guest_addr`: the used ring's guest-physical address in the log (split rings). */
+  usedAddr: number;
+}
+
 /** Everything a worker needs to run one virtqueue. Ring addresses are guest-physical. */
 export interface QueueStart {
   index: number;
@@ -48,6 +66,7 @@ export interface QueueStart {
    * queue takes; at start, what it says was in flight is taken again first (inflight-region.ts).
    */
   inflight?: { buffer: SharedArrayBuffer; geometry: InflightGeometry };
+  ringLog: RingLog;
 }
 
 /** Where a queue resumed (the `queue-started` reply). */
@@ -68,6 +87,7 @@ export interface SessionAttach {
   /** The current memory table. */
   gen: number;
   regions: WorkerRegion[];
+  log: WorkerLog | undefined;
   /** The device's worker module (loaded once per worker) and the options its handlers get. */
   deviceModule: string;
   deviceOptions: unknown;
@@ -77,7 +97,7 @@ export interface SessionAttach {
 
 export type WorkerCommand =
   /** A new memory table for generation `gen`. Not acknowledged: control waits for the grace period instead. */
-  | { type: 'memory'; id: number; session: number; gen: number; regions: WorkerRegion[] }
+  | { type: 'memory'; id: number; session: number; gen: number; regions: WorkerRegion[]; log: WorkerLog | undefined }
   /** Acknowledged once the device module is loaded. */
   | { type: 'attach'; id: number; session: number; attach: SessionAttach }
   /** Stops the session's queues here (requests in flight are abandoned) and forgets it. */
@@ -85,6 +105,10 @@ export type WorkerCommand =
   | { type: 'start-queue'; id: number; session: number; queue: QueueStart }
   | { type: 'set-call'; id: number; session: number; index: number; callFd: number }
   | { type: 'set-err'; id: number; session: number; index: number; errFd: number }
+  | { type: 'set-ring-log'; id: number; session: number; index: number; ringLog: RingLog }
+  /** SEND_RARP: the queue's handler announces `mac` (`QueueHandler.announce`). */
+  | { type: 'announce'; id: number; session: number; index: number; mac: Uint8Array }
+  /** Stops a queue once its requests in flight completed, then flushes its device (`QueueHandler.flush`). */
   | { type: 'stop-queue'; id: number; session: number; index: number }
   | { type: 'exit'; id: number };
 

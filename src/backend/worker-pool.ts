@@ -13,7 +13,17 @@ import { VhostError } from '../errors.js';
 import * as native from '../native/index.js';
 import type { VirtioDevice } from '../devices/device.js';
 import { MAX_WORKERS, PoolBlock, SyncBlock, UNSYNCHRONIZED, type WorkerSyncMode } from './sync-block.js';
-import type { QueueStart, QueueStarted, WorkerCommand, WorkerEvent, WorkerRegion, WorkerReply, WorkerToControl } from './worker-messages.js';
+import type {
+  QueueStart,
+  QueueStarted,
+  RingLog,
+  WorkerCommand,
+  WorkerEvent,
+  WorkerLog,
+  WorkerRegion,
+  WorkerReply,
+  WorkerToControl,
+} from './worker-messages.js';
 
 /** How long a worker may take to acknowledge a command before it is declared stuck. */
 const COMMAND_TIMEOUT_MS = 10_000;
@@ -258,6 +268,7 @@ export class PoolLease {
   /** The newest table published, which a newly attached worker starts from. */
   #gen = 0;
   #regions: WorkerRegion[] = [];
+  #log: WorkerLog | undefined;
   #released = false;
 
   constructor(
@@ -287,9 +298,10 @@ export class PoolLease {
   }
 
   /**
-   * Publishes memory table generation `gen` (docs/memory-sync.md) to the workers of this session, then waits until
-   * none of them and no request in flight can use the regions in `removedSlots` any more, and calls `revoke` (which
-   * releases them) at that point.
+   * Publishes memory table generation `gen` (docs/memory-sync.md), its regions and the dirty log the workers write
+   * (undefined: logging is off), to the workers of this session, then waits until none of them and no request in
+   * flight can use the regions in `removedSlots` any more (nor the previous log: only workers write logs, so the
+   * grace period is enough for it), and calls `revoke` (which releases them) at that point.
    * qsbr / copy: post the table to each attached worker, store gen and bump their epochs, wait for the grace period,
    * then for the pins. lock: take the lock of every running queue (`lockedQueues`), post the table and publish,
    * release the locks (a worker takes the new table with its next lock), then wait for the pins. The locks are never
@@ -298,6 +310,7 @@ export class PoolLease {
   async publishMemory(
     gen: number,
     regions: WorkerRegion[],
+    log: WorkerLog | undefined,
     removedSlots: readonly number[],
     lockedQueues: readonly number[],
     revoke: () => void,
@@ -311,12 +324,12 @@ export class PoolLease {
           await sync.lockQueueForControl(q);
           locked.push(q);
         }
-        this.#post(gen, regions, workers);
+        this.#post(gen, regions, log, workers);
       } finally {
         for (const q of locked) sync.unlockQueueForControl(q);
       }
     } else {
-      this.#post(gen, regions, workers);
+      this.#post(gen, regions, log, workers);
       if (this.mode === UNSYNCHRONIZED) {
         for (const w of workers) this.#host.worker(w).wake(); // they take the table whenever they next drain their port
         revoke();
@@ -334,10 +347,11 @@ export class PoolLease {
   }
 
   /** The table goes into every port before gen says it exists, and gen is stored before the epochs are bumped. */
-  #post(gen: number, regions: WorkerRegion[], workers: readonly number[]): void {
+  #post(gen: number, regions: WorkerRegion[], log: WorkerLog | undefined, workers: readonly number[]): void {
     this.#gen = gen;
     this.#regions = regions;
-    for (const w of workers) this.#host.worker(w).post({ type: 'memory', session: this.session, gen, regions });
+    this.#log = log;
+    for (const w of workers) this.#host.worker(w).post({ type: 'memory', session: this.session, gen, regions, log });
     this.sync.publish(gen, workers);
   }
 
@@ -361,6 +375,7 @@ export class PoolLease {
             sync: this.sync.buffer,
             gen: this.#gen,
             regions: this.#regions,
+            log: this.#log,
             deviceModule: this.#device.worker.module,
             deviceOptions: this.#device.worker.options,
             stats: this.#stats,
@@ -396,6 +411,18 @@ export class PoolLease {
   async setCall(index: number, callFd: number): Promise<void> {
     const w = this.workerOf(index);
     if (w !== undefined && this.#attached.has(w)) await this.#host.worker(w).request({ type: 'set-call', session: this.session, index, callFd });
+  }
+
+  /** A running ring's used-ring logging changed (SET_VRING_ADDR with or without VHOST_VRING_F_LOG). */
+  async setRingLog(index: number, ringLog: RingLog): Promise<void> {
+    const w = this.workerOf(index);
+    if (w !== undefined && this.#attached.has(w)) await this.#host.worker(w).request({ type: 'set-ring-log', session: this.session, index, ringLog });
+  }
+
+  /** Has queue `index`'s handler announce `mac` (SEND_RARP); nothing when the queue never ran. */
+  async announce(index: number, mac: Uint8Array): Promise<void> {
+    const w = this.workerOf(index);
+    if (w !== undefined && this.#attached.has(w)) await this.#host.worker(w).request({ type: 'announce', session: this.session, index, mac });
   }
 
   async setErr(index: number, errFd: number): Promise<void> {

@@ -44,6 +44,12 @@ export interface VirtioDevice {
    * the device completes once per request (blk); not for queues whose chains may be given back (`unpop`, net RX).
    */
   readonly inflightTracking?: boolean;
+  /**
+   * The queue whose handler announces the guest's MAC address (`QueueHandler.announce`) when the frontend asks with
+   * VHOST_USER_SEND_RARP after a migration; set, the protocol feature RARP is offered (virtio-net: its first
+   * transmit queue).
+   */
+  readonly announceQueue?: number;
 }
 
 /** Per-queue context handed to `createQueueHandler`. */
@@ -80,6 +86,20 @@ export interface QueueHandler {
   readonly completionFd?: number | undefined;
   /** Reports finished requests (chain head, used length). The other thread no longer touches their memory. */
   reap?(complete: (head: number, len: number) => void): void;
+  /**
+   * Bytes at the very end of a chain's writable part that each completion writes and counts in its used length,
+   * besides what it writes from the part's start (blk: 1, the status byte; default 0). While a migration logs dirty
+   * pages the worker marks, for a used length `len`, the first `len - trailingStatusBytes` writable bytes and the last
+   * `trailingStatusBytes` (queue/written-buffers.ts): a device that writes anywhere else must say so here.
+   */
+  readonly trailingStatusBytes?: number;
+  /**
+   * Called when the queue stops gracefully (GET_VRING_BASE, a disabled ring), after every request it took has
+   * completed: make what was completed durable (blk: fdatasync), since a migration's destination reads it next.
+   */
+  flush?(): void;
+  /** For the device's `announceQueue`: sends a frame that announces `mac` (6 bytes) to the network. */
+  announce?(mac: Uint8Array): void;
   /** Set for device-to-driver queues: the worker then calls the producer instead of `process`. */
   readonly producer?: QueueProducer | undefined;
   /** Releases what the handler holds (files, threads). Requests still pending are abandoned. */

@@ -30,6 +30,7 @@ import {
   MAX_MEM_TABLE_REGIONS,
   ProtocolFeature,
   VirtioFeature,
+  VringAddrFlag,
   featureBit,
   hasFeature,
   requestName,
@@ -39,6 +40,7 @@ import { encodeMessage } from '../protocol/message-writer.js';
 import {
   deviceConfigPayload,
   inflightPayload,
+  logPayload,
   memoryTablePayload,
   singleMemoryRegionPayload,
   splitVringBase,
@@ -53,10 +55,12 @@ import { createQueueDriver, queueDriverLayout, type QueueDriver } from '../queue
 import { SplitQueueDriver, type RingLayout } from '../queue/split-queue-driver.js';
 import { FdSocket } from '../transport/fd-socket.js';
 import type { GuestRam, GuestRamRegion } from './guest-ram.js';
+import type { MigrationLog } from './migration-log.js';
 
 /** Protocol features this frontend can use (intersected with the backend's offer). */
 export const SUPPORTED_PROTOCOL_FEATURES: bigint =
   featureBit(ProtocolFeature.MQ) |
+  featureBit(ProtocolFeature.LOG_SHMFD) |
   featureBit(ProtocolFeature.REPLY_ACK) |
   featureBit(ProtocolFeature.CONFIG) |
   featureBit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
@@ -806,24 +810,77 @@ export class VhostUserFrontend {
   async #setupRing(queue: FrontendQueue, base: number): Promise<void> {
     const R = FrontendRequest;
     const memory = this.#requireMemory();
-    const { index, layout } = queue;
+    const { index } = queue;
     await this.#setup(R.SET_VRING_NUM, vringStatePayload.encode({ index, num: queue.size }));
     // Packed: both halves, the used position equal to the avail one (nothing in flight when a ring is set up).
     const num = queue.driver.packed ? (base | (base << 16)) >>> 0 : base & 0xffff;
     await this.#setup(R.SET_VRING_BASE, vringStatePayload.encode({ index, num }));
-    await this.#setup(
-      R.SET_VRING_ADDR,
-      vringAddrPayload.encode({
-        index,
-        flags: 0,
-        desc: BigInt(memory.gpaToUva(layout.descAddr)),
-        used: BigInt(memory.gpaToUva(layout.usedAddr)),
-        avail: BigInt(memory.gpaToUva(layout.availAddr)),
-        log: 0n,
-      }),
-    );
+    await this.#setup(R.SET_VRING_ADDR, this.#vringAddr(queue, memory));
     await this.#setup(R.SET_VRING_KICK, vringFilePayload.encode({ index, noFd: false }), [queue.kickFd]);
     await this.#setup(R.SET_VRING_CALL, vringFilePayload.encode({ index, noFd: false }), [queue.callFd]);
+  }
+
+  /**
+   * SET_VRING_ADDR's payload for `queue`: its rings as frontend addresses, and while logging is on (`setLogging`)
+   * VHOST_VRING_F_LOG with the used ring's guest-physical address (as QEMU: `log_guest_addr` = `used_phys`).
+   */
+  #vringAddr(queue: FrontendQueue, memory: GuestRam): Uint8Array {
+    const { layout } = queue;
+    const logging = hasFeature(this.#features, VirtioFeature.LOG_ALL);
+    return vringAddrPayload.encode({
+      index: queue.index,
+      flags: logging ? VringAddrFlag.LOG : 0,
+      desc: BigInt(memory.gpaToUva(layout.descAddr)),
+      used: BigInt(memory.gpaToUva(layout.usedAddr)),
+      avail: BigInt(memory.gpaToUva(layout.availAddr)),
+      log: BigInt(layout.usedAddr),
+    });
+  }
+
+  // ---- migration -------------------------------------------------------------------------------------------------
+
+  /**
+   * SET_LOG_BASE (needs LOG_SHMFD): the backend logs into `log` (migration-log.ts) from the reply on; a log given
+   * while logging is on replaces the old one (QEMU's resize), which the backend no longer writes once this resolves.
+   * Rejects with `VHOST_FRONTEND_NACK` when the backend refuses it.
+   */
+  async setLogBase(log: MigrationLog): Promise<void> {
+    this.#need(ProtocolFeature.LOG_SHMFD, 'SET_LOG_BASE');
+    const reply = await this.request(FrontendRequest.SET_LOG_BASE, logPayload.encode({ mmapSize: BigInt(log.size), mmapOffset: 0n }), [log.fd]);
+    closeAll(reply.fds);
+    // Backends answer with no payload (DPDK), a u64 (libvhost-user, this package: nonzero is a refusal) or the log
+    // description again (rust-vmm): only a nonzero u64 says no.
+    if (reply.payload.length === 8 && decodeU64Reply(reply) !== 0n) {
+      throw new VhostError(FrontendErrorCode.NACK, 'SET_LOG_BASE was refused by the backend');
+    }
+  }
+
+  /**
+   * Turns dirty logging on or off, as QEMU's `vhost_dev_set_log` at a migration's start and end: SET_FEATURES with
+   * or without VHOST_F_LOG_ALL, then SET_VRING_ADDR again for every running queue with or without
+   * VHOST_VRING_F_LOG, each acknowledged before the next (QEMU waits: from then on, the backend logs). Give the log
+   * first (`setLogBase`).
+   */
+  async setLogging(on: boolean): Promise<void> {
+    const logAll = featureBit(VirtioFeature.LOG_ALL);
+    const features = on ? this.#features | logAll : this.#features & ~logAll;
+    await this.requestWithAck(FrontendRequest.SET_FEATURES, u64Payload.encode(features));
+    this.#features = features;
+    const memory = this.#requireMemory();
+    for (const queue of this.#queues.values()) {
+      if (queue.running) await this.requestWithAck(FrontendRequest.SET_VRING_ADDR, this.#vringAddr(queue, memory));
+    }
+  }
+
+  /**
+   * Stops every running queue (GET_VRING_BASE: the backend completes what it took, logs it and flushes before it
+   * answers) and returns where each stopped: what a migration carries over to the destination, which starts a new
+   * frontend on the same guest RAM with `start({ queues: [{ index, size, adopt, base }] })`.
+   */
+  async suspend(): Promise<Map<number, number>> {
+    const bases = new Map<number, number>();
+    for (const queue of this.#queues.values()) if (queue.running) bases.set(queue.index, await this.stopQueue(queue.index));
+    return bases;
   }
 
   /**

@@ -19,6 +19,7 @@ export {
   type RequestOptions,
   type StartOptions,
 } from './frontend.js';
+export { MigrationLog } from './migration-log.js';
 export {
   BlkDriver,
   BlkDriverErrorCode,

@@ -40,6 +40,12 @@ export class MemoryTable implements GuestMemory {
     this.regions = sorted;
   }
 
+  /** One past the highest guest-physical address of the table (0 when empty). */
+  get end(): number {
+    const last = this.regions[this.regions.length - 1];
+    return last === undefined ? 0 : last.gpa + last.size;
+  }
+
   /** The region holding `gpa`, or undefined. */
   findRegion(gpa: number): MappedRegion | undefined {
     const regions = this.regions;

@@ -7,6 +7,7 @@
  * index and a wrap counter, encoded as `index | wrap << 15` (the vhost-user SET/GET_VRING_BASE encoding). Callers
  * treat positions (`getBase`, `seenAvailIdx`) as opaque values to hand back, never as numbers to do arithmetic on.
  */
+import type { DirtyLog } from '../memory/dirty-log.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import type { DescriptorChain } from './descriptor-chain.js';
 import { PackedQueue } from './packed-queue.js';
@@ -22,6 +23,12 @@ export interface DeviceQueue {
 
   /** (Re)builds the ring views from a memory table: at start and at every quiescent point that switches tables. */
   attach(mem: GuestMemory): void;
+  /**
+   * Migration: logs each later write of the queue into its rings in `log` (undefined: no more), after the write.
+   * Split rings log their used ring at `usedLogAddr` (vhost-user's `log_guest_addr`; default the used ring's GPA);
+   * packed rings log where they write. What the device writes into buffers is logged by the worker.
+   */
+  setDirtyLog(log: DirtyLog | undefined, usedLogAddr?: number): void;
   /** Drops the ring views (the queue stops or its memory goes). */
   detach(): void;
   readonly attached: boolean;

@@ -64,6 +64,7 @@
 import type { DeviceQueue } from './device-queue.js';
 import { VhostError, VirtioError } from '../errors.js';
 import { u64ToAddress, type GuestMemory } from '../memory/guest-memory.js';
+import type { DirtyLog } from '../memory/dirty-log.js';
 import { MemoryTable } from '../memory/memory-table.js';
 import {
   DESC_ALIGN,
@@ -264,6 +265,8 @@ export class PackedQueue implements DeviceQueue {
   readonly #scratchView = new DataView(this.#scratch.buffer);
   /** See `recordRingDescriptors`. */
   #record: PackedRingRecord | undefined;
+  /** Migration: where this queue's writes to its ring and device area are logged (`setDirtyLog`), or undefined. */
+  #log: DirtyLog | undefined;
 
   /**
    * Checks the size and the areas' alignment (`VIRTIO_QUEUE_SIZE_INVALID`, `VIRTIO_RING_MISALIGNED`,
@@ -379,6 +382,24 @@ export class PackedQueue implements DeviceQueue {
    * From now on every `popChain` keeps the ring descriptors it read in the returned record (inflight tracking).
    * A chain in the ring takes at most `size` slots, so the record holds `size` descriptors.
    */
+  /**
+   * Logs every later write of this queue into guest memory (used descriptors in the ring, the device event area) in
+   * `log` by their guest-physical addresses, each after the write; undefined stops logging. A packed ring has no used
+   * ring, so vhost-user's `log_guest_addr` (QEMU puts the device area's GPA there) is not used: the descriptor ring is
+   * logged where it is. Buffers are the device's to log (queue/written-buffers.ts).
+   */
+  setDirtyLog(log: DirtyLog | undefined): void {
+    this.#log = log;
+  }
+
+  /** Logs `count` ring slots from position `at` (wrapping at the ring's end). */
+  #logSlots(log: DirtyLog, at: number, count: number): void {
+    const first = at < this.size ? at : at - this.size;
+    const run = Math.min(count, this.size - first);
+    log.mark(this.descAddr + DESC_SIZE * first, DESC_SIZE * run);
+    if (count > run) log.mark(this.descAddr, DESC_SIZE * Math.min(count - run, first));
+  }
+
   recordRingDescriptors(): PackedRingRecord {
     this.#record ??= new PackedRingRecord(this.size);
     return this.#record;
@@ -412,6 +433,7 @@ export class PackedQueue implements DeviceQueue {
         at = advance(at, 1, this.#period);
       }
     }
+    if (this.#log !== undefined) this.#logSlots(this.#log, this.#checkPosition(position, 'restore'), total);
     this.resume(position);
   }
 
@@ -424,6 +446,7 @@ export class PackedQueue implements DeviceQueue {
   setRingFlags(slot: number, flags: number): void {
     checkU16(flags, 'flags');
     Atomics.store(this.#ring().descU16, 8 * this.#checkSlot(slot) + FLAGS_WORD, le16(flags));
+    this.#log?.mark(this.descAddr + DESC_SIZE * slot, DESC_SIZE);
   }
 
   #checkSlot(slot: number): number {
@@ -555,6 +578,8 @@ export class PackedQueue implements DeviceQueue {
     // driver's acquire of this flags word (virtqueue_get_buf_ctx_packed: is_used_desc_packed, then virtio_rmb)
     // before it reads id / len and moves on to the next used descriptors.
     Atomics.store(v.descU16, 8 * this.#batchSlot + FLAGS_WORD, le16(this.#batchFlags));
+    // The batch's slots run from the last published used position to the current one (a whole lap at most).
+    if (this.#log !== undefined) this.#logSlots(this.#log, this.#publishedUsed, Math.min(this.#pushedSincePublish, this.size));
     this.#batchSlot = -1;
     this.#publishedSinceCheck = Math.min(this.#publishedSinceCheck + this.#pushedSincePublish, this.#period);
     this.#pushedSincePublish = 0;
@@ -602,6 +627,7 @@ export class PackedQueue implements DeviceQueue {
       // off_wrap before flags: a driver that reads DESC reads this off_wrap (pairs with its flags-then-off_wrap
       // reads in virtqueue_kick_prepare_packed, which takes both as one 32-bit snapshot).
       Atomics.store(v.deviceU16, EV_OFF_WRAP, le16(seen));
+      this.#log?.mark(this.deviceAddr, PACKED_EVENT_SIZE);
       this.#storeDeviceFlags(v, VRING_PACKED_EVENT_FLAG_DESC);
     } else {
       this.#storeDeviceFlags(v, VRING_PACKED_EVENT_FLAG_ENABLE);
@@ -617,6 +643,7 @@ export class PackedQueue implements DeviceQueue {
   #storeDeviceFlags(v: PackedViews, flags: number): void {
     if (this.#deviceFlags === flags) return;
     Atomics.store(v.deviceU16, EV_FLAGS, le16(flags));
+    this.#log?.mark(this.deviceAddr, PACKED_EVENT_SIZE);
     this.#deviceFlags = flags;
   }
 

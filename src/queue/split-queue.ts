@@ -56,6 +56,7 @@
 import type { DeviceQueue } from './device-queue.js';
 import { VhostError, VirtioError } from '../errors.js';
 import { u64ToAddress, type GuestMemory } from '../memory/guest-memory.js';
+import type { DirtyLog } from '../memory/dirty-log.js';
 import { MemoryTable } from '../memory/memory-table.js';
 import {
   AVAIL_ALIGN,
@@ -157,6 +158,10 @@ export class SplitQueue implements DeviceQueue {
   /** The value this device last stored in used.flags (the device owns that word). */
   #usedFlags = 0;
   #views: RingViews | undefined;
+  /** Migration: where this queue's writes to its used ring are logged (`setDirtyLog`), or undefined. */
+  #log: DirtyLog | undefined;
+  /** Guest-physical address the used ring is logged at (vhost-user's `log_guest_addr`). */
+  #usedLogAddr = 0;
   /** With `cacheViews: false`, the memory every ring access is translated through. */
   #translateThrough: GuestMemory | undefined;
   readonly #cacheViews: boolean;
@@ -216,6 +221,16 @@ export class SplitQueue implements DeviceQueue {
       used: new DataView(u.buffer),
       usedBase: u.byteOffset,
     };
+  }
+
+  /**
+   * Logs every later write of this queue into its used ring (elements, used.idx, used.flags, avail_event) in `log`,
+   * at guest address `usedLogAddr` (vhost-user's `log_guest_addr`, the used ring's GPA for QEMU), each after the
+   * write; undefined stops logging. Buffers are the device's to log (queue/written-buffers.ts).
+   */
+  setDirtyLog(log: DirtyLog | undefined, usedLogAddr: number = this.usedAddr): void {
+    this.#log = log;
+    this.#usedLogAddr = usedLogAddr;
   }
 
   /** Drops the ring views (before the memory they point into is unmapped). */
@@ -399,7 +414,19 @@ export class SplitQueue implements DeviceQueue {
     // Release: the used elements written above become visible before the new index. Pairs with the driver's
     // acquire (virtio_rmb after reading used.idx in virtqueue_get_buf) before it reads the elements.
     Atomics.store(v.usedU16, 1, le16(this.#usedIdx));
+    if (this.#log !== undefined) this.#logPublished(this.#log);
     this.#publishedUsedIdx = this.#usedIdx;
+  }
+
+  /** Logs the elements written since the last publication and used.idx (after the store of used.idx). */
+  #logPublished(log: DirtyLog): void {
+    const base = this.#usedLogAddr;
+    const count = (this.#usedIdx - this.#publishedUsedIdx) & 0xffff;
+    const first = this.#publishedUsedIdx & this.#mask;
+    const run = Math.min(count, this.size - first); // elements up to the ring's end, then from its start
+    log.mark(base + 4 + USED_ELEM_SIZE * first, USED_ELEM_SIZE * run);
+    if (count > run) log.mark(base + 4, USED_ELEM_SIZE * Math.min(count - run, first));
+    log.mark(base + 2, 2);
   }
 
   /** Writes one used element and publishes it (`pushUsed` + `publishUsed`). */
@@ -450,9 +477,11 @@ export class SplitQueue implements DeviceQueue {
     if (this.eventIdx) {
       // Release store of avail_event (after ring[size] in the used ring).
       Atomics.store(v.usedU16, 2 + 4 * this.size, le16(seen));
+      this.#log?.mark(this.#usedLogAddr + 4 + USED_ELEM_SIZE * this.size, 2);
     } else {
       this.#usedFlags &= ~VRING_USED_F_NO_NOTIFY;
       Atomics.store(v.usedU16, 0, le16(this.#usedFlags));
+      this.#log?.mark(this.#usedLogAddr, 2);
     }
     // Store then load, both SC: the full fence of the spec (and rust-vmm's fence(SeqCst)). It closes this race: the
     // driver adds a buffer after our last avail.idx read, then (its own mb) reads avail_event / used.flags while they
@@ -486,6 +515,7 @@ export class SplitQueue implements DeviceQueue {
     this.#usedFlags |= VRING_USED_F_NO_NOTIFY;
     // A hint only: ordering does not matter for correctness (a stale value costs one extra kick).
     Atomics.store(v.usedU16, 0, le16(this.#usedFlags));
+    this.#log?.mark(this.#usedLogAddr, 2);
   }
 
   #ring(): RingViews {

@@ -44,11 +44,12 @@ const IMPLEMENTED = new Set<number>([
   R.GET_FEATURES, R.SET_FEATURES, R.SET_OWNER, R.RESET_OWNER, R.SET_MEM_TABLE, R.SET_VRING_NUM, R.SET_VRING_ADDR,
   R.SET_VRING_BASE, R.GET_VRING_BASE, R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR, R.GET_PROTOCOL_FEATURES,
   R.SET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM, R.SET_VRING_ENABLE, R.GET_CONFIG, R.SET_CONFIG, R.RESET_DEVICE,
-  R.GET_MAX_MEM_SLOTS, R.ADD_MEM_REG, R.REM_MEM_REG, R.SET_STATUS, R.GET_STATUS,
+  R.GET_MAX_MEM_SLOTS, R.ADD_MEM_REG, R.REM_MEM_REG, R.SET_STATUS, R.GET_STATUS, R.SET_LOG_BASE, R.SET_LOG_FD,
 ]);
 const QUEUES = 2;
 const MAX_QUEUE_SIZE = 1024;
 const REPLY_ACK_BIT = 1n << 3n;
+const LOG_SHMFD_BIT = 1n << 1n;
 
 type FdKind = 'eventfd' | 'guest' | 'memfd' | 'socket' | 'rofile' | 'blocking-eventfd';
 
@@ -174,6 +175,11 @@ function mustFail(op: MsgOp, offeredFeatures: bigint): string | undefined {
     }
     case R.SET_CONFIG:
       return 'config space is read-only';
+    case R.SET_LOG_BASE: {
+      if (p.length !== 16) return `payload of ${p.length} bytes, expected 16`;
+      const kind = op.fds[0];
+      return kind !== 'memfd' && kind !== 'guest' ? 'the log is not a memfd' : undefined;
+    }
     default:
       return undefined;
   }
@@ -181,13 +187,15 @@ function mustFail(op: MsgOp, offeredFeatures: bigint): string | undefined {
 
 type Outcome = 'disconnect' | Expectation;
 
-function classify(op: MsgOp, replyAck: boolean, offeredFeatures: bigint): Outcome {
+function classify(op: MsgOp, replyAck: boolean, offeredFeatures: bigint, logShmfd = false): Outcome {
   if ((op.flags & 3) !== 1 || (op.flags & 4) !== 0 || op.payload.length > 4096) return 'disconnect';
   const rule = fdRule(op.request, op.payload);
   if (rule === 'bad') return 'disconnect';
   if (rule === 'optional' ? op.fds.length > 1 : op.fds.length !== rule) return 'disconnect';
   if (ALWAYS_ANSWERED.has(op.request)) return { kind: 'reply', request: op.request };
   if (REPLYING.has(op.request)) return { kind: 'reply-or-close', request: op.request };
+  // With LOG_SHMFD, SET_LOG_BASE is always answered (a u64: 0 or a refusal), NEED_REPLY or not.
+  if (op.request === R.SET_LOG_BASE && logShmfd) return { kind: 'ack', request: op.request, mustFail: mustFail(op, offeredFeatures) };
   if ((op.flags & 8) !== 0 && replyAck) return { kind: 'ack', request: op.request, mustFail: mustFail(op, offeredFeatures) };
   return { kind: 'none', request: op.request };
 }
@@ -585,6 +593,7 @@ export async function runSequence(rig: ProtocolRig, ops: readonly Op[], counts: 
   let answered = 0; // expectations[0 .. answered) are settled (replied to, or 'none' before a reply)
   const kickFds = new Map<number, number>();
   let replyAck = false;
+  let logShmfd = false;
   let disconnectExpected = false;
   let hungUp = false;
   const problems: string[] = [];
@@ -622,10 +631,13 @@ export async function runSequence(rig: ProtocolRig, ops: readonly Op[], counts: 
       if (client.closed) break;
       switch (op.kind) {
         case 'msg': {
-          const outcome = classify(op, replyAck, rig.offeredFeatures);
+          const outcome = classify(op, replyAck, rig.offeredFeatures, logShmfd);
           if (op.request === R.SET_PROTOCOL_FEATURES && outcome !== 'disconnect') {
             const v = u64(op.payload);
-            if (v !== undefined && (v & ~OFFERED_PROTOCOL_FEATURES) === 0n) replyAck = (v & REPLY_ACK_BIT) !== 0n;
+            if (v !== undefined && (v & ~OFFERED_PROTOCOL_FEATURES) === 0n) {
+              replyAck = (v & REPLY_ACK_BIT) !== 0n;
+              logShmfd = (v & LOG_SHMFD_BIT) !== 0n;
+            }
           }
           const fds = op.fds.map((k) => makeFd(k, ram, rig.roFile, owned));
           const bytes = encodeRaw(op.request, op.flags, op.payload);

@@ -81,14 +81,15 @@ test('GET_FEATURES and GET_PROTOCOL_FEATURES are answered with the offered bits'
   const c = new RawClient();
   try {
     c.send(GET_FEATURES);
-    // reply: request 1, flags 0x5, size 8, then VERSION_1 | RING_PACKED | PROTOCOL_FEATURES | EVENT_IDX | INDIRECT | blk bits
+    // reply: request 1, flags 0x5, size 8, then VERSION_1 | RING_PACKED | PROTOCOL_FEATURES | EVENT_IDX | INDIRECT |
+    // LOG_ALL | blk bits
     const reply = await c.read(20);
     assert.equal(reply.slice(0, 24), '010000000500000008000000');
     const features = Buffer.from(reply.slice(24), 'hex').readBigUInt64LE(0);
-    for (const bit of [32n, 34n, 30n, 29n, 28n, 9n /* FLUSH */, 12n /* MQ */]) assert.ok(features & (1n << bit), `bit ${bit}`);
+    for (const bit of [32n, 34n, 30n, 29n, 28n, 26n, 9n /* FLUSH */, 12n /* MQ */]) assert.ok(features & (1n << bit), `bit ${bit}`);
     c.send(GET_PROTOCOL_FEATURES);
-    // MQ | REPLY_ACK | CONFIG | INFLIGHT_SHMFD (blk) | RESET_DEVICE | CONFIGURE_MEM_SLOTS | STATUS = 0x1b209
-    assert.equal(await c.read(20), '0f0000000500000008000000' + '09b2010000000000');
+    // MQ | LOG_SHMFD | REPLY_ACK | CONFIG | INFLIGHT_SHMFD (blk) | RESET_DEVICE | CONFIGURE_MEM_SLOTS | STATUS = 0x1b20b
+    assert.equal(await c.read(20), '0f0000000500000008000000' + '0bb2010000000000');
   } finally {
     c.close();
   }

@@ -143,6 +143,8 @@ export class BlkQueueHandler implements QueueHandler {
   readonly #segmentView = new DataView(this.#segment.buffer);
   readonly #async: AsyncIo | undefined;
   readonly completionFd: number | undefined;
+  /** The status byte: the last writable byte of every request, counted in its used length. */
+  readonly trailingStatusBytes = 1;
   /** This queue's counters (queue-stats.ts): bytes moved and error statuses. */
   readonly #stats: Float64Array;
 
@@ -286,6 +288,11 @@ export class BlkQueueHandler implements QueueHandler {
 
   reap(complete: (head: number, len: number) => void): void {
     this.#async?.reap(complete);
+  }
+
+  /** The queue stopped with nothing in flight: completed writes go to stable storage (fdatasync). */
+  flush(): void {
+    if (!this.#backend.readOnly) this.#backend.flush();
   }
 
   close(): void {

@@ -57,6 +57,8 @@ export class NetDevice implements VirtioDevice {
   readonly numQueues: number;
   readonly vhostQueueNum: number;
   readonly queuesPerWorker = 2;
+  /** SEND_RARP goes out on the first transmit queue's port. */
+  readonly announceQueue = 1;
   readonly maxQueueSize: number;
   readonly features: bigint;
   readonly mac: readonly number[];
@@ -80,7 +82,8 @@ export class NetDevice implements VirtioDevice {
     this.mac = parseMac(options.mac ?? DEFAULT_MAC);
     this.#stats = createNetStats(pairs);
 
-    let features = bit(NetFeature.MAC) | bit(NetFeature.STATUS) | bit(NetFeature.MRG_RXBUF);
+    // GUEST_ANNOUNCE: after a migration the guest announces itself (QEMU then sends no SEND_RARP).
+    let features = bit(NetFeature.MAC) | bit(NetFeature.STATUS) | bit(NetFeature.MRG_RXBUF) | bit(NetFeature.GUEST_ANNOUNCE);
     // MQ needs CTRL_VQ (§5.1.3.1); the frontend runs the control queue itself.
     if (pairs > 1) features |= bit(NetFeature.MQ) | bit(NetFeature.CTRL_VQ);
     this.features = features;

@@ -17,6 +17,7 @@ import { VhostError, VirtioError } from '../../errors.js';
 import type { GuestMemory } from '../../memory/guest-memory.js';
 import { RegionCache } from '../../memory/region-cache.js';
 import { ChainReader, copyToGuest, DescriptorChain } from '../../queue/descriptor-chain.js';
+import { rarpFrame } from './rarp.js';
 import type { DeviceQueue } from '../../queue/device-queue.js';
 import { VirtioFeature } from '../../protocol/constants.js';
 import { ProduceResult, type QueueContext, type QueueHandler, type QueueProducer } from '../device.js';
@@ -164,6 +165,13 @@ class NetTxHandler implements QueueHandler {
       count(stats, C.txDropped);
     }
     return 0; // nothing is written into a transmit chain
+  }
+
+  /** SEND_RARP: a RARP frame from `mac` on this pair's port (rarp.ts). */
+  announce(mac: Uint8Array): void {
+    const frame = rarpFrame(mac);
+    if (this.#port.transmit(frame, 0, frame.length)) count(this.#stats, C.txFrames);
+    else count(this.#stats, C.txDropped);
   }
 
   close(): void {
