@@ -2,8 +2,9 @@
  * memory-sync.pml: the memory-publication protocol of docs/memory-sync.md (--sync qsbr) for one daemon with a fixed
  * pool of worker threads shared by every session (device), as the code implements it: src/backend/sync-block.ts
  * (the pool block, the session blocks, publish, the grace period), queue-worker.ts (the worker loop and its
- * quiescent point), worker-pool.ts (publishMemory), and the async I/O thread of src/devices/blk/. model/README.md
- * says what is modelled, what is abstracted away and why, the configurations, and how to run it.
+ * quiescent point), worker-pool.ts (publishMemory), and the async I/O thread of src/devices/blk/. A generation
+ * carries the session's regions and its dirty log (migration: SET_LOG_BASE), published and retired the same way.
+ * model/README.md says what is modelled, what is abstracted away and why, the configurations, and how to run it.
  *
  * Steps. Each Atomics operation, syscall or guest-memory access is its own step, with two exceptions, both
  * justified in README.md ("Steps"): a step carries the ghost check of the memory access it is (TOUCH), and a few
@@ -29,6 +30,11 @@
  *   BROKEN_WAIT_ALL           session B's grace period waits for every pool worker, not only for those of W(B)
  *   BROKEN_DRAIN_ONCE         a worker drains its port once, before loading the sessions' gens, and not again
  *                             when a gen is newer than the table it drained (the "table is not in the port" throw)
+ *   BROKEN_LOG_AT_POP         a reaped completion is logged with the log of the table the worker had when it popped
+ *                             the chain, not with the log of its current table
+ *   BROKEN_LOG_UNMAP_EARLY    control unmaps the replaced dirty log before the grace period
+ *   BROKEN_LOG_REPLY_EARLY    control replies to a log change that unmaps nothing (logging turned on) before the
+ *                             grace period
  */
 
 #define NW    2            /* pool workers: worker 0 serves sessions A and B, worker 1 serves A only */
@@ -50,6 +56,9 @@
 #ifndef IOMASK
 #define IOMASK 4           /* the rings whose chains may complete outside the batch (bit q: ring q); 4: ring 2 */
 #endif
+#ifndef LOGS
+#define LOGS  0            /* bit s: session s runs the dirty-log sequence of changes instead of the region one */
+#endif
 #define PMAX  2            /* bound on a pin count (see HANDOFF) */
 
 #define NCH(s)  ((s) == 0 -> NCHA : NCHB)
@@ -64,13 +73,26 @@
 #define GHI(s)  (NW - 1)                     /* B waits for worker 1 too, which does not serve it */
 #endif
 
-/* The memory tables of a session, as bit masks of regions (both sessions run the same sequence, each on its own
- * regions). T0 = {0,1}; change 1: REM_MEM_REG 0 -> {1}; change 2: ADD_MEM_REG 2 -> {1,2}; change 3: SET_MEM_TABLE
- * replacing 1 by a new region 3 (a new memfd at the same addresses) -> {2,3}. */
-#define TBL(t)     ((t) == 0 -> 3 : ((t) == 1 -> 2 : ((t) == 2 -> 6 : 12)))
-#define ADDED(c)   ((c) == 2 -> 4 : ((c) == 3 -> 8 : 0))
-#define REMOVED(c) ((c) == 1 -> 1 : ((c) == 3 -> 2 : 0))
-#define REMREG(c)  ((c) == 1 -> 0 : ((c) == 3 -> 1 : NREG))   /* the region change c removes; NREG: none */
+/* The tables (generations) of a session: its regions as a bit mask, and its dirty log. Two sequences of changes, each
+ * session on its own regions and logs.
+ * The region sequence (the default): T0 = {0,1}; change 1: REM_MEM_REG 0 -> {1}; change 2: ADD_MEM_REG 2 -> {1,2};
+ * change 3: SET_MEM_TABLE replacing 1 by a new region 3 (a new memfd at the same addresses) -> {2,3}. No log.
+ * The log sequence (bit s of LOGS): the regions stay {0,1}; T0 has no log (logging off); change 1: logging turned on
+ * (LOG_ALL negotiated and SET_LOG_BASE sent) with log 1; change 2: SET_LOG_BASE while logging is on, log 2 replaces
+ * log 1; change 3: logging turned off (no log). Changes 2 and 3 each replace a log that every worker's table
+ * contains until it switches; change 1 replaces none (the log appears). */
+#define LSEQ(s)       ((LOGS >> (s)) & 1)
+#define TBL(s, t)     (LSEQ(s) -> 3 : ((t) == 0 -> 3 : ((t) == 1 -> 2 : ((t) == 2 -> 6 : 12))))
+#define ADDED(s, c)   (LSEQ(s) -> 0 : ((c) == 2 -> 4 : ((c) == 3 -> 8 : 0)))
+#define REMOVED(s, c) (LSEQ(s) -> 0 : ((c) == 1 -> 1 : ((c) == 3 -> 2 : 0)))
+#define REMREG(s, c)  (LSEQ(s) -> NREG : ((c) == 1 -> 0 : ((c) == 3 -> 1 : NREG)))   /* removed region; NREG: none */
+/* The log of table t, as a bit mask of log mappings (0: none, logging is off; log 1 = bit 0, log 2 = bit 1); the
+ * log a change maps (before posting) and the one it replaces (unmapped in step 5); LGEN: the generation that put
+ * the log of table t in place (every change of the log sequence changes the log, the region sequence never does). */
+#define LOG(s, t)      (LSEQ(s) -> ((t) == 1 -> 1 : ((t) == 2 -> 2 : 0)) : 0)
+#define LADDED(s, c)   (LOG(s, c) & ~LOG(s, (c) - 1))
+#define LREMOVED(s, c) (LOG(s, (c) - 1) & ~LOG(s, c))
+#define LGEN(s, t)     (LSEQ(s) -> (t) : 0)
 
 /* ---- the pool block (one per pool) ---- */
 bit  idle[NW] = 1;         /* worker w is in (or about to enter) poll() and touches no guest memory */
@@ -85,6 +107,8 @@ byte pins[NS * NREG];      /* pins[s * NREG + r]: requests in flight outside a b
 /* ---- control, one per session ---- */
 byte posted[NS];           /* newest table posted to the ports of W(s) (postMessage queues synchronously) */
 byte live[NS] = 3;         /* regions of s mapped and not revoked: mapped before being posted, revoked in step 5 */
+byte lmap[NS];             /* dirty logs of s mapped (SET_LOG_BASE's fd): mapped before being posted, unmapped in
+                            * step 5 */
 byte cwait[NS];            /* w + 1 while control of s is parked in Atomics.waitAsync on the pool word idle[w] */
 
 /* ---- guest rings and kick eventfds ---- */
@@ -99,14 +123,24 @@ bit  ioreq = 0;            /* handed to the I/O thread, not executed yet */
 bit  cdone = 0;            /* executed: completion posted, completion eventfd count > 0 */
 #define RSES ((ireg - 1) / NREG)             /* the request's session */
 #define RREG ((ireg - 1) % NREG)             /* the request's region in it */
+#ifdef BROKEN_LOG_AT_POP
+byte ilt = 0;              /* the generation of the table of RSES that its worker had when it popped the chain */
+#endif
 
 /* ---- ghost state for the properties ---- */
 bit  changing[NS];         /* control of s is inside a change: from step 1 to its reply */
+byte replied[NS];          /* the newest change of s that control replied to (the frontend relies on it from then) */
 bit  inpoll[NW] = 1;       /* worker w is blocked in (or committed to) poll(-1) */
 byte dpend = 0;            /* q + 1 while the driver is between adding a chain to ring q and its kick decision */
 
 /* A worker's touch of session s's guest memory through its table of s: every region of it is mapped, not revoked. */
-#define TOUCH(s)   assert((TBL(lt[s]) & live[s]) == TBL(lt[s]))
+#define TOUCH(s)   assert((TBL(s, lt[s]) & live[s]) == TBL(s, lt[s]))
+/* A worker's write to session s's dirty log, with the log of its table t of s (none while logging is off): that log
+ * is mapped, not unmapped; and no bit is lost: it is the log of the newest change control replied to, or a newer
+ * one (after the reply to a change of the log, the frontend reads only the new log, or none once logging is off).
+ * LOGTOUCH(s): with the log of the worker's current table, the only one the code writes. */
+#define LOGW(s, t) assert((LOG(s, t) & lmap[s]) == LOG(s, t)); assert(LGEN(s, t) >= LGEN(s, replied[s]))
+#define LOGTOUCH(s) LOGW(s, lt[s])
 /* The I/O thread's touch of the request's region. */
 #define TOUCHR     assert(((1 << RREG) & live[RSES]) != 0)
 
@@ -139,9 +173,17 @@ byte dpend = 0;            /* q + 1 while the driver is between adding a chain t
  * I/O thread (postMessage), then pinChain pins the region (Atomics.add): the code's order, still inside the batch.
  * One request in flight at a time (a bound of the model), so a count never exceeds 1 unless an unpin is missing;
  * PMAX only keeps that broken variant's counts finite. */
+#ifndef BROKEN_LOG_AT_POP
+#define POPLOG
+#define REAPLOG    LOGTOUCH(RSES)
+#else
+#define POPLOG     ; ilt = lt[SES(q)]                /* remembers the table (its log) it popped the chain with */
+#define REAPLOG    LOGW(RSES, ilt)
+#endif
 #define HANDOFF(r) \
-  atomic { (IOMASK & (1 << q)) && iow == 0 && (TBL(lt[SES(q)]) & (1 << (r))) && pins[SES(q) * NREG + (r)] < PMAX -> \
-    iow = w + 1; ireg = SES(q) * NREG + (r) + 1; ioreq = 1 } -> \
+  atomic { (IOMASK & (1 << q)) && iow == 0 && (TBL(SES(q), lt[SES(q)]) & (1 << (r))) && \
+           pins[SES(q) * NREG + (r)] < PMAX -> \
+    iow = w + 1; ireg = SES(q) * NREG + (r) + 1; ioreq = 1 POPLOG } -> \
   pins[ireg - 1]++
 
 /* Going idle, after the last touch: Atomics.store(idle[w], 1), Atomics.notify(idle[w]), then poll(-1). */
@@ -220,9 +262,9 @@ qp:
 
 round:
   if
-  :: atomic { MINE_DONE ->                       /* a completion: read its eventfd, then reap: pushUsed and */
-       cdone = 0; TOUCH(RSES)                    /* publish through the current table of its session */
-     } ->
+  :: atomic { MINE_DONE ->                       /* a completion: read its eventfd, then reap: log its buffers, */
+       cdone = 0; TOUCH(RSES); REAPLOG           /* pushUsed and publish (logged), through the current table of */
+     } ->                                        /* its session and its log (the I/O thread never logs) */
 #ifndef BROKEN_MISSING_UNPIN
      atomic { pins[ireg - 1]--; iow = 0; ireg = 0 };   /* unpin: Atomics.sub (notifies when it reaches 0) */
 #else
@@ -234,7 +276,7 @@ round:
 
 next:
   if
-  :: atomic { q < NQ -> TOUCH(SES(q)); notify[q] = 0 }   /* processQueue: disableNotification */
+  :: atomic { q < NQ -> TOUCH(SES(q)); LOGTOUCH(SES(q)); notify[q] = 0 }   /* disableNotification (logged) */
   :: atomic { q == NQ && ANY_PEND -> q = 0; POLL_KICKS } -> goto qp   /* a queue is still pending: poll(0) */
   :: atomic { q == NQ && !ANY_PEND -> q = 0; IDLE_STORE } -> goto idle_stored
      /* none: every ring's notifications are on and it was re-checked empty: going idle, after the last touch */
@@ -247,14 +289,15 @@ pop:
   fi;
   /* The chain completes in the batch (its touches are the pop's), or is handed to the I/O thread and pinned. Then
    * publish, read the kick eventfd if poll saw it, and BATCH_LIMIT (1 chain here) is reached: the queue stays
-   * pending, and the next pending queue has its turn. */
+   * pending, and the next pending queue has its turn. A chain completed in the batch is logged (its buffers, its used
+   * element, used.idx) with the log of the current table, after its writes: checked in the step after the pop. */
   if
   :: HANDOFF(0)
   :: HANDOFF(1)
   :: HANDOFF(2)
   :: HANDOFF(3)
-  :: atomic { kicked[PI] -> kick[q] = 0; kicked[PI] = 0; NEXTQ } -> goto next
-  :: atomic { !kicked[PI] -> NEXTQ } -> goto next
+  :: atomic { kicked[PI] -> LOGTOUCH(SES(q)); kick[q] = 0; kicked[PI] = 0; NEXTQ } -> goto next
+  :: atomic { !kicked[PI] -> LOGTOUCH(SES(q)); NEXTQ } -> goto next
   fi;
   if
   :: atomic { kicked[PI] -> kick[q] = 0; kicked[PI] = 0; NEXTQ }
@@ -267,15 +310,16 @@ ring_empty:
   /* the kick eventfd is read after the batch, before the re-check */
   if
   :: atomic { kicked[PI] -> kick[q] = 0; kicked[PI] = 0 }
-  :: atomic { !kicked[PI] -> TOUCH(SES(q)); notify[q] = 1 } -> goto rearmed
+  :: atomic { !kicked[PI] -> TOUCH(SES(q)); LOGTOUCH(SES(q)); notify[q] = 1 } -> goto rearmed
   fi;
 #endif
-  /* enableNotification: store the flag, then (SC) load avail.idx again */
-  atomic { TOUCH(SES(q)); notify[q] = 1 };
+  /* enableNotification (logged): store the flag, then (SC) load avail.idx again */
+  atomic { TOUCH(SES(q)); LOGTOUCH(SES(q)); notify[q] = 1 };
 rearmed:
 #ifndef BROKEN_NO_RECHECK
   if
-  :: atomic { work[q] -> TOUCH(SES(q)); notify[q] = 0 } -> goto pop   /* raced in (its kick may never come) */
+  /* raced in (its kick may never come): disableNotification (logged), pop it */
+  :: atomic { work[q] -> TOUCH(SES(q)); LOGTOUCH(SES(q)); notify[q] = 0 } -> goto pop
 #ifndef BROKEN_KICK_READ_LATE
   :: atomic { !work[q] -> TOUCH(SES(q)); pend[PI] = 0; NEXTQ }        /* still empty: this queue is done */
 #else
@@ -338,15 +382,17 @@ inline grace(w) {
 
 /* Step 5: wait until no request in flight pins the removed region of S (after the grace period no new pin can
  * reach it, so its count only goes down and the wait is one blocking load), then revoke it (anonymous memory mapped
- * over it in place), and reply. */
+ * over it in place), unmap the replaced log (no pin wait: only workers write logs, and the grace period covers
+ * them), and reply. */
 inline release_and_reply() {
 #ifndef BROKEN_NO_PIN_WAIT
   if
-  :: REMREG(c) < NREG -> (pins[S * NREG + REMREG(c)] == 0)
+  :: REMREG(S, c) < NREG -> (pins[S * NREG + REMREG(S, c)] == 0)
   :: else -> skip
   fi;
 #endif
-  atomic { live[S] = live[S] & ~REMOVED(c); changing[S] = 0; c++ }
+  atomic { live[S] = live[S] & ~REMOVED(S, c); lmap[S] = lmap[S] & ~LREMOVED(S, c); changing[S] = 0; replied[S] = c;
+           c++ }
 }
 
 /* Step 3: Atomics.add(epoch[w], 1) for each w in W(S), one at a time. */
@@ -367,8 +413,8 @@ active [NS] proctype control() {
 #endif
   do
   :: c <= NCH(S) ->
-     /* step 1: map the added region, build T(c), post it to the port of each worker of W(S) */
-     atomic { changing[S] = 1; live[S] = live[S] | ADDED(c); posted[S] = c };
+     /* step 1: map the added region or log, build T(c), post it to the port of each worker of W(S) */
+     atomic { changing[S] = 1; live[S] = live[S] | ADDED(S, c); lmap[S] = lmap[S] | LADDED(S, c); posted[S] = c };
 #ifdef BROKEN_IDLE_BEFORE_GEN
      if :: idle[0] -> early = early | 1 :: else -> skip fi;
      if :: S == 0 && idle[1] -> early = early | 2 :: else -> skip fi;
@@ -382,10 +428,17 @@ active [NS] proctype control() {
 #endif
 #ifdef BROKEN_REVOKE_EARLY
      if
-     :: REMREG(c) < NREG -> (pins[S * NREG + REMREG(c)] == 0)
+     :: REMREG(S, c) < NREG -> (pins[S * NREG + REMREG(S, c)] == 0)
      :: else -> skip
      fi;
-     live[S] = live[S] & ~REMOVED(c);
+     live[S] = live[S] & ~REMOVED(S, c);
+#endif
+#ifdef BROKEN_LOG_UNMAP_EARLY
+     lmap[S] = lmap[S] & ~LREMOVED(S, c);        /* unmaps the replaced log before the grace period */
+#endif
+#ifdef BROKEN_LOG_REPLY_EARLY
+     /* nothing to unmap (logging turned on): replies at once (the grace period that follows changes nothing) */
+     if :: REMREG(S, c) == NREG && LREMOVED(S, c) == 0 -> replied[S] = c :: else -> skip fi;
 #endif
      /* step 4: the grace period, for each worker of W(S) */
      do
