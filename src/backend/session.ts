@@ -718,7 +718,7 @@ export class BackendSession {
       throw err;
     }
     if (old !== undefined && old !== this.#publishedLog) native.revoke(old.buffer);
-    this.#log.info({ bytes: mapping.size, covers: mapping.covers, logging: this.#publishedLog === mapping }, 'dirty log');
+    this.#log.info({ bytes: mapping.size, covers: mapping.covers }, 'SET_LOG_BASE: dirty log mapped');
     for (let i = 0; i < this.#vrings.length; i++) await this.#maybeStartRing(i);
   }
 
@@ -734,7 +734,11 @@ export class BackendSession {
 
   /** Gives the workers the log they must write now when it is not the one they have: a generation of its own. */
   async #publishLog(): Promise<void> {
-    if (this.#loggingTo(this.#memory) !== this.#publishedLog) await this.#publish(this.#memory);
+    const before = this.#publishedLog;
+    if (this.#loggingTo(this.#memory) === before) return;
+    await this.#publish(this.#memory);
+    const after = this.#publishedLog;
+    if ((before === undefined) !== (after === undefined)) this.#log.info({ logging: after !== undefined, bytes: after?.size }, 'dirty logging');
   }
 
   /** Logging is off: the log is unmapped (no worker has it: the publication without it came first). */
