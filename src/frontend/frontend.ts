@@ -61,6 +61,7 @@ import type { MigrationLog } from './migration-log.js';
 export const SUPPORTED_PROTOCOL_FEATURES: bigint =
   featureBit(ProtocolFeature.MQ) |
   featureBit(ProtocolFeature.LOG_SHMFD) |
+  featureBit(ProtocolFeature.RARP) |
   featureBit(ProtocolFeature.REPLY_ACK) |
   featureBit(ProtocolFeature.CONFIG) |
   featureBit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |

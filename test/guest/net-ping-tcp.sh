@@ -12,6 +12,11 @@
 #   NET_SEND_PORT  then send NET_BYTES random bytes to NET_PEER:NET_SEND_PORT (connects again until the peer
 #                  listens, bounded by NET_WAIT_S)
 #   NET_BYTES      default 2097152
+#   NET_SEND_PACE_S  send the stream 64 KiB at a time with this many seconds between pieces (e.g. 0.1): a stream
+#                  that lasts (a migration meanwhile). It is sent in one connection attempt, made once the peer's
+#                  beacon (below) answers on NET_SEND_PORT + 1
+#   NET_RECV_BEACON  with NET_RECV_PORT: once listening, also accept one connection on NET_RECV_PORT + 1, which
+#                  tells a paced sender that the stream's port listens
 # Output (GUEST-RESULT lines):
 #   eth0 mac=... mtu=...
 #   ping-first peer=IP tries=N
@@ -80,6 +85,7 @@ if [ -n "${NET_RECV_PORT:-}" ]; then
     sleep 0.05
   done
   echo "GUEST-MARK: tcp-listening port=$NET_RECV_PORT"
+  [ -z "${NET_RECV_BEACON:-}" ] || timeout "$wait_s" nc -l -p $((NET_RECV_PORT + 1)) </dev/null >/dev/null 2>&1 &
   wait "$nc_pid"; rc=$?
   kill "$hold_pid" 2>/dev/null; wait "$hold_pid" 2>/dev/null; rm -f /tmp/rx.hold
   [ "$rc" = 0 ] || fail "nc -l -p $NET_RECV_PORT failed or timed out (status $rc)"
@@ -91,12 +97,23 @@ if [ -n "${NET_SEND_PORT:-}" ]; then
   dd if=/dev/urandom of=/tmp/tx bs=65536 count=$((bytes / 65536)) 2>/dev/null
   [ $((bytes % 65536)) = 0 ] || dd if=/dev/urandom bs=$((bytes % 65536)) count=1 2>/dev/null >> /tmp/tx
   tries=0; end=$(deadline)
+  echo "GUEST-MARK: tcp-sending port=$NET_SEND_PORT"
+  if [ -n "${NET_SEND_PACE_S:-}" ]; then
+    until nc "$peer" $((NET_SEND_PORT + 1)) </dev/null >/dev/null 2>&1; do
+      [ "$(now)" -lt "$end" ] || fail "no beacon from $peer on port $((NET_SEND_PORT + 1))"
+      sleep 0.2
+    done
+    pieces=$(( (bytes + 65535) / 65536 ))
+    ( i=0; while [ $i -lt $pieces ]; do dd if=/tmp/tx bs=65536 skip=$i count=1 2>/dev/null; i=$((i + 1)); sleep "$NET_SEND_PACE_S"; done ) \
+      | nc "$peer" "$NET_SEND_PORT" >/dev/null 2>/tmp/nc.err || fail "nc $peer $NET_SEND_PORT: $(cat /tmp/nc.err)"
+  else
   # nc exits non-zero when the connection is refused (the peer does not listen yet); try again.
   until nc "$peer" "$NET_SEND_PORT" </tmp/tx >/dev/null 2>/tmp/nc.err; do
     tries=$((tries + 1))
     [ "$(now)" -lt "$end" ] || fail "nc $peer $NET_SEND_PORT: $(cat /tmp/nc.err) ($tries tries)"
     sleep 0.2
   done
+  fi
   echo "GUEST-RESULT: tcp sent bytes=$(wc -c < /tmp/tx | tr -d ' ') md5=$(md5sum < /tmp/tx | cut -d' ' -f1)"
   rm -f /tmp/tx
 fi

@@ -447,3 +447,35 @@ test('LOG_ALL before a log (a device started during a migration): the ring waits
     ram.close();
   }
 });
+
+test('SEND_RARP (net): a RARP frame from the MAC goes out on the port; RARP and GUEST_ANNOUNCE are offered', TIMEOUT, async (t) => {
+  const dir = await testTempDir(t, 'vu-migrate-rarp-');
+  const server = new VhostUserServer({ socketPath: dir.join('net.sock'), device: new NetDevice({ port: { kind: 'loopback' } }) });
+  server.listen();
+  const { fe, ram } = await startFrontend(server.socketPath, VERSION_1, [0, 1], 2);
+  try {
+    assert.ok(fe.backendFeatures & (1n << 21n), 'VIRTIO_NET_F_GUEST_ANNOUNCE is offered');
+    assert.ok(fe.backendProtocolFeatures & (1n << 2n), 'VHOST_USER_PROTOCOL_F_RARP is offered');
+    const rx = fe.queue(0);
+    assert.ok(rx.driver.addChain([{ addr: 3 * MiB, len: 2 * PAGE, writable: true }], 1) >= 0);
+    rx.publishAndKick();
+    // The payload is a u64 whose first 6 bytes are the MAC (QEMU's vhost_user_migration_done).
+    const mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
+    const payload = new Uint8Array(8);
+    payload.set(mac);
+    await fe.requestWithAck(FrontendRequest.SEND_RARP, payload);
+    await completions(rx, 1);
+    const frame = read(ram, 3 * MiB + 12, 60); // after the 12-byte virtio-net header (loopback: it comes back)
+    // dst ff:ff:ff:ff:ff:ff, src MAC, type 0x8035 (RARP); htype 1, ptype 0x0800, hlen 6, plen 4, op 3 (reverse
+    // request), sender MAC, sender IP 0, target MAC, target IP 0; zero padding to 60 bytes.
+    const hex = (b: number[]): string => Buffer.from(b).toString('hex');
+    assert.equal(
+      frame.toString('hex'),
+      'ffffffffffff' + hex(mac) + '8035' + '0001' + '0800' + '06' + '04' + '0003' + hex(mac) + '00000000' + hex(mac) + '00000000' + '00'.repeat(18),
+    );
+  } finally {
+    fe.close();
+    await server.close();
+    ram.close();
+  }
+});

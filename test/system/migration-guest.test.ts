@@ -70,9 +70,9 @@ interface MigrateInfo {
 
 /**
  * Migrates `from` to `to` (started with `-incoming defer`): the migration is held open (32 MiB/s, downtime limit
- * 1 ms) until QEMU synced the dirty log twice and the guest did three more rounds of I/O, then let go.
+ * 1 ms) until QEMU synced the dirty log twice and `whileLogging` resolved (guest I/O meanwhile), then let go.
  */
-async function migrate(from: RunningGuest, to: RunningGuest): Promise<MigrationStats> {
+async function migrate(from: RunningGuest, to: RunningGuest, whileLogging: () => Promise<unknown>): Promise<MigrationStats> {
   const src = await connectQmp(from);
   const dst = await connectQmp(to);
   try {
@@ -91,9 +91,7 @@ async function migrate(from: RunningGuest, to: RunningGuest): Promise<MigrationS
       if (Date.now() > deadline) throw new Error(`the migration did not sync its dirty log twice: ${JSON.stringify(i)}`);
       await sleep(200);
     }
-    // Guest I/O while QEMU is logging: three more rounds (each reads 256 KiB through the page cache).
-    const round = Number(/round (\d+) /.exec(from.serial().split('\n').filter((l) => l.includes('GUEST-MARK: round')).pop() ?? '')?.[1] ?? 0);
-    await from.waitForMarker(`GUEST-MARK: round ${round + 3} `, 120_000);
+    await whileLogging();
     await src.execute('migrate-set-parameters', { 'max-bandwidth': 4096 * MiB, 'downtime-limit': 300 });
     for (;;) {
       const i = await info();
@@ -113,6 +111,13 @@ async function migrate(from: RunningGuest, to: RunningGuest): Promise<MigrationS
     src.close();
     dst.close();
   }
+}
+
+/** Waits for `n` more rounds of blk-migrate.sh (each reads 256 KiB through the page cache and writes 4 KiB). */
+async function moreRounds(guest: RunningGuest, n: number): Promise<void> {
+  const last = guest.serial().split('\n').filter((l) => l.includes('GUEST-MARK: round')).pop() ?? '';
+  const round = Number(/round (\d+) /.exec(last)?.[1] ?? 0);
+  await guest.waitForMarker(`GUEST-MARK: round ${round + n} `, 120_000);
 }
 
 /** The host's "migration over" signal to the guest: "GO <phase>" in the image's last 4 KiB block. */
@@ -180,7 +185,7 @@ test('a guest with our blk disk (2 queues) migrates to another QEMU and back und
   const source = await started(t, guests, options(a, 'source', false));
   await source.waitForMarker('GUEST-MARK: round 3 ', 180_000);
   const there = await started(t, guests, options(b, 'there', true));
-  const first = await migrate(source, there);
+  const first = await migrate(source, there, () => moreRounds(source, 3));
   sayGo(image, 1);
   await checkPageCache(there, image, 1);
 
@@ -188,7 +193,7 @@ test('a guest with our blk disk (2 queues) migrates to another QEMU and back und
   // real migration until it is shut down).
   const c = await backend('c');
   const back = await started(t, guests, options(c, 'back', true));
-  const second = await migrate(there, back);
+  const second = await migrate(there, back, () => moreRounds(there, 3));
   sayGo(image, 2);
   await checkPageCache(back, image, 2);
   const writes = await back.waitForMarker(/GUEST-RESULT: (writes|FAIL)/, 180_000);
@@ -210,4 +215,57 @@ test('a guest with our blk disk (2 queues) migrates to another QEMU and back und
     assert.ok(!s.logs().some((l) => l.msg === 'queue stopped by an error: device needs reset'), 'no queue failed');
   }
   t.diagnostic(`there: total ${first.totalMs} ms, downtime ${first.downtimeMs} ms, ${first.dirtySyncs} log syncs; back: total ${second.totalMs} ms, downtime ${second.downtimeMs} ms, ${second.dirtySyncs} log syncs; ${m[1]} O_DIRECT writes`);
+});
+
+test('a guest streaming TCP through our net device on `vhost-user switch` migrates to another QEMU on another port: the stream goes on intact', TIMEOUT, async (t) => {
+  if (!requireTools(t, GUEST_TOOLS)) return;
+  const dir = await testTempDir(t);
+  const guests: RunningGuest[] = [];
+  const sockets = ['peer', 'source', 'dest'].map((n) => dir.join(`${n}.sock`));
+  const sw = await startBackend({ socketPath: sockets[0] as string, command: 'switch', args: sockets.slice(1).flatMap((s) => ['--socket', s]), logLevel: 'info' });
+  t.after(async () => {
+    for (const g of guests) await g.kill();
+    await sw.kill();
+  });
+  for (let i = 0; i < 100 && !sockets.every((s) => sw.logs().some((l) => l.msg === 'listening' && l.socket === s)); i++) await sleep(50);
+  const bytes = 8 * MiB;
+  const script = { file: guestScript('net-ping-tcp.sh') };
+  // The peer stays; it receives one stream until EOF.
+  const peer = await started(t, guests, {
+    net: [{ socketPath: sockets[0] as string, mac: '52:54:00:00:00:01' }],
+    script,
+    env: { NET_ADDR: '10.0.0.1/24', NET_PEER: '10.0.0.2', NET_RECV_PORT: '5001', NET_RECV_BEACON: '1', NET_WAIT_S: '240' },
+    serialLog: dir.join('peer.log'),
+    timeoutMs: 8 * 60_000,
+  });
+  // The migrating guest sends 8 MiB, 64 KiB every 0.1 s (a stream of 13 s or more), from the source port, then
+  // from the destination's: the switch learns the new port from the guest's announcement (GUEST_ANNOUNCE) or its
+  // next frame.
+  const sender = (socketPath: string, name: string, incoming: boolean): BootGuestOptions => ({
+    net: [{ socketPath, mac: '52:54:00:00:00:02' }],
+    script,
+    env: { NET_ADDR: '10.0.0.2/24', NET_PEER: '10.0.0.1', NET_SEND_PORT: '5001', NET_BYTES: String(bytes), NET_SEND_PACE_S: '0.1', NET_WAIT_S: '240' },
+    memory: { size: '524160K' },
+    serialLog: dir.join(`${name}.log`),
+    timeoutMs: 8 * 60_000,
+    ...(incoming ? { extraQemuArgs: ['-incoming', 'defer'] } : {}),
+  });
+  // Both boot at once (each pings until the other answers); the sender starts its stream once the peer listens.
+  const source = await started(t, guests, sender(sockets[1] as string, 'source', false));
+  await source.waitForMarker('GUEST-MARK: tcp-sending', 180_000);
+  await sleep(1000);
+  const dest = await started(t, guests, sender(sockets[2] as string, 'dest', true));
+  const stats = await migrate(source, dest, () => sleep(2000));
+  const [received, sent] = await Promise.all([peer.done, dest.done]);
+  const md5 = (r: readonly string[], what: string): string | undefined => r.find((l) => l.startsWith(what))?.match(/md5=([0-9a-f]+)/)?.[1];
+  assert.equal(sent.exitCode, 0, sent.serial);
+  assert.equal(received.exitCode, 0, received.serial);
+  assert.ok(received.results.some((l) => l.startsWith(`tcp recv bytes=${bytes} `)), received.serial);
+  assert.equal(md5(received.results, 'tcp recv'), md5(sent.results, 'tcp sent'), 'the stream arrived intact across the migration');
+  // The destination port carried the rest of the stream: the switch saw frames come in from it.
+  assert.equal(await sw.stop(), 0);
+  const line = sw.logs().filter((l) => l.msg === 'switch stats').at(-1);
+  const ports = (line?.ports ?? []) as { txBytes: number }[];
+  assert.ok((ports[1]?.txBytes ?? 0) > 0 && (ports[2]?.txBytes ?? 0) > 0, `the stream went out from the source port, then from the destination's: ${JSON.stringify(line)}`);
+  t.diagnostic(`migration: total ${stats.totalMs} ms, downtime ${stats.downtimeMs} ms, ${stats.dirtySyncs} log syncs; switch ${JSON.stringify(line)}`);
 });
