@@ -217,7 +217,7 @@ test('a guest with our blk disk (2 queues) migrates to another QEMU and back und
   t.diagnostic(`there: total ${first.totalMs} ms, downtime ${first.downtimeMs} ms, ${first.dirtySyncs} log syncs; back: total ${second.totalMs} ms, downtime ${second.downtimeMs} ms, ${second.dirtySyncs} log syncs; ${m[1]} O_DIRECT writes`);
 });
 
-test('a guest streaming TCP through our net device on `vhost-user switch` migrates to another QEMU on another port: the stream goes on intact', TIMEOUT, async (t) => {
+test('a guest streaming TCP through our net device on `vhost-user switch` migrates to another QEMU on another port and back: the stream goes on intact', TIMEOUT, async (t) => {
   if (!requireTools(t, GUEST_TOOLS)) return;
   const dir = await testTempDir(t);
   const guests: RunningGuest[] = [];
@@ -228,7 +228,7 @@ test('a guest streaming TCP through our net device on `vhost-user switch` migrat
     await sw.kill();
   });
   for (let i = 0; i < 100 && !sockets.every((s) => sw.logs().some((l) => l.msg === 'listening' && l.socket === s)); i++) await sleep(50);
-  const bytes = 8 * MiB;
+  const bytes = 16 * MiB;
   const script = { file: guestScript('net-ping-tcp.sh') };
   // The peer stays; it receives one stream until EOF.
   const peer = await started(t, guests, {
@@ -238,9 +238,9 @@ test('a guest streaming TCP through our net device on `vhost-user switch` migrat
     serialLog: dir.join('peer.log'),
     timeoutMs: 8 * 60_000,
   });
-  // The migrating guest sends 8 MiB, 64 KiB every 0.1 s (a stream of 13 s or more), from the source port, then
-  // from the destination's: the switch learns the new port from the guest's announcement (GUEST_ANNOUNCE) or its
-  // next frame.
+  // The migrating guest sends 16 MiB, 64 KiB every 0.1 s (a stream of 26 s or more), from the source port, then
+  // from the destination's, then from the source port again (a third QEMU there, the first one shut down): the
+  // switch learns the new port from the guest's announcement (GUEST_ANNOUNCE) or its next frame.
   const sender = (socketPath: string, name: string, incoming: boolean): BootGuestOptions => ({
     net: [{ socketPath, mac: '52:54:00:00:00:02' }],
     script,
@@ -255,8 +255,11 @@ test('a guest streaming TCP through our net device on `vhost-user switch` migrat
   await source.waitForMarker('GUEST-MARK: tcp-sending', 180_000);
   await sleep(1000);
   const dest = await started(t, guests, sender(sockets[2] as string, 'dest', true));
-  const stats = await migrate(source, dest, () => sleep(2000));
-  const [received, sent] = await Promise.all([peer.done, dest.done]);
+  const there = await migrate(source, dest, () => sleep(2000));
+  await source.kill(); // the source QEMU, paused after the migration, goes: its switch port is free again
+  const back = await started(t, guests, sender(sockets[1] as string, 'back', true));
+  const again = await migrate(dest, back, () => sleep(2000));
+  const [received, sent] = await Promise.all([peer.done, back.done]);
   const md5 = (r: readonly string[], what: string): string | undefined => r.find((l) => l.startsWith(what))?.match(/md5=([0-9a-f]+)/)?.[1];
   assert.equal(sent.exitCode, 0, sent.serial);
   assert.equal(received.exitCode, 0, received.serial);
@@ -267,5 +270,6 @@ test('a guest streaming TCP through our net device on `vhost-user switch` migrat
   const line = sw.logs().filter((l) => l.msg === 'switch stats').at(-1);
   const ports = (line?.ports ?? []) as { txBytes: number }[];
   assert.ok((ports[1]?.txBytes ?? 0) > 0 && (ports[2]?.txBytes ?? 0) > 0, `the stream went out from the source port, then from the destination's: ${JSON.stringify(line)}`);
-  t.diagnostic(`migration: total ${stats.totalMs} ms, downtime ${stats.downtimeMs} ms, ${stats.dirtySyncs} log syncs; switch ${JSON.stringify(line)}`);
+  for (const [what, m] of [['there', there], ['back', again]] as const) t.diagnostic(`${what}: total ${m.totalMs} ms, downtime ${m.downtimeMs} ms, ${m.dirtySyncs} log syncs`);
+  t.diagnostic(`switch ${JSON.stringify(line)}`);
 });
