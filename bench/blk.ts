@@ -17,7 +17,12 @@
  * --busy-poll-us N (adds our backend with the optional busy-poll as a third contender) --packed (adds our backend
  * driven with packed rings as another contender: the same process as "ours", its own connection) --inflight (adds our
  * backend with an inflight region, as QEMU's vhost-user-blk asks for, so every request is tracked in it: its cost;
- * with --packed also on packed rings) --name NAME (of the result files). The default takes about 8 minutes.
+ * with --packed also on packed rings) --logging (dirty-page logging for live migration: adds "ours logging" against
+ * "ours", with --packed "ours packed logging" against "ours packed", and "qsd logging" against qemu-storage-daemon,
+ * each the same backend process over its own connection; the generator gives a log over its guest RAM, turns
+ * VHOST_F_LOG_ALL on after the start and takes and clears the bitmap every --log-take-ms (100) as a migration's
+ * iterations do) --name NAME (of the result files) --resummarize FILE (the report again from an earlier run's
+ * JSON). The default takes about 8 minutes; every contender added (variants, busy-poll) about 2 more.
  */
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -79,6 +84,8 @@ interface Backend {
   readonly packed?: boolean;
   /** The load generator asks for an inflight region on this one. */
   readonly inflight?: boolean;
+  /** The load generator turns dirty-page logging on for this one (live migration). */
+  readonly logging?: boolean;
   stop(): Promise<void>;
 }
 
@@ -334,6 +341,8 @@ interface SavedRun {
   busyPollUs: number;
   packed?: boolean;
   inflight?: boolean;
+  logging?: boolean;
+  logTakeMs?: number;
   imageSize: number;
   devices: DeviceKind[];
   workloads: string[];
@@ -348,8 +357,10 @@ interface Summary {
   ours: Stats;
   theirs: Stats;
   busyPoll?: Stats;
-  /** Our backend driven another way (packed rings, an inflight region), each against the run it varies. */
+  /** A backend driven another way (packed rings, an inflight region, logging), each against the run it varies. */
   variants: VariantSummary[];
+  /** With --logging: "ours logging" / "qsd logging", paired by round (median, range). */
+  loggingVsQsd?: { ratio: number; ratioRange: [number, number] };
   ceilingIops: number;
   iopsRatio: number;
   /** Per round, ours / theirs of the runs taken back to back: the spread of the ratio. */
@@ -358,20 +369,34 @@ interface Summary {
   datapathNsPerIo: number;
 }
 
-/** A contender that is "ours" driven another way (the same backend process, its own connection). */
+/** The contender names of the two backend processes. */
+const OURS = 'ours';
+const QSD = 'qemu-storage-daemon';
+
+/** A contender that is a backend driven another way (the same backend process, its own connection). */
 interface Variant {
   readonly name: string;
+  /** Which backend process it runs on. */
+  readonly backend: typeof OURS | typeof QSD;
   readonly packed: boolean;
   readonly inflight: boolean;
+  readonly logging: boolean;
   /** The contender it is compared with (the same but for one thing). */
   readonly base: string;
 }
 
-function variantsOf(packed: boolean, inflight: boolean): Variant[] {
+function variantsOf(packed: boolean, inflight: boolean, logging: boolean): Variant[] {
   const v: Variant[] = [];
-  if (packed) v.push({ name: 'ours packed', packed: true, inflight: false, base: 'ours' });
-  if (inflight) v.push({ name: 'ours inflight', packed: false, inflight: true, base: 'ours' });
-  if (packed && inflight) v.push({ name: 'ours packed inflight', packed: true, inflight: true, base: 'ours packed' });
+  const ours = { backend: OURS, packed: false, inflight: false, logging: false } as const;
+  if (packed) v.push({ ...ours, name: 'ours packed', packed: true, base: OURS });
+  if (inflight) v.push({ ...ours, name: 'ours inflight', inflight: true, base: OURS });
+  if (packed && inflight) v.push({ ...ours, name: 'ours packed inflight', packed: true, inflight: true, base: 'ours packed' });
+  if (logging) {
+    v.push({ ...ours, name: 'ours logging', logging: true, base: OURS });
+    if (packed) v.push({ ...ours, name: 'ours packed logging', packed: true, logging: true, base: 'ours packed' });
+    // qemu-storage-daemon offers VHOST_F_LOG_ALL and LOG_SHMFD (libvhost-user): the same migration, against it.
+    v.push({ backend: QSD, name: 'qsd logging', packed: false, inflight: false, logging: true, base: QSD });
+  }
   return v;
 }
 
@@ -382,6 +407,14 @@ interface VariantSummary {
   /** Per round, this variant / its base: median, and range over rounds. */
   readonly ratio: number;
   readonly ratioRange: [number, number];
+  /** Logging variants: dirty pages per take of the bitmap (median over runs): proof that the backend logged. */
+  readonly dirtyPagesPerTake?: number;
+}
+
+/** Median over the runs of the dirty pages each take of the bitmap returned (NaN when no run logged). */
+function dirtyPagesPerTake(samples: readonly Sample[]): number {
+  const per = samples.flatMap((s) => (s.result.dirtyLog !== undefined && s.result.dirtyLog.takes > 0 ? [s.result.dirtyLog.pages / s.result.dirtyLog.takes] : []));
+  return per.length === 0 ? NaN : median(per);
 }
 
 interface Stats {
@@ -468,6 +501,8 @@ export async function main(argv: string[]): Promise<void> {
       only: { type: 'string' },
       quick: { type: 'boolean', default: false },
       'image-size': { type: 'string', default: String(GiB) },
+      logging: { type: 'boolean', default: false },
+      'log-take-ms': { type: 'string', default: '100' },
       'qsd-aio': { type: 'string', default: 'threads' },
       'busy-poll-us': { type: 'string', default: '0' },
       packed: { type: 'boolean', default: false },
@@ -484,7 +519,9 @@ export async function main(argv: string[]): Promise<void> {
   const busyPollUs = earlier?.busyPollUs ?? Number(values['busy-poll-us']);
   const packed = earlier?.packed ?? values.packed;
   const inflight = earlier?.inflight ?? values.inflight;
-  const variants = variantsOf(packed, inflight);
+  const logging = earlier?.logging ?? values.logging;
+  const logTakeMs = earlier?.logTakeMs ?? Number(values['log-take-ms']);
+  const variants = variantsOf(packed, inflight, logging);
   const imageSize = earlier?.imageSize ?? Number(values['image-size']);
   const qsdAio = earlier?.qsdAio ?? values['qsd-aio'];
   const command = earlier?.command ?? `npm run bench -- blk ${argv.join(' ')}`.trim();
@@ -547,7 +584,12 @@ export async function main(argv: string[]): Promise<void> {
 
       const total = rounds * workloads.length * (1 + devices.length * 2 * (2 + (busyPollUs > 0 ? 1 : 0) + variants.length));
       let started = 0;
-      const run = async (device: Sample['device'], w: Workload, b: Pick<Backend, 'name' | 'socket' | 'packed' | 'inflight'> & { pid?: number }, round: number): Promise<void> => {
+      const run = async (
+        device: Sample['device'],
+        w: Workload,
+        b: Pick<Backend, 'name' | 'socket' | 'packed' | 'inflight' | 'logging'> & { pid?: number },
+        round: number,
+      ): Promise<void> => {
         const backend = b.name;
         const label = `[${++started}/${total}] round ${round + 1} ${device} ${w.name} ${backend}`;
         const result = await runBlkLoad(
@@ -561,6 +603,7 @@ export async function main(argv: string[]): Promise<void> {
             rampSeconds: ramp,
             packed: b.packed === true,
             inflight: b.inflight === true,
+            ...(b.logging === true ? { logging: true, logTakeMs } : {}),
             ...(b.pid !== undefined ? { backendPid: b.pid } : {}),
           },
           (p) => progress(`${label}: ${fmtIops(p.iops)} IOPS${p.measuring ? '' : ' (warm-up)'}`),
@@ -580,9 +623,12 @@ export async function main(argv: string[]): Promise<void> {
           const backends = [await startOurs('ours', dir, device, image), await startTheirs(dir, device, image, qsdAio)];
           if (busyPollUs > 0) backends.push(await startOurs('ours+busy-poll', dir, device, image, { VHOST_USER_BUSY_POLL_US: String(busyPollUs) }));
           // qemu-storage-daemon (libvhost-user) offers neither VIRTIO_F_RING_PACKED nor (as a daemon export) an inflight
-          // region: those variants are ours alone.
-          const ours = backends[0] as Backend;
-          for (const v of variants) backends.push({ ...ours, name: v.name, packed: v.packed, inflight: v.inflight, stop: () => Promise.resolve() });
+          // region: those variants are ours alone. Logging both have.
+          const processes = { [OURS]: backends[0] as Backend, [QSD]: backends[1] as Backend };
+          for (const v of variants) {
+            const b = processes[v.backend];
+            backends.push({ ...b, name: v.name, packed: v.packed, inflight: v.inflight, logging: v.logging, stop: () => Promise.resolve() });
+          }
           try {
             for (const [k, w] of workloads.entries()) {
               // A B B A, back to back (which one goes first alternates): drift, even a steady one, hits both alike.
@@ -606,8 +652,8 @@ export async function main(argv: string[]): Promise<void> {
   const summaries: Summary[] = [];
   for (const device of devices) {
     for (const w of workloads) {
-      const ours = pick(device, w.name, 'ours');
-      const theirs = pick(device, w.name, 'qemu-storage-daemon');
+      const ours = pick(device, w.name, OURS);
+      const theirs = pick(device, w.name, QSD);
       // Ratios are paired by round (the A B B A runs, taken back to back), then the median over rounds.
       const paired = roundsOf(ours).map((r) => roundFigures(ours, r).iops / roundFigures(theirs, r).iops);
       const pairedCpu = roundsOf(ours).map((r) => roundFigures(ours, r).cpu / roundFigures(theirs, r).cpu);
@@ -629,7 +675,20 @@ export async function main(argv: string[]): Promise<void> {
         const p = pick(device, w.name, v.name);
         const base = pick(device, w.name, v.base);
         const ratios = roundsOf(p).map((r) => roundFigures(p, r).iops / roundFigures(base, r).iops);
-        s.variants.push({ name: v.name, base: v.base, stats: stats(p), ratio: median(ratios), ratioRange: [Math.min(...ratios), Math.max(...ratios)] });
+        s.variants.push({
+          name: v.name,
+          base: v.base,
+          stats: stats(p),
+          ratio: median(ratios),
+          ratioRange: [Math.min(...ratios), Math.max(...ratios)],
+          ...(v.logging ? { dirtyPagesPerTake: dirtyPagesPerTake(p) } : {}),
+        });
+      }
+      if (logging) {
+        const a = pick(device, w.name, 'ours logging');
+        const b = pick(device, w.name, 'qsd logging');
+        const ratios = roundsOf(a).map((r) => roundFigures(a, r).iops / roundFigures(b, r).iops);
+        s.loggingVsQsd = { ratio: median(ratios), ratioRange: [Math.min(...ratios), Math.max(...ratios)] };
       }
       s.iopsRatio = median(paired);
       s.cpuRatio = median(pairedCpu);
@@ -693,6 +752,65 @@ export async function main(argv: string[]): Promise<void> {
       '(loopback: one thread does both, so it is a conservative ceiling; best round); "CPU use" is its share of one core during the ' +
       'runs against each backend: below 100 % the generator was waiting for the backend, not the other way round.',
   ];
+  /** With --logging: the logging ratios side by side, and their spread over the workloads. */
+  function loggingSection(): string[] {
+    const of = (s: Summary, name: string): VariantSummary | undefined => s.variants.find((v) => v.name === name);
+    const range = (r: [number, number]): string => `${r[0].toFixed(2)}-${r[1].toFixed(2)}`;
+    const cell = (v: VariantSummary | undefined): string =>
+      v === undefined ? '-' : `**${v.ratio.toFixed(2)}** (${range(v.ratioRange)})`;
+    const cpu = (v: VariantSummary | undefined, base: Stats): string =>
+      v === undefined ? '-' : `${base.cpuUsPerIo.toFixed(2)} -> ${v.stats.cpuUsPerIo.toFixed(2)}`;
+    const rows = summaries.map((s) => {
+      const ol = of(s, 'ours logging');
+      const ql = of(s, 'qsd logging');
+      const pl = of(s, 'ours packed logging');
+      const pb = of(s, 'ours packed');
+      return [
+        s.device,
+        s.workload,
+        cell(ol),
+        cpu(ol, s.ours),
+        cell(ql),
+        cpu(ql, s.theirs),
+        `${fmtIops(ol?.stats.iops ?? NaN)} / ${fmtIops(ql?.stats.iops ?? NaN)}`,
+        s.loggingVsQsd === undefined ? '-' : `**${s.loggingVsQsd.ratio.toFixed(2)}** (${range(s.loggingVsQsd.ratioRange)})`,
+        `**${s.iopsRatio.toFixed(2)}**`,
+        `${(ol?.dirtyPagesPerTake ?? NaN).toFixed(0)} / ${(ql?.dirtyPagesPerTake ?? NaN).toFixed(0)}`,
+        ...(packed ? [cell(pl), pb === undefined ? '-' : cpu(pl, pb.stats)] : []),
+      ];
+    });
+    const spread = (xs: number[]): string =>
+      xs.length === 0 ? '-' : `median ${median(xs).toFixed(2)} (${Math.min(...xs).toFixed(2)}-${Math.max(...xs).toFixed(2)})`;
+    const across = (name: string): number[] => summaries.flatMap((s) => of(s, name)?.ratio ?? []).filter(Number.isFinite);
+    return [
+      '## Dirty-page logging (live migration)',
+      '',
+      markdownTable({
+        columns: [
+          'device',
+          'workload',
+          'ours logging / ours IOPS (range)',
+          'ours CPU us/req off -> on',
+          'qsd logging / qsd IOPS (range)',
+          'qsd CPU us/req off -> on',
+          'IOPS ours logging / qsd logging',
+          'ours logging / qsd logging IOPS (range)',
+          'ours / qsd IOPS, no logging',
+          'dirty pages per take ours / qsd',
+          ...(packed ? ['ours packed logging / ours packed IOPS (range)', 'ours packed CPU us/req off -> on'] : []),
+        ],
+        rows,
+      }),
+      '',
+      `Over the ${summaries.length} device/workload pairs (medians per pair): ours logging / ours ${spread(across('ours logging'))}; ` +
+        `qsd logging / qsd ${spread(across('qsd logging'))}; ours logging / qsd logging ` +
+        `${spread(summaries.flatMap((s) => s.loggingVsQsd?.ratio ?? []).filter(Number.isFinite))}` +
+        (packed ? `; ours packed logging / ours packed ${spread(across('ours packed logging'))}` : '') +
+        '. "Dirty pages per take": what one take of the bitmap returned (median over the runs): the data pages the ' +
+        'requests in flight wrote (reads), the status bytes\' and the used ring\'s pages.',
+    ];
+  }
+
   const header = [
     '# blk benchmark: our vhost-user-blk backend vs qemu-storage-daemon',
     '',
@@ -707,16 +825,21 @@ export async function main(argv: string[]): Promise<void> {
     ...(variants.length > 0
       ? [
           '',
-          `${variants.map((v) => `"${v.name}"`).join(', ')}: the same backend process as "ours", driven by the same generator ` +
-            'over its own connection (run in the same A B B A order), with VIRTIO_F_RING_PACKED ("packed") and with an inflight ' +
+          `${variants.map((v) => `"${v.name}"`).join(', ')}: the same backend process as "${OURS}" ("qsd ...": as ` +
+            `qemu-storage-daemon), driven by the same generator ` +
+            'over its own connection (run in the same A B B A order), with VIRTIO_F_RING_PACKED ("packed"), with an inflight ' +
             'region asked for as QEMU\'s vhost-user-blk does ("inflight": every request marked in it before its I/O and cleared ' +
-            'after its completion is published); each is compared with the same run without that one difference.',
+            'after its completion is published), with dirty-page logging on as during a live migration ("logging": a log over the ' +
+            'generator\'s guest RAM given with SET_LOG_BASE after the start, then SET_FEATURES | VHOST_F_LOG_ALL and SET_VRING_ADDR | ' +
+            `VHOST_VRING_F_LOG, as QEMU's vhost_log_global_start; while the run goes the generator takes and clears the bitmap every ${logTakeMs} ms, ` +
+            'as a migration\'s iterations do); each is compared with the same run without that one difference.',
         ]
       : []),
     '',
     table,
+    ...(logging ? ['', ...loggingSection()] : []),
     '',
-    `Chart (${values.name}.svg): both ratios per workload; labels N/I = null device / image, r/w = 4k random read / ` +
+    `Chart (${values.name}.svg): ${logging ? 'the IOPS ratios ours / qsd and those of logging' : 'both ratios'} per workload; labels N/I = null device / image, r/w = 4k random read / ` +
       'write, R/W = 128k sequential, then the queue depth, q2 = two queues.',
     '',
     '## Physical limits (measured in this run)',
@@ -739,6 +862,8 @@ export async function main(argv: string[]): Promise<void> {
       busyPollUs,
       packed,
       inflight,
+      logging,
+      logTakeMs,
       imageSize,
       devices,
       workloads: workloads.map((w) => w.name),
@@ -748,16 +873,28 @@ export async function main(argv: string[]): Promise<void> {
       samples: samples.map((s) => ({ device: s.device, workload: s.workload, backend: s.backend, round: s.round, ...s.result })),
     },
     header,
-    {
-      title: 'ours / qemu-storage-daemon: IOPS (higher is better), CPU per request (lower is better)',
-      // N/I: null device / image; r/w: 4k random read/write; R/W: 128k sequential; then the queue depth; q2: 2 queues.
-      yLabel: 'ours / qsd',
-      categories: summaries.map((s) => chartLabel(s)),
-      series: [
-        { name: 'IOPS ratio', values: summaries.map((s) => s.iopsRatio) },
-        { name: 'CPU/request ratio', values: summaries.map((s) => s.cpuRatio) },
-      ],
-    },
+    logging
+      ? {
+          title: 'IOPS ratios with dirty-page logging (live migration) on and off (higher is better)',
+          yLabel: 'IOPS ratio',
+          categories: summaries.map((s) => chartLabel(s)),
+          series: [
+            { name: 'ours / qsd', values: summaries.map((s) => s.iopsRatio) },
+            { name: 'ours log / ours', values: summaries.map((s) => s.variants.find((v) => v.name === 'ours logging')?.ratio ?? NaN) },
+            { name: 'qsd log / qsd', values: summaries.map((s) => s.variants.find((v) => v.name === 'qsd logging')?.ratio ?? NaN) },
+            { name: 'ours log / qsd log', values: summaries.map((s) => s.loggingVsQsd?.ratio ?? NaN) },
+          ],
+        }
+      : {
+          title: 'ours / qemu-storage-daemon: IOPS (higher is better), CPU per request (lower is better)',
+          // N/I: null device / image; r/w: 4k random read/write; R/W: 128k sequential; then the queue depth; q2: 2 queues.
+          yLabel: 'ours / qsd',
+          categories: summaries.map((s) => chartLabel(s)),
+          series: [
+            { name: 'IOPS ratio', values: summaries.map((s) => s.iopsRatio) },
+            { name: 'CPU/request ratio', values: summaries.map((s) => s.cpuRatio) },
+          ],
+        },
   );
   console.error(`wrote ${paths.join(', ')}`);
 }

@@ -15,22 +15,40 @@
  * last). A run where a testpmd got less than 95 % of a CPU (`cpu`: its utime + stime over the window) was starved by
  * something else on the machine: it is flagged and left out of the ratios (kept in the JSON).
  *
+ * Dirty-page logging (live migration) cannot be measured with testpmd: virtio_user never sends SET_LOG_BASE. With
+ * --logging, every workload also runs against our backend with our TypeScript frontend as a busy-polling driver in
+ * place of testpmd (bench/net-frontend.ts: its own process, pinned to testpmd's forwarding lcore's CPU, DPDK's buffer
+ * layout, the same frame lengths and directions), twice back to back: "ours-ts" (logging off) and "ours-ts-logging"
+ * (after the start a log over its guest RAM, SET_LOG_BASE, VHOST_F_LOG_ALL and the rings' VHOST_VRING_F_LOG, as QEMU
+ * at a migration's start; the bitmap taken and cleared every --log-take-ms as a migration's iterations). Backend ->
+ * frontend is where the backend's writes (frames into receive buffers) are logged; frontend -> backend writes only
+ * used rings. The ratio logging / no logging is taken per round, then the median over rounds.
+ *
  * Options: --seconds S (10) --rounds N (3) --quick (1 round of 3 s) --sizes 64,1500 --only SUBSTRING
- * --backends ours,dpdk --rings split,packed (each workload with split rings, packed rings (virtio_user
- * `packed_vq=1`) or both; default split) --virtio-args DEVARGS (extra net_virtio_user devargs) --name NAME (of the
- * result files). The default takes about 5 minutes; each ring layout adds as much.
+ * --backends ours,dpdk (any of ours, dpdk, ours-ts, ours-ts-logging) --rings split,packed (each workload with split
+ * rings, packed rings (virtio_user `packed_vq=1`, ours-ts `--packed`) or both; default split) --virtio-args DEVARGS
+ * (extra net_virtio_user devargs) --logging (adds ours-ts and ours-ts-logging to the backends) --log-take-ms MS (100)
+ * --name NAME (of the result files). The default takes about 5 minutes; each ring layout adds as much, and --logging
+ * as much again.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
+import type { ChildProcess } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { startBackend } from '../test/helpers/backend.js';
 import { allowedCpus, formatTestpmdResult, processCpuSeconds, startTestpmd, type TestpmdResult } from '../test/helpers/dpdk.js';
 import { findBinary } from '../test/helpers/require-tool.js';
+import { spawnOwned, stopProcess } from '../test/helpers/tmp.js';
+import type { NetFrontendResult } from './net-frontend.js';
 import { machine, markdownTable, median, writeResults } from './report.js';
 
 type Direction = 'frontend-sends' | 'backend-sends';
-type Contender = 'ours' | 'dpdk';
+/** ours and dpdk: testpmd as the frontend; ours-ts(-logging): our backend, our TypeScript frontend (net-frontend.ts). */
+type Contender = 'ours' | 'dpdk' | 'ours-ts' | 'ours-ts-logging';
+const CONTENDERS: readonly Contender[] = ['ours', 'dpdk', 'ours-ts', 'ours-ts-logging'];
+const isTs = (c: Contender): boolean => c === 'ours-ts' || c === 'ours-ts-logging';
+const FRONTEND_SCRIPT = new URL('./net-frontend.js', import.meta.url).pathname;
 
 interface Workload {
   readonly name: string;
@@ -61,6 +79,8 @@ interface Sample {
   readonly frontend: string;
   /** Our backend's `net stats`, or the vhost PMD's figures. */
   readonly backendStats: Record<string, unknown>;
+  /** ours-ts-logging: takes of the bitmap in the window and the dirty pages they returned. */
+  readonly dirtyLog?: { readonly takes: number; readonly pages: number };
 }
 
 const CPU_MIN = 0.95;
@@ -135,6 +155,55 @@ async function runOnce(
   return { fe, beCpu, backendStats };
 }
 
+/** Resolves with the exit code once `child` exits; kills it after `ms`. */
+function exited(child: ChildProcess, ms: number): Promise<number | null> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => void stopProcess(child), ms);
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      resolve(code);
+    });
+  });
+}
+
+/**
+ * One run with our TypeScript frontend (net-frontend.ts) in place of testpmd: a fresh backend, the frontend process
+ * pinned to `frontendCpu` for 1 s of warm-up and `seconds` measured, both stopped.
+ */
+async function runTsOnce(
+  w: Workload,
+  socketPath: string,
+  o: { seconds: number; backendCpu: number; frontendCpu: number; logging: boolean; logTakeMs: number },
+): Promise<{ fe: NetFrontendResult; backendStats: Record<string, unknown> }> {
+  const be = await startOurs(socketPath, w, o.backendCpu);
+  let fe: NetFrontendResult | undefined;
+  let backendStats: Record<string, unknown>;
+  try {
+    const args = [
+      FRONTEND_SCRIPT,
+      '--socket', socketPath,
+      '--mode', w.dir === 'frontend-sends' ? 'tx' : 'rx',
+      '--pktlen', String(w.pktlen),
+      '--seconds', String(o.seconds),
+      '--warmup', '1',
+      '--backend-pid', String(be.pid),
+      ...(w.packed ? ['--packed'] : []),
+      ...(o.logging ? ['--logging', '--log-take-ms', String(o.logTakeMs)] : []),
+    ];
+    const child = spawnOwned('taskset', ['-c', String(o.frontendCpu), process.execPath, ...args]);
+    let out = '';
+    let err = '';
+    child.stdout?.on('data', (c: Buffer) => void (out += c.toString('utf8')));
+    child.stderr?.on('data', (c: Buffer) => void (err += c.toString('utf8')));
+    const code = await exited(child, (o.seconds + 60) * 1000);
+    if (code !== 0) throw new Error(`our frontend exited with ${code}: ${err.trim().split('\n').slice(0, 3).join(' | ')}`);
+    fe = JSON.parse(out.trim().split('\n').pop() ?? '') as NetFrontendResult;
+  } finally {
+    backendStats = await be.stop();
+  }
+  return { fe, backendStats };
+}
+
 function fmt(v: number): string {
   return Number.isFinite(v) ? v.toFixed(2) : '-';
 }
@@ -149,6 +218,8 @@ export async function main(argv: string[]): Promise<void> {
       sizes: { type: 'string', default: '64,1500' },
       only: { type: 'string' },
       backends: { type: 'string', default: 'ours,dpdk' },
+      logging: { type: 'boolean', default: false },
+      'log-take-ms': { type: 'string', default: '100' },
       rings: { type: 'string', default: 'split' },
       'virtio-args': { type: 'string', default: '' },
       name: { type: 'string', default: 'net' },
@@ -156,7 +227,11 @@ export async function main(argv: string[]): Promise<void> {
   });
   const seconds = values.quick ? 3 : Number(values.seconds);
   const rounds = values.quick ? 1 : Number(values.rounds);
-  const contenders = values.backends.split(',').filter((b): b is Contender => b === 'ours' || b === 'dpdk');
+  const asked = values.backends.split(',').filter((b): b is Contender => (CONTENDERS as readonly string[]).includes(b));
+  if (values.logging) asked.push('ours-ts', 'ours-ts-logging');
+  // In this order, so that the two runs of ours-ts come back to back whichever way a round goes.
+  const contenders = CONTENDERS.filter((c) => asked.includes(c));
+  const logTakeMs = Number(values['log-take-ms']);
   const virtioArgs = values['virtio-args'];
   const command = `npm run bench -- net ${argv.join(' ')}`.trim();
   const rings = values.rings.split(',');
@@ -171,14 +246,76 @@ export async function main(argv: string[]): Promise<void> {
       }
     }
   }
-  if (findBinary('dpdk-testpmd') === undefined) throw new Error('dpdk-testpmd not found: apt-get install -y dpdk-dev');
-  if (contenders.includes('ours') && findBinary('taskset') === undefined) throw new Error('taskset not found: apt-get install -y util-linux');
+  if (contenders.some((c) => !isTs(c)) && findBinary('dpdk-testpmd') === undefined) throw new Error('dpdk-testpmd not found: apt-get install -y dpdk-dev');
+  if (contenders.some((c) => c !== 'dpdk') && findBinary('taskset') === undefined) throw new Error('taskset not found: apt-get install -y util-linux');
   const cpus = allowedCpus();
   const backendCpu = cpus[0] as number;
+  const frontendCpu = cpus[cpus.length - 1] as number;
   const when = machine();
 
   const samples: Sample[] = [];
   const progress = (line: string): void => void process.stderr.write(`${line}\n`);
+
+  /** One run with testpmd as the frontend. */
+  const testpmdSample = async (w: Workload, backend: Contender, round: number, socketPath: string): Promise<Sample> => {
+    const { fe, beCpu, backendStats } = await runOnce(w, backend, socketPath, { seconds, backendCpu, virtioArgs });
+    const flags: string[] = [];
+    if (fe.cpu < CPU_MIN) flags.push(`frontend cpu ${fe.cpu.toFixed(2)}`);
+    if (backend === 'dpdk' && typeof backendStats.cpu === 'number' && backendStats.cpu < CPU_MIN) {
+      flags.push(`DPDK backend cpu ${backendStats.cpu.toFixed(2)}`);
+    }
+    if (fe.samples === 0 || fe.mpps === 0) flags.push('no traffic');
+    else if (fe.pktlen !== w.pktlen) flags.push(`frame length ${fe.pktlen}`);
+    return {
+      workload: w.name,
+      backend,
+      round,
+      mpps: fe.mpps,
+      samples: fe.samples,
+      minMpps: fe.minMpps,
+      maxMpps: fe.maxMpps,
+      pktlen: fe.pktlen,
+      frontendCpu: fe.cpu,
+      backendCpu: beCpu,
+      nsPerFrame: (beCpu * 1e3) / fe.mpps,
+      flagged: flags.length > 0 ? flags.join(', ') : undefined,
+      frontend: formatTestpmdResult(fe),
+      backendStats,
+    };
+  };
+
+  /** One run with our TypeScript frontend (net-frontend.ts), logging on or off. */
+  const tsSample = async (w: Workload, backend: Contender, round: number, socketPath: string): Promise<Sample> => {
+    const logging = backend === 'ours-ts-logging';
+    const { fe, backendStats } = await runTsOnce(w, socketPath, { seconds, backendCpu, frontendCpu, logging, logTakeMs });
+    const beCpu = fe.backendCpu ?? NaN;
+    const flags: string[] = [];
+    // The same rule as for testpmd: a busy-polling frontend below 95 % of a CPU was starved by something else.
+    if (fe.cpu < CPU_MIN) flags.push(`frontend cpu ${fe.cpu.toFixed(2)}`);
+    if (fe.frames === 0) flags.push('no traffic');
+    else if (fe.pktlen !== w.pktlen || fe.badFrames > 0) flags.push(`frame length ${fe.pktlen}, ${fe.badFrames} bad frames`);
+    if (logging && (fe.dirtyLog === undefined || fe.dirtyLog.pages === 0)) flags.push('nothing logged');
+    const perTake = fe.dirtyLog === undefined || fe.dirtyLog.takes === 0 ? '' : `, ${(fe.dirtyLog.pages / fe.dirtyLog.takes).toFixed(0)} dirty pages per take`;
+    return {
+      workload: w.name,
+      backend,
+      round,
+      mpps: fe.mpps,
+      samples: fe.intervals.length,
+      minMpps: Math.min(...fe.intervals),
+      maxMpps: Math.max(...fe.intervals),
+      pktlen: fe.pktlen,
+      frontendCpu: fe.cpu,
+      backendCpu: beCpu,
+      nsPerFrame: (beCpu * 1e3) / fe.mpps,
+      flagged: flags.length > 0 ? flags.join(', ') : undefined,
+      frontend:
+        `TS frontend ${fe.mode} ${fe.mpps.toFixed(2)} Mpps, ${(fe.frames / Math.max(1, fe.batches)).toFixed(0)} frames per poll, ` +
+        `${((100 * fe.kicks) / Math.max(1, fe.frames)).toFixed(1)} kicks per 100 frames, cpu ${fe.cpu.toFixed(2)}${perTake}`,
+      backendStats,
+      ...(fe.dirtyLog !== undefined ? { dirtyLog: fe.dirtyLog } : {}),
+    };
+  };
   const dir = mkdtempSync(join(tmpdir(), 'vu-net-bench-'));
   const total = rounds * workloads.length * contenders.length;
   let started = 0;
@@ -188,11 +325,11 @@ export async function main(argv: string[]): Promise<void> {
         const order = (k + round) % 2 === 0 ? contenders : [...contenders].reverse();
         for (const backend of order) {
           const label = `[${++started}/${total}] round ${round + 1} ${w.name} ${backend}`;
-          let fe: TestpmdResult;
-          let beCpu: number;
-          let backendStats: Record<string, unknown>;
+          let sample: Sample;
           try {
-            ({ fe, beCpu, backendStats } = await runOnce(w, backend, join(dir, `${backend}.sock`), { seconds, backendCpu, virtioArgs }));
+            sample = isTs(backend)
+              ? await tsSample(w, backend, round, join(dir, `${backend}.sock`))
+              : await testpmdSample(w, backend, round, join(dir, `${backend}.sock`));
           } catch (err) {
             // One failed run (a peer that did not start on a loaded machine, ...) is recorded, not fatal.
             const message = (err as Error).message.split('\n')[0] ?? '';
@@ -215,30 +352,11 @@ export async function main(argv: string[]): Promise<void> {
             });
             continue;
           }
-          const flags: string[] = [];
-          if (fe.cpu < CPU_MIN) flags.push(`frontend cpu ${fe.cpu.toFixed(2)}`);
-          if (backend === 'dpdk' && typeof backendStats.cpu === 'number' && backendStats.cpu < CPU_MIN) {
-            flags.push(`DPDK backend cpu ${backendStats.cpu.toFixed(2)}`);
-          }
-          if (fe.samples === 0 || fe.mpps === 0) flags.push('no traffic');
-          else if (fe.pktlen !== w.pktlen) flags.push(`frame length ${fe.pktlen}`);
-          samples.push({
-            workload: w.name,
-            backend,
-            round,
-            mpps: fe.mpps,
-            samples: fe.samples,
-            minMpps: fe.minMpps,
-            maxMpps: fe.maxMpps,
-            pktlen: fe.pktlen,
-            frontendCpu: fe.cpu,
-            backendCpu: beCpu,
-            nsPerFrame: (beCpu * 1e3) / fe.mpps,
-            flagged: flags.length > 0 ? flags.join(', ') : undefined,
-            frontend: formatTestpmdResult(fe),
-            backendStats,
-          });
-          progress(`${label}: ${fe.mpps.toFixed(2)} Mpps (${formatTestpmdResult(fe)}; backend cpu ${beCpu.toFixed(2)})${flags.length > 0 ? ` FLAGGED: ${flags.join(', ')}` : ''}`);
+          samples.push(sample);
+          progress(
+            `${label}: ${sample.mpps.toFixed(2)} Mpps (${sample.frontend}; backend cpu ${sample.backendCpu.toFixed(2)})` +
+              (sample.flagged !== undefined ? ` FLAGGED: ${sample.flagged}` : ''),
+          );
         }
       }
     }
@@ -248,19 +366,28 @@ export async function main(argv: string[]): Promise<void> {
 
   // ---- summary ---------------------------------------------------------------------------------------------------
   const pick = (w: string, b: Contender): Sample[] => samples.filter((s) => s.workload === w && s.backend === b);
+  const good = (xs: Sample[]): Sample[] => xs.filter((s) => s.flagged === undefined);
+  const ok = (xs: Sample[]): Sample[] => xs.filter((x) => Number.isFinite(x.mpps) && x.mpps > 0);
+  /** a / b per round (runs of one round were taken back to back); flagged when either run was. */
+  const paired = (as: Sample[], bs: Sample[]): { round: number; ratio: number; flagged: boolean }[] => {
+    const out: { round: number; ratio: number; flagged: boolean }[] = [];
+    for (let r = 0; r < rounds; r++) {
+      const a = as.find((s) => s.round === r);
+      const b = bs.find((s) => s.round === r);
+      if (a === undefined || b === undefined || b.mpps === 0) continue;
+      out.push({ round: r, ratio: a.mpps / b.mpps, flagged: a.flagged !== undefined || b.flagged !== undefined });
+    }
+    return out;
+  };
   const summaries = workloads.map((w) => {
     const ours = pick(w.name, 'ours');
     const dpdk = pick(w.name, 'dpdk');
-    const good = (xs: Sample[]): Sample[] => xs.filter((s) => s.flagged === undefined);
-    const ratios: { round: number; ratio: number; flagged: boolean }[] = [];
-    for (let r = 0; r < rounds; r++) {
-      const a = ours.find((s) => s.round === r);
-      const b = dpdk.find((s) => s.round === r);
-      if (a === undefined || b === undefined || b.mpps === 0) continue;
-      ratios.push({ round: r, ratio: a.mpps / b.mpps, flagged: a.flagged !== undefined || b.flagged !== undefined });
-    }
+    const ratios = paired(ours, dpdk);
     const valid = ratios.filter((x) => !x.flagged).map((x) => x.ratio);
-    const ok = (xs: Sample[]): Sample[] => xs.filter((x) => Number.isFinite(x.mpps) && x.mpps > 0);
+    const off = pick(w.name, 'ours-ts');
+    const on = pick(w.name, 'ours-ts-logging');
+    const logRatios = paired(on, off);
+    const perTake = on.flatMap((x) => (x.dirtyLog !== undefined && x.dirtyLog.takes > 0 ? [x.dirtyLog.pages / x.dirtyLog.takes] : []));
     return {
       workload: w.name,
       dir: w.dir,
@@ -276,8 +403,28 @@ export async function main(argv: string[]): Promise<void> {
       oursNsPerFrame: median(ok(ours).map((x) => x.nsPerFrame)),
       dpdkNsPerFrame: median(ok(dpdk).map((x) => x.nsPerFrame)),
       flaggedRuns: [...ours, ...dpdk].filter((s) => s.flagged !== undefined).length,
+      // ours-ts-logging against ours-ts (our frontend), when they ran.
+      ...(off.length > 0 || on.length > 0
+        ? {
+            logging: {
+              offMpps: median(good(off).map((x) => x.mpps)),
+              onMpps: median(good(on).map((x) => x.mpps)),
+              ratios: logRatios,
+              medianRatio: median(logRatios.filter((x) => !x.flagged).map((x) => x.ratio)),
+              medianRatioAll: median(logRatios.filter((x) => Number.isFinite(x.ratio)).map((x) => x.ratio)),
+              offNsPerFrame: median(ok(off).map((x) => x.nsPerFrame)),
+              onNsPerFrame: median(ok(on).map((x) => x.nsPerFrame)),
+              offBackendCpu: median(good(off).map((x) => x.backendCpu)),
+              onBackendCpu: median(good(on).map((x) => x.backendCpu)),
+              dirtyPagesPerTake: perTake.length > 0 ? median(perTake) : NaN,
+              flaggedRuns: [...off, ...on].filter((x) => x.flagged !== undefined).length,
+            },
+          }
+        : {}),
     };
   });
+  const mppsOf = (s: (typeof summaries)[number], c: Contender): number =>
+    c === 'ours' ? s.oursMpps : c === 'dpdk' ? s.dpdkMpps : c === 'ours-ts' ? (s.logging?.offMpps ?? NaN) : (s.logging?.onMpps ?? NaN);
 
   const rows = summaries.map((s) => [
     s.workload,
@@ -321,8 +468,64 @@ export async function main(argv: string[]): Promise<void> {
     fmt(s.frontendCpu),
     fmt(s.backendCpu),
     Number.isFinite(s.nsPerFrame) ? s.nsPerFrame.toFixed(0) : '-',
+    s.dirtyLog === undefined || s.dirtyLog.takes === 0 ? '' : (s.dirtyLog.pages / s.dirtyLog.takes).toFixed(0),
     s.flagged ?? '',
   ]);
+  // ours-ts-logging against ours-ts.
+  const logged = summaries.flatMap((s) => (s.logging === undefined ? [] : [{ s, l: s.logging }]));
+  const loggingRows = logged.map(({ s, l }) => [
+    s.workload,
+    fmt(l.offMpps),
+    fmt(l.onMpps),
+    l.ratios.map((x) => `${x.ratio.toFixed(2)}${x.flagged ? '*' : ''}`).join(', ') || '-',
+    `**${fmt(l.medianRatio)}**`,
+    fmt(l.medianRatioAll),
+    `${fmt(l.offBackendCpu)} / ${fmt(l.onBackendCpu)}`,
+    `${l.offNsPerFrame.toFixed(0)} -> ${l.onNsPerFrame.toFixed(0)} (${fmt(l.onNsPerFrame / l.offNsPerFrame)})`,
+    Number.isFinite(l.dirtyPagesPerTake) ? l.dirtyPagesPerTake.toFixed(0) : '-',
+    fmt(l.offMpps / s.oursMpps),
+    String(l.flaggedRuns),
+  ]);
+  const loggingSection =
+    loggingRows.length === 0
+      ? []
+      : [
+          '## Dirty-page logging (live migration): ours with our TypeScript frontend, logging on vs off',
+          '',
+          'testpmd\'s virtio_user cannot log (it never sends SET_LOG_BASE), so these runs use our TypeScript frontend as a ' +
+            'busy-polling driver in its place (bench/net-frontend.ts: a process pinned to CPU ' +
+            `${frontendCpu} as testpmd's forwarding lcore, 1 queue pair of 256 entries, VERSION_1 + MRG_RXBUF + EVENT_IDX, no ` +
+            'used-buffer notifications, DPDK\'s mbuf layout: the frame at a 128-byte boundary with the header before it, one ' +
+            'descriptor per frame; 1 s of warm-up, then the window). "ours-ts" runs without logging; "ours-ts-logging" gives, ' +
+            'after the start, a log over its guest RAM (SET_LOG_BASE) and turns logging on (SET_FEATURES | VHOST_F_LOG_ALL, ' +
+            `SET_VRING_ADDR | VHOST_VRING_F_LOG), then takes and clears the bitmap every ${logTakeMs} ms as a migration's ` +
+            'iterations do. Both run back to back with a fresh backend each; the ratio is per round, median over the unflagged ' +
+            'rounds (* = flagged: the frontend got < 95 % of a CPU, no traffic, wrong frames or nothing logged). Backend -> ' +
+            'frontend is where data pages are logged (frames written into receive buffers); frontend -> backend logs only the ' +
+            'used ring. "Dirty pages per take": what one take returned (every receive buffer and the used ring, or the used ring).',
+          '',
+          markdownTable({
+            columns: [
+              'workload',
+              'Mpps ours-ts',
+              'Mpps ours-ts-logging',
+              'logging/off per round',
+              'median logging/off',
+              'median logging/off, all rounds (incl. flagged)',
+              'backend CPU share off / on',
+              'backend CPU ns/frame off -> on (ratio)',
+              'dirty pages per take',
+              'ours-ts / ours (testpmd) Mpps',
+              'flagged runs',
+            ],
+            rows: loggingRows,
+          }),
+          '',
+          `Over the ${logged.length} workloads: median logging/off ${fmt(median(logged.map(({ l }) => l.medianRatio).filter(Number.isFinite)))} ` +
+            `(${fmt(Math.min(...logged.map(({ l }) => l.medianRatio).filter(Number.isFinite)))}-` +
+            `${fmt(Math.max(...logged.map(({ l }) => l.medianRatio).filter(Number.isFinite)))}).`,
+          '',
+        ];
   const header = [
     '# net benchmark: our vhost-user-net backend vs DPDK\'s vhost PMD, DPDK virtio_user as the frontend',
     '',
@@ -351,24 +554,30 @@ export async function main(argv: string[]): Promise<void> {
           '',
         ]
       : []),
+    ...loggingSection,
     '## Every run',
     '',
-    markdownTable({ columns: ['round', 'workload', 'backend', 'Mpps', 'min-max (intervals)', 'frame', 'frontend cpu', 'backend cpu', 'backend CPU ns/frame', 'flagged'], rows: runRows }),
+    markdownTable({
+      columns: ['round', 'workload', 'backend', 'Mpps', 'min-max (intervals)', 'frame', 'frontend cpu', 'backend cpu', 'backend CPU ns/frame', 'dirty pages per take', 'flagged'],
+      rows: runRows,
+    }),
     '',
     `Machine: ${JSON.stringify(when)}`,
   ].join('\n');
   console.log(header);
   const paths = writeResults(
     values.name,
-    { machine: when, command, seconds, rounds, virtioArgs, contenders, workloads, summaries, samples },
+    { machine: when, command, seconds, rounds, virtioArgs, logTakeMs, contenders, workloads, summaries, samples },
     header,
     {
-      title: 'Mpps with DPDK virtio_user as the frontend (medians over rounds)',
+      title: contenders.some(isTs)
+        ? 'Mpps (medians over rounds): DPDK virtio_user or our TS frontend (ts) as the frontend'
+        : 'Mpps with DPDK virtio_user as the frontend (medians over rounds)',
       yLabel: 'Mpps',
       categories: summaries.map((s) => `${s.dir === 'frontend-sends' ? 'fe->be' : 'be->fe'} ${s.pktlen}B${s.packed ? ' P' : ''}`),
       series: contenders.map((c) => ({
-        name: c === 'ours' ? 'ours' : 'DPDK vhost PMD',
-        values: summaries.map((s) => (c === 'ours' ? s.oursMpps : s.dpdkMpps)),
+        name: { ours: 'ours', dpdk: 'DPDK vhost PMD', 'ours-ts': 'ours, ts', 'ours-ts-logging': 'ours, ts, logging' }[c],
+        values: summaries.map((s) => mppsOf(s, c)),
       })),
     },
   );

@@ -544,8 +544,9 @@ function processQueue(q: RunningQueue, rearm: boolean): void {
           // Logging may start before it completes: its buffers are logged then, from this record.
           q.written.record(chain);
           q.inflight.set(chain.head, pinChain(q.session, chain));
+        } else {
+          complete(q, chain.head, len);
         }
-        else complete(q, chain.head, len);
         handled++;
       }
       publish(q);

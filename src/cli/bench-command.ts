@@ -9,6 +9,11 @@
  * `--loopback` replaces the backend with a device in this very thread that completes every request at once (the
  * same rings, eventfds and event-loop wakeups, no socket): the load generator's own ceiling. A backend measured at a
  * rate well below that ceiling is what limits the rate, not the generator.
+ *
+ * `--logging` runs the load as during a live migration: after the start, a dirty log covering the guest RAM is given
+ * (SET_LOG_BASE) and logging turned on (SET_FEATURES | VHOST_F_LOG_ALL, SET_VRING_ADDR | VHOST_VRING_F_LOG), and a
+ * timer plays QEMU's migration iterations: every `--log-take-ms` it takes and clears the bitmap (`takeDirty`), so
+ * the backend keeps setting bits that were cleared. What it took in the window is reported (takes, pages).
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { readFileSync } from 'node:fs';
@@ -16,8 +21,10 @@ import { BlkConfigOffset, BlkFeature, SECTOR_SIZE } from '../devices/blk/constan
 import { BlkDriver, RAW_FAILED } from '../frontend/blk-driver.js';
 import { FrontendQueue, VhostUserFrontend } from '../frontend/frontend.js';
 import { GuestRam } from '../frontend/guest-ram.js';
+import { MigrationLog } from '../frontend/migration-log.js';
 import * as native from '../native/index.js';
-import { VirtioFeature, featureBit, hasFeature } from '../protocol/constants.js';
+import { FrontendRequest, ProtocolFeature, VirtioFeature, featureBit, hasFeature } from '../protocol/constants.js';
+import { logPayload, u64Payload } from '../protocol/payloads.js';
 import { createDeviceQueue } from '../queue/device-queue.js';
 import { createQueueDriver, queueDriverLayout } from '../queue/queue-driver.js';
 import { parseInteger, parseSize } from './parse.js';
@@ -52,6 +59,13 @@ export interface BlkLoadOptions {
   readonly packed?: boolean;
   /** Ask for an inflight region (GET/SET_INFLIGHT_FD, as QEMU's vhost-user-blk does), so the backend tracks requests. */
   readonly inflight?: boolean;
+  /**
+   * Dirty-page logging on (live migration): a log over the guest RAM (SET_LOG_BASE, needs LOG_SHMFD), LOG_ALL and
+   * the rings' F_LOG, and the bitmap taken and cleared every `logTakeMs` while the load runs. Not with 'loopback'.
+   */
+  readonly logging?: boolean;
+  /** With `logging`: how often the bitmap is taken and cleared, as a migration iteration (ms, default 100). */
+  readonly logTakeMs?: number;
   /** The backend's process: its CPU time over the window is read from /proc (all its threads). */
   readonly backendPid?: number;
   /** Seed of the offset generator (default 1). */
@@ -90,6 +104,8 @@ export interface BlkLoadResult {
   /** With `backendPid`: the backend's CPU time (user + system, every thread) per request and in cores. */
   readonly backendCpuUsPerIo?: number;
   readonly backendCpuUtil?: number;
+  /** With `logging`: the bitmap takes in the window and the dirty pages they returned (summed over takes). */
+  readonly dirtyLog?: { readonly takes: number; readonly pages: number };
   /** Features the backend acknowledged that shape the datapath. */
   readonly eventIdx: boolean;
   readonly indirect: boolean;
@@ -300,6 +316,22 @@ function sleep(ms: number): Promise<void> {
 }
 
 /**
+ * SET_LOG_BASE as QEMU sends it (`vhost_user_set_log_base`: it waits for the reply and ignores its payload). Not
+ * `VhostUserFrontend.setLogBase`, which takes any nonzero u64 reply for a refusal: libvhost-user
+ * (qemu-storage-daemon) answers with the request's own payload cut to a u64, i.e. `mmap_size` echoed back
+ * (`vu_set_log_base_exec` only shortens the message). So 0 or the size sent is an acceptance; any other u64 a refusal.
+ */
+async function setLogBase(frontend: VhostUserFrontend, log: MigrationLog): Promise<void> {
+  if (!frontend.hasProtocolFeature(ProtocolFeature.LOG_SHMFD)) throw new Error('logging needs VHOST_USER_PROTOCOL_F_LOG_SHMFD, which the backend does not offer');
+  const size = BigInt(log.size);
+  const reply = await frontend.request(FrontendRequest.SET_LOG_BASE, logPayload.encode({ mmapSize: size, mmapOffset: 0n }), [log.fd]);
+  for (const fd of reply.fds) native.close(fd);
+  if (reply.payload.length !== 8) return; // no payload (DPDK) or the log description again (rust-vmm)
+  const status = u64Payload.decode(reply.payload);
+  if (status !== 0n && status !== size) throw new Error(`SET_LOG_BASE was refused by the backend (${status})`);
+}
+
+/**
  * Runs one load against the vhost-user-blk backend at `target` (a socket path, or 'loopback'), and resolves with
  * the figures of the measured window. Calls `onProgress` once a second.
  */
@@ -319,8 +351,10 @@ export async function runBlkLoad(
   let frontend: VhostUserFrontend | undefined;
   let loopback: LoopbackDevice | undefined;
   let driver: BlkDriver | undefined;
+  let log: MigrationLog | undefined;
   try {
     if (target === 'loopback') {
+      if (options.logging === true) throw new RangeError('logging needs a backend, not the loopback device');
       loopback = new LoopbackDevice(memory, queues, queueSize, wantIndirect, packed);
       driver = new BlkDriver(loopback.frontend, { memory, maxRequestBytes: bs, slotsPerQueue: iodepth, indirect: wantIndirect });
     } else {
@@ -336,13 +370,21 @@ export async function runBlkLoad(
         packed,
         inflight: options.inflight === true,
       });
+      if (options.logging === true) {
+        // As QEMU at a migration's start (vhost_log_global_start): the log, then LOG_ALL and the rings' F_LOG.
+        log = MigrationLog.create(Math.max(...memory.regions.map((r) => r.gpa + r.size)));
+        await setLogBase(frontend, log);
+        await frontend.setLogging(true);
+        log.takeDirty();
+      }
     }
     if (driver.slotsPerQueue < iodepth) throw new RangeError(`ring of ${queueSize} cannot hold ${iodepth} requests`);
-    return await drive(target, driver, options, queueSize, onProgress);
+    return await drive(target, driver, options, queueSize, onProgress, log);
   } finally {
     driver?.close();
     frontend?.close();
     loopback?.close();
+    log?.close();
     memory.close();
   }
 }
@@ -353,6 +395,7 @@ async function drive(
   options: BlkLoadOptions,
   queueSize: number,
   onProgress?: (p: BlkLoadProgress) => void,
+  log?: MigrationLog,
 ): Promise<BlkLoadResult> {
   const { rw, bs, iodepth, queues } = options;
   const capacity = driver.capacityBytes;
@@ -432,6 +475,18 @@ async function drive(
     lastTime = now;
     onProgress?.({ elapsed: (now - t0) / 1000, measuring, iops, mbps: (iops * bs) / 1e6, p99Us: hist.percentile(99) / 1000 });
   }, progressIntervalMs(options));
+  // The migration's iterations: the bitmap taken and cleared periodically (counted in the window).
+  let logTakes = 0;
+  let logPages = 0;
+  const logTimer =
+    log === undefined
+      ? undefined
+      : setInterval(() => {
+          const pages = log.takeDirty().length;
+          if (!measuring) return;
+          logTakes++;
+          logPages += pages;
+        }, options.logTakeMs ?? 100);
 
   for (let token = 0; token < queues * iodepth; token++) submit(token);
   const window = async (): Promise<{ cpu0: NodeJS.CpuUsage; backend0: number; tStart: number }> => {
@@ -453,6 +508,7 @@ async function drive(
     opened = await window();
   } finally {
     clearInterval(progress);
+    clearInterval(logTimer);
     measuring = false;
   }
   const { cpu0, backend0, tStart } = opened;
@@ -500,6 +556,7 @@ async function drive(
     generatorCpuUsPerIo: (genCpu * 1e6) / ios,
     generatorCpuUtil: genCpu / elapsed,
     ...(backendCpu !== undefined ? { backendCpuUsPerIo: (backendCpu * 1e6) / ios, backendCpuUtil: backendCpu / elapsed } : {}),
+    ...(log !== undefined ? { dirtyLog: { takes: logTakes, pages: logPages } } : {}),
     eventIdx: driver.frontend.hasFeature(VirtioFeature.RING_EVENT_IDX),
     indirect: driver.indirect,
     packed: driver.frontend.hasFeature(VirtioFeature.RING_PACKED),
@@ -524,6 +581,8 @@ interface BenchBlkCliOptions {
   indirect: boolean;
   packed: boolean;
   inflight: boolean;
+  logging: boolean;
+  logTakeMs: number;
   backendPid?: number;
   json: boolean;
 }
@@ -552,6 +611,10 @@ export function formatBlkLoadResult(r: BlkLoadResult): string {
   if (r.backendCpuUsPerIo !== undefined && r.backendCpuUtil !== undefined) {
     lines.push(`  backend: ${fmt(r.backendCpuUsPerIo, 2)} us CPU per request, ${(r.backendCpuUtil * 100).toFixed(0)} % of a core`);
   }
+  if (r.dirtyLog !== undefined) {
+    const perTake = r.dirtyLog.takes === 0 ? NaN : r.dirtyLog.pages / r.dirtyLog.takes;
+    lines.push(`  dirty log: ${r.dirtyLog.takes} takes, ${r.dirtyLog.pages} dirty pages (${fmt(perTake)} per take)`);
+  }
   return lines.join('\n');
 }
 
@@ -576,6 +639,8 @@ function blkBenchCommand(): Command {
     .option('--indirect', 'one indirect table per request (as Linux guests) instead of three ring descriptors', false)
     .option('--packed', 'packed rings (VIRTIO_F_RING_PACKED) instead of split rings', false)
     .option('--inflight', 'ask for an inflight region (GET/SET_INFLIGHT_FD) as QEMU does: the backend tracks requests', false)
+    .option('--logging', 'dirty-page logging on, as during a live migration (SET_LOG_BASE, VHOST_F_LOG_ALL; needs LOG_SHMFD)', false)
+    .option('--log-take-ms <ms>', 'with --logging: take and clear the dirty bitmap this often', parseInteger(1, 60_000), 100)
     .option('--backend-pid <pid>', "also report the backend process's CPU time per request (/proc/PID/stat)", parseInteger(1, 2 ** 22))
     .option('--json', 'print the result as JSON on stdout (progress still goes to stderr)', false)
     .action(async (opts: BenchBlkCliOptions) => {
@@ -595,6 +660,8 @@ function blkBenchCommand(): Command {
           indirect: opts.indirect,
           packed: opts.packed,
           inflight: opts.inflight,
+          logging: opts.logging,
+          logTakeMs: opts.logTakeMs,
           ...(opts.span !== undefined ? { span: opts.span } : {}),
           ...(opts.queueSize !== undefined ? { queueSize: opts.queueSize } : {}),
           ...(opts.backendPid !== undefined ? { backendPid: opts.backendPid } : {}),
