@@ -825,14 +825,24 @@ export async function main(argv: string[]): Promise<void> {
     ...(variants.length > 0
       ? [
           '',
-          `${variants.map((v) => `"${v.name}"`).join(', ')}: the same backend process as "${OURS}" ("qsd ...": as ` +
-            `qemu-storage-daemon), driven by the same generator ` +
-            'over its own connection (run in the same A B B A order), with VIRTIO_F_RING_PACKED ("packed"), with an inflight ' +
-            'region asked for as QEMU\'s vhost-user-blk does ("inflight": every request marked in it before its I/O and cleared ' +
-            'after its completion is published), with dirty-page logging on as during a live migration ("logging": a log over the ' +
-            'generator\'s guest RAM given with SET_LOG_BASE after the start, then SET_FEATURES | VHOST_F_LOG_ALL and SET_VRING_ADDR | ' +
-            `VHOST_VRING_F_LOG, as QEMU's vhost_log_global_start; while the run goes the generator takes and clears the bitmap every ${logTakeMs} ms, ` +
-            'as a migration\'s iterations do); each is compared with the same run without that one difference.',
+          `${variants.map((v) => `"${v.name}"`).join(', ')}: the same backend process as "${OURS}"` +
+            (logging ? ' ("qsd logging": as qemu-storage-daemon)' : '') +
+            ', driven by the same generator over its own connection (run in the same A B B A order), with ' +
+            [
+              ...(packed ? ['VIRTIO_F_RING_PACKED ("packed")'] : []),
+              ...(inflight
+                ? ['an inflight region asked for as QEMU\'s vhost-user-blk does ("inflight": every request marked in it before its I/O and cleared after its completion is published)']
+                : []),
+              ...(logging
+                ? [
+                    'dirty-page logging on as during a live migration ("logging": a log over the generator\'s guest RAM given with ' +
+                      'SET_LOG_BASE after the start, then SET_FEATURES | VHOST_F_LOG_ALL and SET_VRING_ADDR | VHOST_VRING_F_LOG, as ' +
+                      `QEMU's vhost_log_global_start; while the run goes the generator takes and clears the bitmap every ${logTakeMs} ms, ` +
+                      'as a migration\'s iterations do)',
+                  ]
+                : []),
+            ].join(', with ') +
+            '; each is compared with the same run without that one difference.',
         ]
       : []),
     '',

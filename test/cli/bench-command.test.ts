@@ -155,6 +155,36 @@ test('against qemu-storage-daemon (null-co), with its CPU time', TIMEOUT, async 
   }
 });
 
+test('--logging: the backend logs into the generator\'s dirty log, which is taken during the run (ours, qemu-storage-daemon)', TIMEOUT, async (t) => {
+  const dir = await testTempDir(t, 'vu-bench-');
+  const server = new VhostUserServer({ socketPath: dir.join('ours.sock'), device: new BlkDevice({ backend: { kind: 'null', size: 64 * MiB }, queues: 2 }) });
+  server.listen();
+  try {
+    for (const packed of [false, true]) {
+      const r = await runBlkLoad(server.socketPath, { rw: 'randread', bs: 4096, iodepth: 8, queues: 2, seconds: 0.3, rampSeconds: 0.05, packed, logging: true, logTakeMs: 20 });
+      checkResult(r, `ours logging${packed ? ' packed' : ''}`);
+      assert.ok(r.dirtyLog !== undefined && r.dirtyLog.takes >= 5, `takes: ${JSON.stringify(r.dirtyLog)}`);
+      // Every take finds the pages the reads wrote since the last one: at least one data page each.
+      assert.ok(r.dirtyLog.pages >= r.dirtyLog.takes, `pages: ${JSON.stringify(r.dirtyLog)}`);
+    }
+    const off = await runBlkLoad(server.socketPath, { rw: 'randread', bs: 4096, iodepth: 8, queues: 1, seconds: 0.1, rampSeconds: 0.05 });
+    assert.equal(off.dirtyLog, undefined);
+  } finally {
+    await server.close();
+  }
+  await assert.rejects(runBlkLoad('loopback', { rw: 'randread', bs: 4096, iodepth: 1, queues: 1, seconds: 0.1, logging: true }), /logging needs a backend/);
+  if (findBinary('qemu-storage-daemon') === undefined) return; // the rest needs it (see haveQsd)
+  // libvhost-user answers SET_LOG_BASE with its mmap_size echoed back as the u64: an acceptance, not a refusal.
+  const qsd = await startQsd({ blockdev: { driver: 'null-co', size: 64 * MiB }, socketPath: dir.join('qsd.sock'), numQueues: 1 });
+  try {
+    const r = await runBlkLoad(qsd.socketPath, { rw: 'randread', bs: 4096, iodepth: 8, queues: 1, seconds: 0.3, rampSeconds: 0.05, logging: true, logTakeMs: 20 });
+    checkResult(r, 'qsd logging');
+    assert.ok(r.dirtyLog !== undefined && r.dirtyLog.pages >= r.dirtyLog.takes && r.dirtyLog.takes >= 5, JSON.stringify(r.dirtyLog));
+  } finally {
+    await qsd.stop();
+  }
+});
+
 test('the CLI: --loopback --json, and a usage error', TIMEOUT, () => {
   const bin = join(repoRoot(), 'bin', 'vhost-user.js');
   const ok = spawnSync(process.execPath, [bin, 'bench', 'blk', '--loopback', '--seconds', '0.2', '--ramp', '0.05', '--iodepth', '4', '--json'], {
