@@ -43,7 +43,7 @@ import type {
 } from './worker-messages.js';
 import { startQueueInflight, type QueueInflight } from './queue-inflight.js';
 import { DirtyLog } from '../memory/dirty-log.js';
-import { LoggingQueue, WrittenBuffers } from '../queue/written-buffers.js';
+import { LoggingQueue, logChainWritten, WrittenBuffers } from '../queue/written-buffers.js';
 
 /** Most chains handled per queue before the worker looks at its other queues and its port (fairness). */
 const BATCH_LIMIT = 256;
@@ -494,18 +494,20 @@ function nextChain(q: RunningQueue, memory: GuestMemory): boolean {
     // accepting it would lose the first request's pins. This also bounds requests in flight by the size.
     throw new VirtioError('VIRTIO_HEAD_IN_FLIGHT', `queue ${q.start.index}: descriptor ${chain.head} is already in flight`);
   }
-  if (q.session.log !== undefined) q.written.record(chain);
   return true;
 }
 
 /**
  * Writes a completion to the used ring (published by `publish`), and records it in the inflight region. While the
  * session logs, the pages the device wrote into the request's buffers are logged first (after the data, before the
- * used element).
+ * used element): from `chain` when it still holds the request (completed in the batch), else from its record.
  */
-function complete(q: RunningQueue, head: number, len: number): void {
+function complete(q: RunningQueue, head: number, len: number, chain: DescriptorChain | undefined): void {
   const log = q.session.log;
-  if (log !== undefined) q.written.logUsed(log, head, len, q.trailer);
+  if (log !== undefined) {
+    if (chain !== undefined) logChainWritten(log, chain, len, q.trailer);
+    else q.written.logUsed(log, head, len, q.trailer);
+  }
   q.queue.pushUsed(head, len);
   q.tracker?.pushUsed(head);
   q.pushed++;
@@ -545,7 +547,7 @@ function processQueue(q: RunningQueue, rearm: boolean): void {
           q.written.record(chain);
           q.inflight.set(chain.head, pinChain(q.session, chain));
         } else {
-          complete(q, chain.head, len);
+          complete(q, chain.head, len, chain);
         }
         handled++;
       }
@@ -691,7 +693,7 @@ function reapQueue(q: RunningQueue): void {
       const slots = q.inflight.get(head);
       if (slots === undefined) return;
       q.inflight.delete(head);
-      complete(q, head, len);
+      complete(q, head, len, undefined);
       released.push(slots);
     });
     publish(q);

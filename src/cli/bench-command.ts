@@ -23,8 +23,7 @@ import { FrontendQueue, VhostUserFrontend } from '../frontend/frontend.js';
 import { GuestRam } from '../frontend/guest-ram.js';
 import { MigrationLog } from '../frontend/migration-log.js';
 import * as native from '../native/index.js';
-import { FrontendRequest, ProtocolFeature, VirtioFeature, featureBit, hasFeature } from '../protocol/constants.js';
-import { logPayload, u64Payload } from '../protocol/payloads.js';
+import { VirtioFeature, featureBit, hasFeature } from '../protocol/constants.js';
 import { createDeviceQueue } from '../queue/device-queue.js';
 import { createQueueDriver, queueDriverLayout } from '../queue/queue-driver.js';
 import { parseInteger, parseSize } from './parse.js';
@@ -316,22 +315,6 @@ function sleep(ms: number): Promise<void> {
 }
 
 /**
- * SET_LOG_BASE as QEMU sends it (`vhost_user_set_log_base`: it waits for the reply and ignores its payload). Not
- * `VhostUserFrontend.setLogBase`, which takes any nonzero u64 reply for a refusal: libvhost-user
- * (qemu-storage-daemon) answers with the request's own payload cut to a u64, i.e. `mmap_size` echoed back
- * (`vu_set_log_base_exec` only shortens the message). So 0 or the size sent is an acceptance; any other u64 a refusal.
- */
-async function setLogBase(frontend: VhostUserFrontend, log: MigrationLog): Promise<void> {
-  if (!frontend.hasProtocolFeature(ProtocolFeature.LOG_SHMFD)) throw new Error('logging needs VHOST_USER_PROTOCOL_F_LOG_SHMFD, which the backend does not offer');
-  const size = BigInt(log.size);
-  const reply = await frontend.request(FrontendRequest.SET_LOG_BASE, logPayload.encode({ mmapSize: size, mmapOffset: 0n }), [log.fd]);
-  for (const fd of reply.fds) native.close(fd);
-  if (reply.payload.length !== 8) return; // no payload (DPDK) or the log description again (rust-vmm)
-  const status = u64Payload.decode(reply.payload);
-  if (status !== 0n && status !== size) throw new Error(`SET_LOG_BASE was refused by the backend (${status})`);
-}
-
-/**
  * Runs one load against the vhost-user-blk backend at `target` (a socket path, or 'loopback'), and resolves with
  * the figures of the measured window. Calls `onProgress` once a second.
  */
@@ -373,7 +356,7 @@ export async function runBlkLoad(
       if (options.logging === true) {
         // As QEMU at a migration's start (vhost_log_global_start): the log, then LOG_ALL and the rings' F_LOG.
         log = MigrationLog.create(Math.max(...memory.regions.map((r) => r.gpa + r.size)));
-        await setLogBase(frontend, log);
+        await frontend.setLogBase(log);
         await frontend.setLogging(true);
         log.takeDirty();
       }

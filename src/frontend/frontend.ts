@@ -849,9 +849,11 @@ export class VhostUserFrontend {
     this.#need(ProtocolFeature.LOG_SHMFD, 'SET_LOG_BASE');
     const reply = await this.request(FrontendRequest.SET_LOG_BASE, logPayload.encode({ mmapSize: BigInt(log.size), mmapOffset: 0n }), [log.fd]);
     closeAll(reply.fds);
-    // Backends answer with no payload (DPDK), a u64 (libvhost-user, this package: nonzero is a refusal) or the log
-    // description again (rust-vmm): only a nonzero u64 says no.
-    if (reply.payload.length === 8 && decodeU64Reply(reply) !== 0n) {
+    // Backends answer with no payload (DPDK), a u64 (this package: 0, or nonzero for a refusal; libvhost-user, as in
+    // qemu-storage-daemon: the log's size) or the log description again (rust-vmm). QEMU reads none of it; here a
+    // u64 other than 0 and the size sent is a refusal.
+    const status = reply.payload.length === 8 ? decodeU64Reply(reply) : 0n;
+    if (status !== 0n && status !== BigInt(log.size)) {
       throw new VhostError(FrontendErrorCode.NACK, 'SET_LOG_BASE was refused by the backend');
     }
   }

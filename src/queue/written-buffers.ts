@@ -8,10 +8,11 @@
  * the writable part, and its last `trailer` bytes. libvhost-user logs only the prefix (`vu_log_queue_fill`), which
  * for a blk request that failed logs a data page the device did not write and misses the status byte's page.
  *
- * A request completes after the chain object it was popped into was reused (async I/O, net receive over several
- * chains), so its writable segments are recorded per head (`record`) and logged at completion (`logUsed`), after
- * the device's writes and before the used element is published. Nothing is allocated per request once a head's
- * arrays are as long as its longest chain.
+ * A request that completes while the chain object it was popped into still holds it (a synchronous device, a frame
+ * in one receive chain) is logged from that chain (`logChainWritten`). One that completes after the object was
+ * reused (async I/O, a frame over several receive chains) has its writable segments recorded per head (`record`)
+ * and logged at completion (`logUsed`). Either way after the device's writes and before the used element is
+ * published. Nothing is allocated per request once a head's arrays are as long as its longest chain.
  */
 import type { DirtyLog } from '../memory/dirty-log.js';
 import type { DescriptorChain } from './descriptor-chain.js';
@@ -89,14 +90,18 @@ export function logChainWritten(log: DirtyLog, chain: DescriptorChain, used: num
 
 /**
  * A queue for a device that pops and completes chains itself (a `QueueProducer`: net receive) while logging is on:
- * every chain popped is recorded, every completion logged before it is pushed. Everything else goes straight to
- * `queue`. The worker hands this to the producer only while its session logs, so the fast path stays as it is.
+ * every completion is logged before it is pushed. The chain popped last is logged from the chain object itself when
+ * it completes first (the common case: a frame in one chain); it is recorded only when another pop is about to
+ * refill the object before it completed. Everything else goes straight to `queue`. The worker hands this to the
+ * producer only while its session logs, so the fast path stays as it is.
  */
 export class LoggingQueue implements DeviceQueue {
   readonly #queue: DeviceQueue;
   readonly #written: WrittenBuffers;
   #log: DirtyLog;
   #trailer: number;
+  /** The chain popped last, neither recorded nor completed yet. */
+  #pending: DescriptorChain | undefined;
 
   constructor(queue: DeviceQueue, written: WrittenBuffers, log: DirtyLog, trailer = 0) {
     this.#queue = queue;
@@ -109,6 +114,7 @@ export class LoggingQueue implements DeviceQueue {
   use(log: DirtyLog, trailer = 0): this {
     this.#log = log;
     this.#trailer = trailer;
+    this.#pending = undefined; // a new batch: the chain object may have been refilled without this queue
     return this;
   }
 
@@ -149,15 +155,25 @@ export class LoggingQueue implements DeviceQueue {
     return this.#queue.getBase();
   }
   popChain(mem: Parameters<DeviceQueue['popChain']>[0], chain: DescriptorChain): boolean {
+    // The previous chain, still in flight, is copied before the pop may refill the object that holds it.
+    if (this.#pending !== undefined) this.#written.record(this.#pending);
+    this.#pending = undefined;
     if (!this.#queue.popChain(mem, chain)) return false;
-    this.#written.record(chain);
+    this.#pending = chain;
     return true;
   }
   unpop(): void {
+    this.#pending = undefined; // given back: the chain popped last (an earlier one, if any, was recorded)
     this.#queue.unpop();
   }
   pushUsed(head: number, len: number): void {
-    this.#written.logUsed(this.#log, head, len, this.#trailer);
+    const pending = this.#pending;
+    if (pending !== undefined && pending.head === head) {
+      logChainWritten(this.#log, pending, len, this.#trailer);
+      this.#pending = undefined;
+    } else {
+      this.#written.logUsed(this.#log, head, len, this.#trailer);
+    }
     this.#queue.pushUsed(head, len);
   }
   publishUsed(): void {

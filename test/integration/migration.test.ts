@@ -253,6 +253,37 @@ for (const packed of [false, true]) {
   });
 }
 
+test('net (MRG_RXBUF): a frame over three receive chains logs exactly their written pages', TIMEOUT, async (t) => {
+  const dir = await testTempDir(t, 'vu-migrate-mrg-');
+  const server = new VhostUserServer({ socketPath: dir.join('net.sock'), device: new NetDevice({ port: { kind: 'loopback' } }) });
+  server.listen();
+  const { fe, ram } = await startFrontend(server.socketPath, VERSION_1 | featureBit(15 /* MRG_RXBUF */), [0, 1], 2);
+  try {
+    const [rx, tx] = [fe.queue(0), fe.queue(1)];
+    const log = await startLogging(fe, ram);
+    const ring = new Set([...ringPages(rx), ...ringPages(tx)]);
+    // Three 4 KiB receive chains in pages far apart; a 9000-byte frame (+ 12-byte header) fills two and 820 bytes
+    // of the third; a fourth chain stays unused.
+    const rxPages = [3 * MiB, 3 * MiB + 8 * PAGE, REGION + 4 * PAGE, 3 * MiB + 16 * PAGE];
+    rxPages.forEach((gpa, i) => assert.ok(rx.driver.addChain([{ addr: gpa, len: PAGE, writable: true }], i) >= 0));
+    rx.publishAndKick();
+    const frame = ram.bytes(3 * MiB + 20 * PAGE, 12 + 9000);
+    frame.fill(0, 0, 12);
+    frame.fill(0xff, 12, 18);
+    for (let i = 18; i < frame.length; i++) frame[i] = (i * 7) & 0xff;
+    assert.ok(tx.driver.addChain([{ addr: 3 * MiB + 20 * PAGE, len: frame.length, writable: false }], 9) >= 0);
+    tx.publishAndKick();
+    await completions(tx, 1);
+    await completions(rx, 3);
+    assertExactlyLogged(log.takeDirty(), rxPages.slice(0, 3).map((g) => g / PAGE), ring, 'a frame over three chains');
+    log.close();
+  } finally {
+    fe.close();
+    await server.close();
+    ram.close();
+  }
+});
+
 test('a new log during load (SET_LOG_BASE while requests complete) loses no bit, and the old log gets none after the reply', TIMEOUT, async (t) => {
   const rig = await blkRig(t, false);
   const { fe, ram, q } = rig;
