@@ -348,15 +348,11 @@ async function run(
   let takes = 0;
   let pages = 0;
   const log = o.log;
-  const logTimer =
-    log === undefined
-      ? undefined
-      : setInterval(() => {
-          const n = log.takeDirty().length;
-          if (!measuring) return;
-          takes++;
-          pages += n;
-        }, o.logTakeMs);
+  const stopTaking = log?.takeEvery(o.logTakeMs, (taken) => {
+    if (!measuring) return;
+    takes++;
+    pages += taken.length;
+  });
   try {
     await sleep(o.warmup * 1000);
     check();
@@ -400,7 +396,7 @@ async function run(
     };
   } finally {
     stopped = true;
-    clearInterval(logTimer);
+    stopTaking?.();
   }
 }
 

@@ -461,15 +461,11 @@ async function drive(
   // The migration's iterations: the bitmap taken and cleared periodically (counted in the window).
   let logTakes = 0;
   let logPages = 0;
-  const logTimer =
-    log === undefined
-      ? undefined
-      : setInterval(() => {
-          const pages = log.takeDirty().length;
-          if (!measuring) return;
-          logTakes++;
-          logPages += pages;
-        }, options.logTakeMs ?? 100);
+  const stopTaking = log?.takeEvery(options.logTakeMs ?? 100, (pages) => {
+    if (!measuring) return;
+    logTakes++;
+    logPages += pages.length;
+  });
 
   for (let token = 0; token < queues * iodepth; token++) submit(token);
   const window = async (): Promise<{ cpu0: NodeJS.CpuUsage; backend0: number; tStart: number }> => {
@@ -491,7 +487,7 @@ async function drive(
     opened = await window();
   } finally {
     clearInterval(progress);
-    clearInterval(logTimer);
+    stopTaking?.();
     measuring = false;
   }
   const { cpu0, backend0, tStart } = opened;

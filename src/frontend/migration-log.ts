@@ -47,6 +47,15 @@ export class MigrationLog {
     return this.bits.takeDirty();
   }
 
+  /**
+   * Takes the dirty pages every `intervalMs` (as a migration's iterations do, QEMU's `log_sync`) and hands each
+   * take's pages to `onTake`, until the returned function is called.
+   */
+  takeEvery(intervalMs: number, onTake: (pages: number[]) => void): () => void {
+    const timer = setInterval(() => onTake(this.takeDirty()), intervalMs);
+    return () => clearInterval(timer);
+  }
+
   close(): void {
     if (this.#closed) return;
     this.#closed = true;

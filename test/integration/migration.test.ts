@@ -116,6 +116,33 @@ async function blkRig(t: TestContext, packed: boolean, device: { io?: 'sync' | '
   };
 }
 
+interface NetRig {
+  readonly fe: VhostUserFrontend;
+  readonly ram: GuestRam;
+  readonly rx: FrontendQueue;
+  readonly tx: FrontendQueue;
+  close(): Promise<void>;
+}
+
+/** A net device on a loopback port (a frame sent on tx comes back on rx), driven by a frontend with `features`. */
+async function netRig(t: TestContext, features: bigint): Promise<NetRig> {
+  const dir = await testTempDir(t, 'vu-migrate-net-');
+  const server = new VhostUserServer({ socketPath: dir.join('net.sock'), device: new NetDevice({ port: { kind: 'loopback' } }) });
+  server.listen();
+  const { fe, ram } = await startFrontend(server.socketPath, features, [0, 1], 2);
+  return {
+    fe,
+    ram,
+    rx: fe.queue(0),
+    tx: fe.queue(1),
+    close: async () => {
+      fe.close();
+      await server.close();
+      ram.close();
+    },
+  };
+}
+
 /** A blk request as raw descriptors: a header page, `data` (readable for OUT, writable for IN), a status byte. */
 function addBlk(q: FrontendQueue, ram: GuestRam, token: number, o: { type: number; sector: number; data?: { gpa: number; len: number }; statusGpa: number; headerGpa: number }): void {
   const h = new DataView(ram.bytes(o.headerGpa, 16).buffer, ram.bytes(o.headerGpa, 16).byteOffset, 16);
@@ -216,13 +243,9 @@ for (const packed of [false, true]) {
   });
 
   test(`net (${layout}): a received frame's pages are logged, the transmitted frame's are not`, TIMEOUT, async (t) => {
-    const dir = await testTempDir(t, 'vu-migrate-net-');
-    const server = new VhostUserServer({ socketPath: dir.join('net.sock'), device: new NetDevice({ port: { kind: 'loopback' } }) });
-    server.listen();
-    const { fe, ram } = await startFrontend(server.socketPath, VERSION_1 | (packed ? PACKED : 0n), [0, 1], 2);
+    const rig = await netRig(t, VERSION_1 | (packed ? PACKED : 0n));
+    const { fe, ram, rx, tx } = rig;
     try {
-      const rx = fe.queue(0);
-      const tx = fe.queue(1);
       const log = await startLogging(fe, ram);
       const ring = new Set([...ringPages(rx), ...ringPages(tx)]);
       const HDR = 12;
@@ -246,20 +269,15 @@ for (const packed of [false, true]) {
       assertExactlyLogged(log.takeDirty(), [REGION / PAGE - 1, REGION / PAGE], ring, 'a frame across two regions');
       log.close();
     } finally {
-      fe.close();
-      await server.close();
-      ram.close();
+      await rig.close();
     }
   });
 }
 
 test('net (MRG_RXBUF): a frame over three receive chains logs exactly their written pages', TIMEOUT, async (t) => {
-  const dir = await testTempDir(t, 'vu-migrate-mrg-');
-  const server = new VhostUserServer({ socketPath: dir.join('net.sock'), device: new NetDevice({ port: { kind: 'loopback' } }) });
-  server.listen();
-  const { fe, ram } = await startFrontend(server.socketPath, VERSION_1 | featureBit(15 /* MRG_RXBUF */), [0, 1], 2);
+  const rig = await netRig(t, VERSION_1 | featureBit(15 /* MRG_RXBUF */));
+  const { fe, ram, rx, tx } = rig;
   try {
-    const [rx, tx] = [fe.queue(0), fe.queue(1)];
     const log = await startLogging(fe, ram);
     const ring = new Set([...ringPages(rx), ...ringPages(tx)]);
     // Three 4 KiB receive chains in pages far apart; a 9000-byte frame (+ 12-byte header) fills two and 820 bytes
@@ -278,9 +296,7 @@ test('net (MRG_RXBUF): a frame over three receive chains logs exactly their writ
     assertExactlyLogged(log.takeDirty(), rxPages.slice(0, 3).map((g) => g / PAGE), ring, 'a frame over three chains');
     log.close();
   } finally {
-    fe.close();
-    await server.close();
-    ram.close();
+    await rig.close();
   }
 });
 
@@ -480,14 +496,11 @@ test('LOG_ALL before a log (a device started during a migration): the ring waits
 });
 
 test('SEND_RARP (net): a RARP frame from the MAC goes out on the port; RARP and GUEST_ANNOUNCE are offered', TIMEOUT, async (t) => {
-  const dir = await testTempDir(t, 'vu-migrate-rarp-');
-  const server = new VhostUserServer({ socketPath: dir.join('net.sock'), device: new NetDevice({ port: { kind: 'loopback' } }) });
-  server.listen();
-  const { fe, ram } = await startFrontend(server.socketPath, VERSION_1, [0, 1], 2);
+  const rig = await netRig(t, VERSION_1);
+  const { fe, ram, rx } = rig;
   try {
     assert.ok(fe.backendFeatures & (1n << 21n), 'VIRTIO_NET_F_GUEST_ANNOUNCE is offered');
     assert.ok(fe.backendProtocolFeatures & (1n << 2n), 'VHOST_USER_PROTOCOL_F_RARP is offered');
-    const rx = fe.queue(0);
     assert.ok(rx.driver.addChain([{ addr: 3 * MiB, len: 2 * PAGE, writable: true }], 1) >= 0);
     rx.publishAndKick();
     // The payload is a u64 whose first 6 bytes are the MAC (QEMU's vhost_user_migration_done).
@@ -505,8 +518,6 @@ test('SEND_RARP (net): a RARP frame from the MAC goes out on the port; RARP and 
       'ffffffffffff' + hex(mac) + '8035' + '0001' + '0800' + '06' + '04' + '0003' + hex(mac) + '00000000' + hex(mac) + '00000000' + '00'.repeat(18),
     );
   } finally {
-    fe.close();
-    await server.close();
-    ram.close();
+    await rig.close();
   }
 });
