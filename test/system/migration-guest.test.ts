@@ -7,7 +7,8 @@
 // guest did several rounds of I/O meanwhile; the guest is booted with init_on_alloc=0 (Debian's kernel zeroes new
 // pages, which would make QEMU resend them by itself) and keeps /dev/vda open (Linux drops a block device's page cache
 // on its last close). Guest RAM is 524160K, not 512M: QEMU 7.2 under TCG loses guest CPU dirty bits when RAM is a
-// multiple of 256 KiB (fixed in QEMU 9.0 by commit 03bfc2188f, "physmem: Fix migration dirty bitmap coherency with TCG memory access"); that bug is QEMU's, not ours.
+// multiple of 256 KiB (fixed in QEMU 9.0 by commit 03bfc2188f, "physmem: Fix migration dirty bitmap coherency with
+// TCG memory access"); that bug is QEMU's, not ours.
 import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
