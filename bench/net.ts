@@ -204,6 +204,11 @@ async function runTsOnce(
   return { fe, backendStats };
 }
 
+/** The per-round ratios of a table cell, flagged ones starred. */
+function perRound(ratios: readonly { ratio: number; flagged: boolean }[]): string {
+  return ratios.map((x) => `${x.ratio.toFixed(2)}${x.flagged ? '*' : ''}`).join(', ') || '-';
+}
+
 function fmt(v: number): string {
   return Number.isFinite(v) ? v.toFixed(2) : '-';
 }
@@ -430,7 +435,7 @@ export async function main(argv: string[]): Promise<void> {
     s.workload,
     fmt(s.oursMpps),
     fmt(s.dpdkMpps),
-    s.ratios.map((x) => `${x.ratio.toFixed(2)}${x.flagged ? '*' : ''}`).join(', ') || '-',
+    perRound(s.ratios),
     `**${fmt(s.medianRatio)}**`,
     fmt(s.medianRatioAll),
     fmt(s.oursBackendCpu),
@@ -477,7 +482,7 @@ export async function main(argv: string[]): Promise<void> {
     s.workload,
     fmt(l.offMpps),
     fmt(l.onMpps),
-    l.ratios.map((x) => `${x.ratio.toFixed(2)}${x.flagged ? '*' : ''}`).join(', ') || '-',
+    perRound(l.ratios),
     `**${fmt(l.medianRatio)}**`,
     fmt(l.medianRatioAll),
     `${fmt(l.offBackendCpu)} / ${fmt(l.onBackendCpu)}`,

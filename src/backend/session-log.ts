@@ -13,8 +13,7 @@
 import { ProtocolError } from '../errors.js';
 import { LOG_BYTE_SPAN } from '../memory/dirty-log.js';
 import { MAX_ADDRESS } from '../memory/guest-memory.js';
-import { sealAgainstShrinking } from '../memory/region.js';
-import * as native from '../native/index.js';
+import { mapFileRange } from '../memory/region.js';
 import type { Log } from '../protocol/payloads.js';
 import type { WorkerLog } from './worker-messages.js';
 
@@ -27,8 +26,8 @@ export interface LogMapping extends WorkerLog {
   readonly covers: number;
 }
 
-function bad(message: string, cause?: unknown): ProtocolError {
-  return new ProtocolError('VHOST_PROTOCOL_BAD_LOG', message, cause === undefined ? undefined : { cause });
+function bad(message: string): ProtocolError {
+  return new ProtocolError('VHOST_PROTOCOL_BAD_LOG', message);
 }
 
 /**
@@ -51,24 +50,8 @@ export function mapLog(desc: Log, fd: number, memoryEnd: number): LogMapping {
       `a log of ${size} bytes covers guest memory up to 0x${covers.toString(16)}, the memory table ends at 0x${memoryEnd.toString(16)}`,
     );
   }
-  let stat: native.FileStat;
-  try {
-    // Sealed first, sized second (as guest memory, memory/region.ts). getSeals fails (-1) for anything that is not
-    // shared memory: a regular file, a socket, an eventfd.
-    if (native.getSeals(fd) < 0 || !sealAgainstShrinking(fd)) throw bad('the log fd is not a memfd sealed (or sealable) against shrinking');
-    stat = native.fstat(fd);
-  } catch (err) {
-    if (err instanceof ProtocolError) throw err;
-    throw bad('the log fd is not usable', err);
-  }
-  if (offset + size > stat.size) {
-    throw bad(`log [0x${offset.toString(16)}, +${size}) extends past the end of its file (${stat.size} bytes)`);
-  }
-  const aligned = offset - (offset % native.PAGE_SIZE);
-  try {
-    const buffer = native.mapShared(fd, aligned, size + offset - aligned, true);
-    return { buffer, offset: offset - aligned, size, covers };
-  } catch (err) {
-    throw bad('the log cannot be mapped', err);
-  }
+  // Sealed first, sized second (memory/region.ts); anything that is not shared memory (a regular file, a socket, an
+  // eventfd) cannot be sealed and is refused.
+  const { buffer, bufferOffset } = mapFileRange(fd, offset, size, 'VHOST_PROTOCOL_BAD_LOG', 'log', true);
+  return { buffer, offset: bufferOffset, size, covers };
 }

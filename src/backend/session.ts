@@ -348,7 +348,7 @@ export class BackendSession {
           throw new ProtocolError('VHOST_PROTOCOL_BAD_FEATURES', `features 0x${features.toString(16)} were not offered`);
         }
         const logAll = (features & bit(VirtioFeature.LOG_ALL)) !== 0n;
-        if (logAll && !this.#hasFeature(VirtioFeature.LOG_ALL) && !this.#logCoversMemory() && this.#vrings.some((v) => v.started)) {
+        if (logAll && !this.#hasFeature(VirtioFeature.LOG_ALL) && !this.#logCovers(this.#memory) && this.#vrings.some((v) => v.started)) {
           // Running rings would write memory that no log records. (A device being started with logging on gets
           // SET_LOG_BASE after SET_FEATURES, vhost_dev_start: its rings wait for the log, #maybeStartRing.)
           throw new ProtocolError('VHOST_PROTOCOL_LOG_NOT_MAPPED', 'LOG_ALL while rings run needs a log covering guest memory (SET_LOG_BASE) first');
@@ -636,7 +636,7 @@ export class BackendSession {
    */
   async #publish(next: MemoryTable): Promise<void> {
     const previous = this.#memory;
-    if (this.#hasFeature(VirtioFeature.LOG_ALL) && this.#logMapping !== undefined && next.end > this.#logMapping.covers) {
+    if (this.#hasFeature(VirtioFeature.LOG_ALL) && this.#logMapping !== undefined && !this.#logCovers(next)) {
       // QEMU grows the log (SET_LOG_BASE) before it adds memory: memory the log cannot record is refused.
       throw new ProtocolError(
         'VHOST_PROTOCOL_LOG_TOO_SMALL',
@@ -724,12 +724,12 @@ export class BackendSession {
 
   /** The log the workers must write along with memory table `table`: while LOG_ALL is on and a log covers it. */
   #loggingTo(table: MemoryTable): LogMapping | undefined {
-    const m = this.#logMapping;
-    return this.#hasFeature(VirtioFeature.LOG_ALL) && m !== undefined && m.covers >= table.end ? m : undefined;
+    return this.#hasFeature(VirtioFeature.LOG_ALL) && this.#logCovers(table) ? this.#logMapping : undefined;
   }
 
-  #logCoversMemory(): boolean {
-    return this.#logMapping !== undefined && this.#logMapping.covers >= this.#memory.end;
+  /** Whether a log is mapped and covers every guest address of `table`. */
+  #logCovers(table: MemoryTable): boolean {
+    return this.#logMapping !== undefined && this.#logMapping.covers >= table.end;
   }
 
   /** Gives the workers the log they must write now when it is not the one they have: a generation of its own. */
@@ -834,7 +834,7 @@ export class BackendSession {
     const vring = this.#vring(index);
     if (vring.started || vring.failed || !vring.enabled || vring.kickFd < 0 || vring.addr === undefined || vring.num === 0) return;
     if (this.#memory.regions.length === 0) return;
-    if (this.#hasFeature(VirtioFeature.LOG_ALL) && !this.#logCoversMemory()) {
+    if (this.#hasFeature(VirtioFeature.LOG_ALL) && !this.#logCovers(this.#memory)) {
       // Logging is on but there is no log to write yet (QEMU starts a device under migration with SET_LOG_BASE
       // after the rings): the ring starts with SET_LOG_BASE.
       this.#log.info({ queue: index }, 'ring waits for SET_LOG_BASE (LOG_ALL is negotiated)');

@@ -409,25 +409,27 @@ export class PoolLease {
   }
 
   async setCall(index: number, callFd: number): Promise<void> {
-    const w = this.workerOf(index);
-    if (w !== undefined && this.#attached.has(w)) await this.#host.worker(w).request({ type: 'set-call', session: this.session, index, callFd });
+    await this.#requestForQueue(index, { type: 'set-call', session: this.session, index, callFd });
   }
 
   /** A running ring's used-ring logging changed (SET_VRING_ADDR with or without VHOST_VRING_F_LOG). */
   async setRingLog(index: number, ringLog: RingLog): Promise<void> {
-    const w = this.workerOf(index);
-    if (w !== undefined && this.#attached.has(w)) await this.#host.worker(w).request({ type: 'set-ring-log', session: this.session, index, ringLog });
+    await this.#requestForQueue(index, { type: 'set-ring-log', session: this.session, index, ringLog });
   }
 
-  /** Has queue `index`'s handler announce `mac` (SEND_RARP); nothing when the queue never ran. */
+  /** Has queue `index`'s handler announce `mac` (SEND_RARP). */
   async announce(index: number, mac: Uint8Array): Promise<void> {
-    const w = this.workerOf(index);
-    if (w !== undefined && this.#attached.has(w)) await this.#host.worker(w).request({ type: 'announce', session: this.session, index, mac });
+    await this.#requestForQueue(index, { type: 'announce', session: this.session, index, mac });
   }
 
   async setErr(index: number, errFd: number): Promise<void> {
+    await this.#requestForQueue(index, { type: 'set-err', session: this.session, index, errFd });
+  }
+
+  /** A command for queue `index`'s worker; nothing when the queue never ran (no worker has it). */
+  async #requestForQueue(index: number, body: CommandBody): Promise<void> {
     const w = this.workerOf(index);
-    if (w !== undefined && this.#attached.has(w)) await this.#host.worker(w).request({ type: 'set-err', session: this.session, index, errFd });
+    if (w !== undefined && this.#attached.has(w)) await this.#host.worker(w).request(body);
   }
 
   /**

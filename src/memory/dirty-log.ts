@@ -10,11 +10,12 @@
  * between our bit and our data. On x86 byte and 64-bit atomics on the same memory are coherent, so our byte ORs and
  * QEMU's word exchanges do not lose each other's updates.
  *
- * A page past the end of the log is not marked (counted in `outside`): SET_LOG_BASE checks that the log covers the
- * memory table, so only addresses the frontend gave outside guest memory (a used ring's `log_guest_addr`) land there.
+ * A page past the end of the log is not marked: SET_LOG_BASE checks that the log covers the memory table, so only
+ * addresses the frontend gave outside guest memory (a used ring's `log_guest_addr`) land there.
  */
 import { VhostError } from '../errors.js';
 import { LOG_PAGE_SIZE } from '../protocol/constants.js';
+
 /** Guest bytes one byte of the log covers. */
 export const LOG_BYTE_SPAN = LOG_PAGE_SIZE * 8;
 
@@ -26,8 +27,6 @@ export function logBytesFor(end: number): number {
 export class DirtyLog {
   /** The bitmap (a view of the frontend's shared memory). */
   readonly bits: Uint8Array;
-  /** Pages asked for past the end of the log (not marked). */
-  outside = 0;
 
   /** A log of `size` bytes at `offset` in `buffer`. */
   constructor(buffer: SharedArrayBuffer, offset: number, size: number) {
@@ -35,11 +34,6 @@ export class DirtyLog {
       throw new VhostError('VHOST_BAD_OPTION', `a dirty log of ${size} bytes at ${offset} does not fit its buffer of ${buffer.byteLength}`);
     }
     this.bits = new Uint8Array(buffer, offset, size);
-  }
-
-  /** Guest-physical addresses below this are covered. */
-  get coveredBytes(): number {
-    return this.bits.length * LOG_BYTE_SPAN;
   }
 
   /** Marks every page of guest-physical range [gpa, gpa + len) dirty (after the caller wrote it). */
@@ -50,21 +44,12 @@ export class DirtyLog {
     const bits = this.bits;
     while (page <= last) {
       const byte = Math.floor(page / 8);
-      if (byte >= bits.length) {
-        this.outside += last - page + 1;
-        return;
-      }
+      if (byte >= bits.length) return;
       const first = page % 8;
       const end = Math.min(8, first + last - page + 1); // bits [first, end) of this byte
       Atomics.or(bits, byte, (0xff >> (8 - (end - first))) << first);
       page += end - first;
     }
-  }
-
-  /** Whether page `page` is marked (for tests and the frontend). */
-  isDirty(page: number): boolean {
-    const byte = Math.floor(page / 8);
-    return byte < this.bits.length && (Atomics.load(this.bits, byte) & (1 << page % 8)) !== 0;
   }
 
   /**

@@ -74,34 +74,49 @@ export function mapRegion(desc: RegionDescriptor, fd: number, slot = 0): MappedR
   if (gpa + size > MAX_ADDRESS || uva + size > MAX_ADDRESS || fileOffset + size > MAX_ADDRESS) {
     throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', 'region end overflows');
   }
-  // Sealed first, sized second: a frontend shrinking the file in between must not pass the size check below.
+  const { buffer, bufferOffset, stat, truncatable } = mapFileRange(fd, fileOffset, size, 'VHOST_PROTOCOL_BAD_REGION', 'region');
+  return { gpa, size, uva, fileOffset, buffer, bufferOffset, dev: stat.dev, ino: stat.ino, slot, truncatable };
+}
+
+/** A range of a file mapped by `mapFileRange`. */
+export interface MappedFileRange {
+  /** The mapping, from the page boundary at or below the range's file offset. */
+  readonly buffer: SharedArrayBuffer;
+  /** Where the range starts in `buffer`. */
+  readonly bufferOffset: number;
+  readonly stat: native.FileStat;
+  /** The file could not be sealed against shrinking (`sealAgainstShrinking`). */
+  readonly truncatable: boolean;
+}
+
+/**
+ * Maps bytes [offset, offset + size) of `fd` shared and writable (guest memory, a dirty log): sealed against
+ * shrinking first when the file allows it (with `mustSeal`, refused when it does not), sized second (the range must
+ * lie inside the file: a frontend shrinking it in between cannot pass the check), mapped from the page boundary
+ * below `offset`. Refusals are `ProtocolError`s with `code`, naming `what`. Does not take ownership of `fd`.
+ */
+export function mapFileRange(fd: number, offset: number, size: number, code: `VHOST_PROTOCOL_${string}`, what: string, mustSeal = false): MappedFileRange {
   let truncatable: boolean;
-  try {
-    truncatable = !sealAgainstShrinking(fd);
-  } catch (err) {
-    throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', 'region fd is not usable', { cause: err });
-  }
   let stat: native.FileStat;
   try {
+    truncatable = !sealAgainstShrinking(fd);
     stat = native.fstat(fd);
   } catch (err) {
-    throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', 'region fd is not usable', { cause: err });
+    throw new ProtocolError(code, `${what} fd is not usable`, { cause: err });
   }
-  if (fileOffset + size > stat.size) {
+  if (mustSeal && truncatable) throw new ProtocolError(code, `${what} fd is not a memfd sealed (or sealable) against shrinking`);
+  if (offset + size > stat.size) {
     throw new ProtocolError(
-      'VHOST_PROTOCOL_BAD_REGION',
-      `region [0x${fileOffset.toString(16)}, +0x${size.toString(16)}) extends past the end of its file (0x${stat.size.toString(16)} bytes)`,
+      code,
+      `${what} [0x${offset.toString(16)}, +0x${size.toString(16)}) extends past the end of its file (0x${stat.size.toString(16)} bytes)`,
     );
   }
-  const alignedOffset = fileOffset - (fileOffset % native.PAGE_SIZE);
-  const bufferOffset = fileOffset - alignedOffset;
-  let buffer: SharedArrayBuffer;
+  const aligned = offset - (offset % native.PAGE_SIZE);
   try {
-    buffer = native.mapShared(fd, alignedOffset, size + bufferOffset, true);
+    return { buffer: native.mapShared(fd, aligned, size + offset - aligned, true), bufferOffset: offset - aligned, stat, truncatable };
   } catch (err) {
-    throw new ProtocolError('VHOST_PROTOCOL_BAD_REGION', 'region cannot be mapped', { cause: err });
+    throw new ProtocolError(code, `${what} cannot be mapped`, { cause: err });
   }
-  return { gpa, size, uva, fileOffset, buffer, bufferOffset, dev: stat.dev, ino: stat.ino, slot, truncatable };
 }
 
 /**

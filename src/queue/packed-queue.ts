@@ -79,7 +79,7 @@ import {
   descTableSize,
 } from './constants.js';
 import { copyFromGuest, DescriptorChain } from './descriptor-chain.js';
-import { ADDRESS_LIMIT, checkRingAddress, le16, resolveRing } from './ring-access.js';
+import { ADDRESS_LIMIT, checkRingAddress, le16, logRingEntries, resolveRing } from './ring-access.js';
 
 /** Packed descriptor flag: available, when equal to the driver's wrap counter (§2.8.1). */
 export const VRING_PACKED_DESC_F_AVAIL = 1 << 7;
@@ -379,10 +379,6 @@ export class PackedQueue implements DeviceQueue {
   }
 
   /**
-   * From now on every `popChain` keeps the ring descriptors it read in the returned record (inflight tracking).
-   * A chain in the ring takes at most `size` slots, so the record holds `size` descriptors.
-   */
-  /**
    * Logs every later write of this queue into guest memory (used descriptors in the ring, the device event area) in
    * `log` by their guest-physical addresses, each after the write; undefined stops logging. A packed ring has no used
    * ring, so vhost-user's `log_guest_addr` (QEMU puts the device area's GPA there) is not used: the descriptor ring is
@@ -394,12 +390,13 @@ export class PackedQueue implements DeviceQueue {
 
   /** Logs `count` ring slots from position `at` (wrapping at the ring's end). */
   #logSlots(log: DirtyLog, at: number, count: number): void {
-    const first = at < this.size ? at : at - this.size;
-    const run = Math.min(count, this.size - first);
-    log.mark(this.descAddr + DESC_SIZE * first, DESC_SIZE * run);
-    if (count > run) log.mark(this.descAddr, DESC_SIZE * Math.min(count - run, first));
+    logRingEntries(log, this.descAddr, DESC_SIZE, this.size, at < this.size ? at : at - this.size, count);
   }
 
+  /**
+   * From now on every `popChain` keeps the ring descriptors it read in the returned record (inflight tracking).
+   * A chain in the ring takes at most `size` slots, so the record holds `size` descriptors.
+   */
   recordRingDescriptors(): PackedRingRecord {
     this.#record ??= new PackedRingRecord(this.size);
     return this.#record;

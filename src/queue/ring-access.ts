@@ -7,6 +7,7 @@
  * `le16`, which is the identity on little-endian hosts (x86-64, arm64) and a byte swap on big-endian ones (s390x).
  */
 import { VirtioError } from '../errors.js';
+import type { DirtyLog } from '../memory/dirty-log.js';
 import { MAX_ADDRESS, type GuestMemory } from '../memory/guest-memory.js';
 
 /** True when typed arrays use little-endian byte order on this host. */
@@ -24,6 +25,17 @@ export const le16: (x: number) => number = HOST_LITTLE_ENDIAN ? identity16 : swa
 
 /** 2^53: one past the last exact address (`MAX_ADDRESS + 1`). A buffer may end at, but not past, this address. */
 export const ADDRESS_LIMIT = MAX_ADDRESS + 1;
+
+/**
+ * Migration: logs `count` entries of `entrySize` bytes of a ring of `ringSize` entries at guest address `base`, from
+ * entry `first` on, wrapping at the ring's end (a whole ring at most): the used elements of a split ring, the used
+ * descriptors of a packed one.
+ */
+export function logRingEntries(log: DirtyLog, base: number, entrySize: number, ringSize: number, first: number, count: number): void {
+  const run = Math.min(count, ringSize - first);
+  log.mark(base + entrySize * first, entrySize * run);
+  if (count > run) log.mark(base, entrySize * Math.min(count - run, first));
+}
 
 /** Formats a guest address for messages. */
 export function hex(n: number): string {

@@ -79,7 +79,7 @@ import {
   vringNeedEvent,
 } from './constants.js';
 import { copyFromGuest, DescriptorChain } from './descriptor-chain.js';
-import { ADDRESS_LIMIT, checkRingAddress, le16, resolveRing } from './ring-access.js';
+import { ADDRESS_LIMIT, checkRingAddress, le16, logRingEntries, resolveRing } from './ring-access.js';
 
 /** Configuration of a split virtqueue, as set by SET_VRING_NUM, SET_VRING_ADDR and the negotiated features. */
 export interface SplitQueueConfig {
@@ -420,13 +420,9 @@ export class SplitQueue implements DeviceQueue {
 
   /** Logs the elements written since the last publication and used.idx (after the store of used.idx). */
   #logPublished(log: DirtyLog): void {
-    const base = this.#usedLogAddr;
     const count = (this.#usedIdx - this.#publishedUsedIdx) & 0xffff;
-    const first = this.#publishedUsedIdx & this.#mask;
-    const run = Math.min(count, this.size - first); // elements up to the ring's end, then from its start
-    log.mark(base + 4 + USED_ELEM_SIZE * first, USED_ELEM_SIZE * run);
-    if (count > run) log.mark(base + 4, USED_ELEM_SIZE * Math.min(count - run, first));
-    log.mark(base + 2, 2);
+    logRingEntries(log, this.#usedLogAddr + 4, USED_ELEM_SIZE, this.size, this.#publishedUsedIdx & this.#mask, count);
+    log.mark(this.#usedLogAddr + 2, 2);
   }
 
   /** Writes one used element and publishes it (`pushUsed` + `publishUsed`). */

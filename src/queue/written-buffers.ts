@@ -54,19 +54,19 @@ export class WrittenBuffers {
   logUsed(log: DirtyLog, head: number, used: number, trailer = 0): void {
     const addr = this.#addr[head];
     const len = this.#len[head];
-    const n = this.#count[head] ?? 0;
-    if (addr === undefined || len === undefined || n === 0 || used <= 0) return;
-    const tail = Math.min(trailer, used);
-    logWritten(log, addr, len, 0, n, used - tail, tail);
+    if (addr === undefined || len === undefined) return;
+    logWritten(log, addr, len, 0, this.#count[head] ?? 0, used, trailer);
   }
 }
 
 /**
- * Logs the first `prefix` bytes and the last `tail` bytes of segments [from, to) of a chain (`addr` / `len`
- * parallel arrays), stopping at the segments' end.
+ * Logs what a used length of `used` bytes, `trailer` of them at the end, says was written into segments [from, to)
+ * of a chain's writable part (`addr` / `len` parallel arrays): the first `used - trailer` bytes and the last
+ * `trailer`, never past the segments.
  */
-export function logWritten(log: DirtyLog, addr: ArrayLike<number>, len: ArrayLike<number>, from: number, to: number, prefix: number, tail: number): void {
-  let left = prefix;
+function logWritten(log: DirtyLog, addr: ArrayLike<number>, len: ArrayLike<number>, from: number, to: number, used: number, trailer: number): void {
+  const tail = Math.min(trailer, Math.max(used, 0));
+  let left = used - tail;
   for (let i = from; i < to && left > 0; i++) {
     const n = Math.min(len[i] as number, left);
     log.mark(addr[i] as number, n);
@@ -83,9 +83,7 @@ export function logWritten(log: DirtyLog, addr: ArrayLike<number>, len: ArrayLik
 
 /** Logs what a completion with used length `used` wrote into `chain`'s writable part (see `WrittenBuffers`). */
 export function logChainWritten(log: DirtyLog, chain: DescriptorChain, used: number, trailer = 0): void {
-  if (used <= 0) return;
-  const tail = Math.min(trailer, used);
-  logWritten(log, chain.addr, chain.len, chain.readableCount, chain.count, used - tail, tail);
+  logWritten(log, chain.addr, chain.len, chain.readableCount, chain.count, used, trailer);
 }
 
 /**
