@@ -1,5 +1,6 @@
 // The syscalls Node lacks, and nothing else: memfd and seals, mmap into a real SharedArrayBuffer, revoke, unix
-// sockets with SCM_RIGHTS driven by the calling thread's event loop, eventfd, poll, TAP devices. All logic lives in
+// sockets with SCM_RIGHTS driven by the calling thread's event loop, eventfd, poll, TAP devices, and a bounds-checked
+// memmove between buffers (V8 copies into shared memory byte by byte when the two sides are misaligned). All logic lives in
 // TypeScript (src/native/index.ts documents each function).
 //
 // Every failure throws a JS Error shaped like Node's system errors: `code` ('EBADF'), `errno` (positive), `syscall`.
@@ -39,6 +40,8 @@
 #endif
 
 using v8::Array;
+using v8::ArrayBuffer;
+using v8::ArrayBufferView;
 using v8::BigInt;
 using v8::Context;
 using v8::Exception;
@@ -406,11 +409,64 @@ void Poll(const FunctionCallbackInfo<Value>& info) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Copying bytes between buffers
+
+// The bytes of a SharedArrayBuffer, an ArrayBuffer or a view of either (a detached buffer has none: null, 0).
+bool BufferBytes(Local<Value> v, uint8_t** data, size_t* length) {
+  if (v->IsArrayBufferView()) {
+    Local<ArrayBufferView> view = v.As<ArrayBufferView>();
+    Local<ArrayBuffer> buffer = view->Buffer();  // a shared view's buffer is the SharedArrayBuffer (same object kind)
+    *data = static_cast<uint8_t*>(buffer->Data()) + view->ByteOffset();
+    *length = view->ByteLength();
+    return *data != nullptr || *length == 0;
+  }
+  if (v->IsSharedArrayBuffer()) {
+    Local<SharedArrayBuffer> sab = v.As<SharedArrayBuffer>();
+    *data = static_cast<uint8_t*>(sab->Data());
+    *length = sab->ByteLength();
+    return true;
+  }
+  if (v->IsArrayBuffer()) {
+    Local<ArrayBuffer> ab = v.As<ArrayBuffer>();
+    *data = static_cast<uint8_t*>(ab->Data());
+    *length = ab->ByteLength();
+    return true;
+  }
+  return false;
+}
+
+// copy(dst, dstOffset, src, srcOffset, length): memmove of `length` bytes between two buffers (SharedArrayBuffer,
+// ArrayBuffer or a view; offsets relative to the view), or within one. Every bound is checked first: a bad one
+// throws and copies nothing. No allocation. Guest memory may change under the copy: the copy then holds a mix of
+// old and new bytes, which is all a guest racing its own buffers can ask for (the kernel's copy_from_user is the same).
+void Copy(const FunctionCallbackInfo<Value>& info) {
+  Isolate* isolate = info.GetIsolate();
+  uint8_t* dst;
+  uint8_t* src;
+  size_t dstLength, srcLength;
+  if (!BufferBytes(info[0], &dst, &dstLength) || !BufferBytes(info[2], &src, &srcLength)) {
+    return ThrowInvalid(isolate, "copy", "expected an ArrayBuffer, a SharedArrayBuffer or a view");
+  }
+  if (!info[1]->IsUint32() || !info[3]->IsUint32() || !info[4]->IsUint32()) {
+    return ThrowInvalid(isolate, "copy", "offsets and length must be integers 0..2^32-1");
+  }
+  size_t dstOffset = info[1].As<v8::Uint32>()->Value();
+  size_t srcOffset = info[3].As<v8::Uint32>()->Value();
+  size_t length = info[4].As<v8::Uint32>()->Value();
+  if (dstOffset > dstLength || length > dstLength - dstOffset || srcOffset > srcLength ||
+      length > srcLength - srcOffset) {
+    return ThrowInvalid(isolate, "copy", "range outside the buffer");
+  }
+  if (length != 0) memmove(dst + dstOffset, src + srcOffset, length);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // TAP devices
 
-// tunOpen(name, multiQueue) -> { fd, name }: opens /dev/net/tun (non-blocking, close-on-exec) and attaches it to the
-// TAP interface `name` (created if missing; "" lets the kernel pick a name such as "tap0"), without the
-// packet-information header: each read() returns one Ethernet frame, each write() sends one. The interface is not
+// tunOpen(name, multiQueue, vnetHdr) -> { fd, name }: opens /dev/net/tun (non-blocking, close-on-exec) and attaches
+// it to the TAP interface `name` (created if missing; "" lets the kernel pick a name such as "tap0"), without the
+// packet-information header: each read() returns one Ethernet frame, each write() sends one; with `vnetHdr`, each
+// behind a 12-byte virtio-net header (IFF_VNET_HDR, TUNSETVNETHDRSZ 12). The interface is not
 // persistent: it goes away when its last queue fd is closed. `name` is the kernel's final interface name.
 void TunOpen(const FunctionCallbackInfo<Value>& info) {
   Isolate* isolate = info.GetIsolate();
@@ -425,12 +481,15 @@ void TunOpen(const FunctionCallbackInfo<Value>& info) {
   struct ifreq ifr;
   memset(&ifr, 0, sizeof ifr);
   memcpy(ifr.ifr_name, *name, length);
-  ifr.ifr_flags = IFF_TAP | IFF_NO_PI | (info[1]->IsTrue() ? IFF_MULTI_QUEUE : 0);
+  bool vnetHdr = info[2]->IsTrue();
+  ifr.ifr_flags = IFF_TAP | IFF_NO_PI | (info[1]->IsTrue() ? IFF_MULTI_QUEUE : 0) | (vnetHdr ? IFF_VNET_HDR : 0);
   int fd;
   do fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
   while (fd < 0 && errno == EINTR);
   if (fd < 0) return ThrowErrno(isolate, errno, "open");
-  if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+  // With a virtio-net header, use the 12-byte one (with num_buffers) that VERSION_1 drivers use, not the default 10.
+  int hdrSize = 12;
+  if (ioctl(fd, TUNSETIFF, &ifr) < 0 || (vnetHdr && ioctl(fd, TUNSETVNETHDRSZ, &hdrSize) < 0)) {
     int err = errno;
     close(fd);
     return ThrowErrno(isolate, err, "ioctl");
@@ -442,6 +501,17 @@ void TunOpen(const FunctionCallbackInfo<Value>& info) {
   out->Set(context, Str(isolate, "fd"), Integer::New(isolate, fd)).Check();
   out->Set(context, Str(isolate, "name"), Str(isolate, actual)).Check();
   info.GetReturnValue().Set(out);
+}
+
+// tunSetOffload(fd, flags): TUNSETOFFLOAD with TUN_F_* bits: the offloads the reader of a vnet-header TAP takes
+// (what it lacks, the kernel completes before the frame reaches read()). Unknown bits fail with EINVAL.
+void TunSetOffload(const FunctionCallbackInfo<Value>& info) {
+  Isolate* isolate = info.GetIsolate();
+  int fd, flags;
+  if (!ArgInt(info, 0, "ioctl", &fd) || !ArgInt(info, 1, "ioctl", &flags)) return;
+  if (ioctl(fd, TUNSETOFFLOAD, static_cast<unsigned long>(static_cast<unsigned>(flags))) < 0) {
+    return ThrowErrno(isolate, errno, "ioctl");
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -766,6 +836,8 @@ NODE_MODULE_INIT(/* exports, module, context */) {
   SetMethod(isolate, context, exports, "eventfdWrite", EventfdWrite, data);
   SetMethod(isolate, context, exports, "poll", Poll, data);
   SetMethod(isolate, context, exports, "tunOpen", TunOpen, data);
+  SetMethod(isolate, context, exports, "tunSetOffload", TunSetOffload, data);
+  SetMethod(isolate, context, exports, "copy", Copy, data);
   SetMethod(isolate, context, exports, "listen", Listen, data);
   SetMethod(isolate, context, exports, "accept", Accept, data);
   SetMethod(isolate, context, exports, "connect", Connect, data);

@@ -42,7 +42,9 @@ interface Addon {
   eventfdRead(fd: number): number;
   eventfdWrite(fd: number, value?: number | bigint): void;
   poll(fds: Int32Array, revents: Int32Array, timeoutMs: number): number;
-  tunOpen(name: string, multiQueue: boolean): TapDevice;
+  tunOpen(name: string, multiQueue: boolean, vnetHdr: boolean): TapDevice;
+  tunSetOffload(fd: number, flags: number): void;
+  copy(dst: Uint8Array | ArrayBufferLike, dstOffset: number, src: Uint8Array | ArrayBufferLike, srcOffset: number, length: number): void;
   listen(path: string, backlog: number): number;
   accept(fd: number): number;
   connect(path: string): number;
@@ -245,12 +247,39 @@ export function poll(fds: Int32Array, revents: Int32Array, timeoutMs: number): n
 /**
  * Opens a queue of TAP interface `name` (created if it does not exist; '' lets the kernel choose a name such as
  * tap0), in IFF_TAP | IFF_NO_PI mode, plus IFF_MULTI_QUEUE when `multiQueue` (open it once per queue with the same
- * name). The fd is non-blocking and close-on-exec; it works with node:fs `readSync` (one frame per read, EAGAIN
+ * name) and IFF_VNET_HDR with a 12-byte header when `vnetHdr` (every read and write then starts with a
+ * virtio_net_hdr_mrg_rxbuf; see `tunSetOffload`). The fd is non-blocking and close-on-exec; it works with node:fs `readSync` (one frame per read, EAGAIN
  * when none is waiting) and `writeSync` (one frame per write), and with `watch`. The interface is not persistent:
  * it disappears when its last queue fd is closed. Needs CAP_NET_ADMIN to create an interface.
  */
-export function tunOpen(name: string, multiQueue = false): TapDevice {
-  return addon.tunOpen(name, multiQueue);
+export function tunOpen(name: string, multiQueue = false, vnetHdr = false): TapDevice {
+  return addon.tunOpen(name, multiQueue, vnetHdr);
+}
+
+/** TUNSETOFFLOAD bits (linux/if_tun.h). */
+export const TunOffload = { CSUM: 0x01, TSO4: 0x02, TSO6: 0x04, TSO_ECN: 0x08 } as const;
+
+/**
+ * TUNSETOFFLOAD on a vnet-header TAP queue: the offloads its reader takes (`TunOffload` bits). Frames the host sends
+ * arrive as GSO frames or with partial checksums only where allowed; the kernel completes the rest before read().
+ * Writes take every offload regardless. EINVAL for bits the kernel does not know.
+ */
+export function tunSetOffload(fd: number, flags: number): void {
+  addon.tunSetOffload(fd, flags);
+}
+
+// ----- copying ---------------------------------------------------------------------------------------------------
+
+/**
+ * memmove of `length` bytes from `src` at `srcOffset` to `dst` at `dstOffset` (offsets relative to a view's start).
+ * Both may be guest memory, ordinary buffers or views; both ranges are checked first and a bad one throws
+ * (EINVAL, nothing copied). Unlike `TypedArray.prototype.set`, which copies into or out of shared memory with
+ * relaxed atomic accesses (byte by byte when the two sides differ mod 8), this is libc memmove at any alignment:
+ * 33-38 ns for 1500 bytes against 96-556 ns (Node 20, measured on a Zen 5 core). Costs ~15 ns a call, so a
+ * copy of a few bytes is cheaper in JS.
+ */
+export function copy(dst: Uint8Array | ArrayBufferLike, dstOffset: number, src: Uint8Array | ArrayBufferLike, srcOffset: number, length: number): void {
+  addon.copy(dst, dstOffset, src, srcOffset, length);
 }
 
 // ----- unix stream sockets with SCM_RIGHTS ----------------------------------------------------------------------

@@ -524,3 +524,54 @@ test('tunOpen: multi-queue interfaces take one fd per queue; bad names are refus
   assert.ok(!linkExists(name));
   assertSystemError(() => native.tunOpen('x'.repeat(16), false), 'EINVAL', 'ioctl');
 });
+
+test('copy: memmove between shared, plain and view buffers at any alignment; bad bounds throw and copy nothing', () => {
+  const shared = new Uint8Array(new SharedArrayBuffer(4096));
+  const plain = Uint8Array.from({ length: 4096 }, (_, i) => (i * 7) & 0xff);
+  for (const [dOff, sOff, n] of [[0, 0, 1500], [3, 8, 1500], [4095, 1, 1], [17, 5, 0]] as const) {
+    shared.fill(0);
+    native.copy(shared, dOff, plain, sOff, n);
+    assert.deepEqual(shared.subarray(dOff, dOff + n), plain.subarray(sOff, sOff + n));
+    assert.equal(shared[dOff + n] ?? 0, 0, 'nothing past the end of the range');
+  }
+  // Offsets are relative to a view; overlapping ranges in one buffer move like memmove.
+  const view = shared.subarray(100, 200);
+  view.set([1, 2, 3, 4, 5, 6]);
+  native.copy(view, 2, view, 0, 4);
+  assert.deepEqual([...view.subarray(0, 6)], [1, 2, 1, 2, 3, 4]);
+  native.copy(shared.buffer, 0, view, 0, 2);
+  assert.deepEqual([...shared.subarray(0, 2)], [1, 2]);
+  shared.fill(9);
+  for (const [dst, dOff, src, sOff, n] of [
+    [view, 99, plain, 0, 2], // past the view's end, although inside its buffer
+    [shared, 4096, plain, 0, 1],
+    [shared, 0, plain, 4000, 97],
+    [shared, 0, plain, 0, 2 ** 32 - 1],
+    [shared, -1, plain, 0, 1],
+    [shared, 0.5, plain, 0, 1],
+  ] as const) {
+    assertSystemError(() => native.copy(dst, dOff, src, sOff, n), 'EINVAL', 'copy');
+  }
+  assertSystemError(() => native.copy({} as Uint8Array, 0, plain, 0, 1), 'EINVAL', 'copy');
+  assert.ok(shared.every((b) => b === 9), 'a refused copy wrote nothing');
+});
+
+test('tunOpen with a vnet header: writes take a 12-byte virtio-net header, TUNSETOFFLOAD takes TUN_F_* bits', () => {
+  const name = `vutestvh${process.pid}`.slice(0, 15);
+  const tap = native.tunOpen(name, false, true);
+  try {
+    execFileSync('ip', ['link', 'set', 'dev', name, 'up']);
+    const rxBefore = Number(readFileSync(`/sys/class/net/${name}/statistics/rx_packets`, 'utf8'));
+    const frame = Buffer.alloc(12 + 60);
+    frame.fill(0xff, 12, 18);
+    frame.writeUInt16BE(0x88b5, 12 + 12);
+    assert.equal(writeSync(tap.fd, frame), 72, 'header + frame in one write');
+    assert.equal(Number(readFileSync(`/sys/class/net/${name}/statistics/rx_packets`, 'utf8')), rxBefore + 1);
+    const { CSUM, TSO4, TSO6, TSO_ECN } = native.TunOffload;
+    native.tunSetOffload(tap.fd, CSUM | TSO4 | TSO6 | TSO_ECN);
+    native.tunSetOffload(tap.fd, 0);
+    assertSystemError(() => native.tunSetOffload(tap.fd, 0x4000_0000), 'EINVAL', 'ioctl');
+  } finally {
+    native.close(tap.fd);
+  }
+});
