@@ -113,11 +113,11 @@ async function waitForSocket(path: string, child: ChildProcess, what: string): P
 }
 
 /** Our backend as its own process, through the CLI, like qemu-storage-daemon. */
-async function startOurs(name: string, dir: string, device: DeviceKind, image: string, env: Record<string, string> = {}): Promise<Backend> {
+async function startOurs(name: string, dir: string, device: DeviceKind, image: string, extraArgs: string[] = []): Promise<Backend> {
   const socket = join(dir, `${name}.sock`);
-  const args = [join(ROOT, 'bin/vhost-user.js'), 'blk', '--socket', socket, '--queues', '2', '--log-level', 'warn'];
+  const args = [join(ROOT, 'bin/vhost-user.js'), 'blk', '--socket', socket, '--queues', '2', '--log-level', 'warn', ...extraArgs];
   args.push(...(device === 'null' ? ['--null', '1G'] : ['--image', image]));
-  const child = spawnOwned(process.execPath, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'ignore', 'inherit'] });
+  const child = spawnOwned(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'] });
   await waitForSocket(socket, child, `our backend (${name})`);
   const pid = child.pid;
   if (pid === undefined) throw new Error('our backend did not start');
@@ -621,7 +621,7 @@ export async function main(argv: string[]): Promise<void> {
         for (const w of workloads) await run('loopback', w, { name: 'loopback', socket: 'loopback' }, round);
         for (const device of devices) {
           const backends = [await startOurs('ours', dir, device, image), await startTheirs(dir, device, image, qsdAio)];
-          if (busyPollUs > 0) backends.push(await startOurs('ours+busy-poll', dir, device, image, { VHOST_USER_BUSY_POLL_US: String(busyPollUs) }));
+          if (busyPollUs > 0) backends.push(await startOurs('ours+busy-poll', dir, device, image, ['--busy-poll', String(busyPollUs)]));
           // qemu-storage-daemon (libvhost-user) offers neither VIRTIO_F_RING_PACKED nor (as a daemon export) an inflight
           // region: those variants are ours alone. Logging both have.
           const processes = { [OURS]: backends[0] as Backend, [QSD]: backends[1] as Backend };

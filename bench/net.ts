@@ -25,9 +25,11 @@
  * used rings. The ratio logging / no logging is taken per round, then the median over rounds.
  *
  * Options: --seconds S (10) --rounds N (3) --quick (1 round of 3 s) --sizes 64,1500 --only SUBSTRING
- * --backends ours,dpdk (any of ours, dpdk, ours-ts, ours-ts-logging) --rings split,packed (each workload with split
+ * --backends ours,ours-poll,dpdk (any of ours, ours-poll, dpdk, ours-ts, ours-ts-logging; ours-poll is ours in
+ * polling mode, `--busy-poll` with --busy-poll-us US, default 1000000) --rings split,packed (each workload with split
  * rings, packed rings (virtio_user `packed_vq=1`, ours-ts `--packed`) or both; default split) --virtio-args DEVARGS
- * (extra net_virtio_user devargs) --logging (adds ours-ts and ours-ts-logging to the backends) --log-take-ms MS (100)
+ * (extra net_virtio_user devargs) --profile DIR (CPU profiles of our backend, one folder per workload) --logging (adds
+ * ours-ts and ours-ts-logging to the backends) --log-take-ms MS (100)
  * --name NAME (of the result files). The default takes about 5 minutes; each ring layout adds as much, and --logging
  * as much again.
  */
@@ -45,8 +47,8 @@ import { machine, markdownTable, median, writeResults } from './report.js';
 
 type Direction = 'frontend-sends' | 'backend-sends';
 /** ours and dpdk: testpmd as the frontend; ours-ts(-logging): our backend, our TypeScript frontend (net-frontend.ts). */
-type Contender = 'ours' | 'dpdk' | 'ours-ts' | 'ours-ts-logging';
-const CONTENDERS: readonly Contender[] = ['ours', 'dpdk', 'ours-ts', 'ours-ts-logging'];
+type Contender = 'ours' | 'ours-poll' | 'dpdk' | 'ours-ts' | 'ours-ts-logging';
+const CONTENDERS: readonly Contender[] = ['ours', 'ours-poll', 'dpdk', 'ours-ts', 'ours-ts-logging'];
 const isTs = (c: Contender): boolean => c === 'ours-ts' || c === 'ours-ts-logging';
 const FRONTEND_SCRIPT = new URL('./net-frontend.js', import.meta.url).pathname;
 
@@ -95,10 +97,12 @@ interface RunningBackend {
   stop(): Promise<Record<string, unknown>>;
 }
 
-async function startOurs(socketPath: string, w: Workload, cpu: number): Promise<RunningBackend> {
-  const args = ['--port', w.dir === 'frontend-sends' ? 'sink' : 'source'];
+async function startOurs(socketPath: string, w: Workload, cpu: number, profileDir: string | undefined, busyPollUs = 0): Promise<RunningBackend> {
+  const args = ['--port', w.dir === 'frontend-sends' ? 'sink' : 'source', '--busy-poll', String(busyPollUs)];
   if (w.dir === 'backend-sends') args.push('--frame-len', String(w.pktlen));
-  const be = await startBackend({ command: 'net', socketPath, args, logLevel: 'info', wrapper: ['taskset', '-c', String(cpu)] });
+  // --profile: a V8 CPU profile of every thread of the backend (the net worker's is the one to read).
+  const nodeArgs = profileDir === undefined ? [] : ['--cpu-prof', '--cpu-prof-dir', join(profileDir, w.name.replace(/\W+/g, '-'))];
+  const be = await startBackend({ command: 'net', socketPath, args, logLevel: 'info', wrapper: ['taskset', '-c', String(cpu)], nodeArgs });
   return {
     pid: be.pid,
     stop: async () => {
@@ -126,9 +130,12 @@ async function runOnce(
   w: Workload,
   backend: Contender,
   socketPath: string,
-  o: { seconds: number; backendCpu: number; virtioArgs: string },
+  o: { seconds: number; backendCpu: number; virtioArgs: string; profileDir: string | undefined; busyPollUs: number },
 ): Promise<{ fe: TestpmdResult; beCpu: number; backendStats: Record<string, unknown> }> {
-  const be = backend === 'ours' ? await startOurs(socketPath, w, o.backendCpu) : await startDpdk(socketPath, w);
+  const be =
+    backend === 'dpdk'
+      ? await startDpdk(socketPath, w)
+      : await startOurs(socketPath, w, o.backendCpu, o.profileDir, backend === 'ours-poll' ? o.busyPollUs : 0);
   const devargs = [...(w.packed ? ['packed_vq=1'] : []), ...(o.virtioArgs !== '' ? [o.virtioArgs] : [])].join(',');
   let fe: TestpmdResult;
   let beCpu: number;
@@ -175,7 +182,7 @@ async function runTsOnce(
   socketPath: string,
   o: { seconds: number; backendCpu: number; frontendCpu: number; logging: boolean; logTakeMs: number },
 ): Promise<{ fe: NetFrontendResult; backendStats: Record<string, unknown> }> {
-  const be = await startOurs(socketPath, w, o.backendCpu);
+  const be = await startOurs(socketPath, w, o.backendCpu, undefined);
   let fe: NetFrontendResult | undefined;
   let backendStats: Record<string, unknown>;
   try {
@@ -222,18 +229,21 @@ export async function main(argv: string[]): Promise<void> {
       quick: { type: 'boolean', default: false },
       sizes: { type: 'string', default: '64,1500' },
       only: { type: 'string' },
-      backends: { type: 'string', default: 'ours,dpdk' },
+      backends: { type: 'string', default: 'ours,ours-poll,dpdk' },
       logging: { type: 'boolean', default: false },
       'log-take-ms': { type: 'string', default: '100' },
       rings: { type: 'string', default: 'split' },
       'virtio-args': { type: 'string', default: '' },
       name: { type: 'string', default: 'net' },
+      profile: { type: 'string' },
+      'busy-poll-us': { type: 'string', default: '1000000' },
     },
   });
   const seconds = values.quick ? 3 : Number(values.seconds);
   const rounds = values.quick ? 1 : Number(values.rounds);
   const asked = values.backends.split(',').filter((b): b is Contender => (CONTENDERS as readonly string[]).includes(b));
   if (values.logging) asked.push('ours-ts', 'ours-ts-logging');
+  const busyPollUs = Number(values['busy-poll-us']);
   // In this order, so that the two runs of ours-ts come back to back whichever way a round goes.
   const contenders = CONTENDERS.filter((c) => asked.includes(c));
   const logTakeMs = Number(values['log-take-ms']);
@@ -263,7 +273,7 @@ export async function main(argv: string[]): Promise<void> {
 
   /** One run with testpmd as the frontend. */
   const testpmdSample = async (w: Workload, backend: Contender, round: number, socketPath: string): Promise<Sample> => {
-    const { fe, beCpu, backendStats } = await runOnce(w, backend, socketPath, { seconds, backendCpu, virtioArgs });
+    const { fe, beCpu, backendStats } = await runOnce(w, backend, socketPath, { seconds, backendCpu, virtioArgs, profileDir: values.profile, busyPollUs });
     const flags: string[] = [];
     if (fe.cpu < CPU_MIN) flags.push(`frontend cpu ${fe.cpu.toFixed(2)}`);
     if (backend === 'dpdk' && typeof backendStats.cpu === 'number' && backendStats.cpu < CPU_MIN) {
@@ -389,6 +399,8 @@ export async function main(argv: string[]): Promise<void> {
     const dpdk = pick(w.name, 'dpdk');
     const ratios = paired(ours, dpdk);
     const valid = ratios.filter((x) => !x.flagged).map((x) => x.ratio);
+    const poll = pick(w.name, 'ours-poll');
+    const pollRatios = paired(poll, dpdk);
     const off = pick(w.name, 'ours-ts');
     const on = pick(w.name, 'ours-ts-logging');
     const logRatios = paired(on, off);
@@ -407,7 +419,18 @@ export async function main(argv: string[]): Promise<void> {
       medianRatioAll: median(ratios.filter((x) => Number.isFinite(x.ratio)).map((x) => x.ratio)),
       oursNsPerFrame: median(ok(ours).map((x) => x.nsPerFrame)),
       dpdkNsPerFrame: median(ok(dpdk).map((x) => x.nsPerFrame)),
-      flaggedRuns: [...ours, ...dpdk].filter((s) => s.flagged !== undefined).length,
+      flaggedRuns: [...ours, ...dpdk, ...poll].filter((s) => s.flagged !== undefined).length,
+      // ours in polling mode (--busy-poll) against DPDK, when it ran.
+      ...(poll.length > 0
+        ? {
+            polling: {
+              mpps: median(good(poll).map((s) => s.mpps)),
+              ratios: pollRatios,
+              medianRatio: median(pollRatios.filter((x) => !x.flagged).map((x) => x.ratio)),
+              nsPerFrame: median(ok(poll).map((x) => x.nsPerFrame)),
+            },
+          }
+        : {}),
       // ours-ts-logging against ours-ts (our frontend), when they ran.
       ...(off.length > 0 || on.length > 0
         ? {
@@ -429,8 +452,9 @@ export async function main(argv: string[]): Promise<void> {
     };
   });
   const mppsOf = (s: (typeof summaries)[number], c: Contender): number =>
-    c === 'ours' ? s.oursMpps : c === 'dpdk' ? s.dpdkMpps : c === 'ours-ts' ? (s.logging?.offMpps ?? NaN) : (s.logging?.onMpps ?? NaN);
+    c === 'ours' ? s.oursMpps : c === 'ours-poll' ? (s.polling?.mpps ?? NaN) : c === 'dpdk' ? s.dpdkMpps : c === 'ours-ts' ? (s.logging?.offMpps ?? NaN) : (s.logging?.onMpps ?? NaN);
 
+  const polled = summaries.some((s) => s.polling !== undefined);
   const rows = summaries.map((s) => [
     s.workload,
     fmt(s.oursMpps),
@@ -440,6 +464,7 @@ export async function main(argv: string[]): Promise<void> {
     fmt(s.medianRatioAll),
     fmt(s.oursBackendCpu),
     `${s.oursNsPerFrame.toFixed(0)} / ${s.dpdkNsPerFrame.toFixed(0)}`,
+    ...(polled ? [s.polling === undefined ? '-' : `${fmt(s.polling.mpps)}: ${perRound(s.polling.ratios)}, **${fmt(s.polling.medianRatio)}**, ${s.polling.nsPerFrame.toFixed(0)} ns/frame`] : []),
     String(s.flaggedRuns),
   ]);
   const table = markdownTable({
@@ -452,6 +477,7 @@ export async function main(argv: string[]): Promise<void> {
       'median ours/DPDK, all rounds (incl. flagged)',
       'our backend CPU share',
       'backend CPU ns/frame ours / DPDK (all runs)',
+      ...(polled ? [`ours polling (--busy-poll ${busyPollUs}): Mpps, ours/DPDK per round, median, CPU ns/frame`] : []),
       'flagged runs',
     ],
     rows,
@@ -581,7 +607,7 @@ export async function main(argv: string[]): Promise<void> {
       yLabel: 'Mpps',
       categories: summaries.map((s) => `${s.dir === 'frontend-sends' ? 'fe->be' : 'be->fe'} ${s.pktlen}B${s.packed ? ' P' : ''}`),
       series: contenders.map((c) => ({
-        name: { ours: 'ours', dpdk: 'DPDK vhost PMD', 'ours-ts': 'ours, ts', 'ours-ts-logging': 'ours, ts, logging' }[c],
+        name: { ours: 'ours', 'ours-poll': 'ours, polling', dpdk: 'DPDK vhost PMD', 'ours-ts': 'ours, ts', 'ours-ts-logging': 'ours, ts, logging' }[c],
         values: summaries.map((s) => mppsOf(s, c)),
       })),
     },

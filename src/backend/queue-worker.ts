@@ -112,10 +112,10 @@ const me = init.workerId;
 const useLocks = init.mode === 'lock';
 const unsynchronized = init.mode === UNSYNCHRONIZED;
 /**
- * VHOST_USER_BUSY_POLL_US: the optional busy-poll before going idle (see busyPoll), here in ms; 0 = off (default).
- * Not in lock mode, where every look at a ring must hold the queue's lock.
+ * The busy-poll window before going idle (see busyPoll; PoolOptions.busyPollUs), here in ms; 0 = off (default). Not
+ * in lock mode, where every look at a ring must hold the queue's lock.
  */
-const BUSY_POLL_MS = useLocks ? 0 : Math.min(Math.max(Number(process.env.VHOST_USER_BUSY_POLL_US ?? 0) || 0, 0), 1_000_000) / 1000;
+const BUSY_POLL_MS = useLocks ? 0 : init.busyPollUs / 1000;
 
 /**
  * Test hook VHOST_USER_TEST_KILL=before-publish:N | after-publish:N: the process kills itself (SIGKILL) at the first
@@ -644,17 +644,26 @@ function hasWork(q: RunningQueue): boolean {
 }
 
 /**
- * The optional busy-poll (VHOST_USER_BUSY_POLL_US, default 0 = off): before going idle, watch the rings (one
- * Atomics.load of avail.idx each) for up to that long, with notifications still off, so a driver that sends its
- * next requests within the window neither kicks nor waits for this thread to wake up. Every round is a quiescent
- * point (no guest memory is referenced between rounds), so a memory change is never held up by it. Returns whether
- * a ring got work.
+ * The optional busy-poll (`--busy-poll US`, PoolOptions.busyPollUs; default 0 = off): before going idle, watch the
+ * rings (one Atomics.load of avail.idx each) for up to that long, with notifications still off, so a driver that
+ * sends its next requests within the window neither kicks nor waits for this thread to wake up. Every round is a
+ * quiescent point (no guest memory is referenced between rounds), so a memory change is never held up by it. Every
+ * BUSY_POLL_FDS_EVERY rounds a poll(0) collects commands, completions and port input (a TAP's fd: its frames are
+ * seen only by reading it). Returns whether a ring got work.
  */
+const BUSY_POLL_FDS_EVERY = 256;
+
 function busyPoll(): boolean {
   const deadline = performance.now() + BUSY_POLL_MS;
+  let rounds = 0;
   do {
     quiescent();
     let found = false;
+    if (++rounds % BUSY_POLL_FDS_EVERY === 0) {
+      const n = buildPollSet();
+      if (native.poll(pollSet(n), revents, 0) > 0) dispatchReady(n);
+      for (const q of queues.values()) if (hasWork(q)) found = true;
+    }
     for (const q of queues.values()) {
       if (q.stopRequest !== undefined || q.armed) continue;
       try {

@@ -34,6 +34,8 @@ export interface ServerOptions {
   workers?: number;
   /** Own pool only: how workers are kept off memory that is being removed (default qsbr). */
   sync?: WorkerSyncMode;
+  /** Own pool only: busy-poll window in microseconds (PoolOptions.busyPollUs; default 0). */
+  busyPollUs?: number;
   /** Memory slots offered; 0 = no CONFIGURE_MEM_SLOTS (SET_MEM_TABLE only). Default 509. */
   memSlots?: number;
   /** Called with the duration (ms) of each memory-table change, from its arrival to its reply. */
@@ -217,7 +219,11 @@ export class VhostUserServer {
     if (this.#pool !== undefined) return;
     const device = this.#options.device;
     const threads = this.#options.workers ?? Math.ceil(device.numQueues / (device.queuesPerWorker ?? 1));
-    this.#pool = new WorkerPool({ threads, ...(this.#options.sync !== undefined ? { sync: this.#options.sync } : {}) });
+    this.#pool = new WorkerPool({
+      threads,
+      ...(this.#options.sync !== undefined ? { sync: this.#options.sync } : {}),
+      ...(this.#options.busyPollUs !== undefined ? { busyPollUs: this.#options.busyPollUs } : {}),
+    });
   }
 
   #tryConnect(): void {

@@ -132,5 +132,7 @@ export interface WorkerInit {
   /** The pool's PoolBlock buffer (idle flags, epochs, busy time). */
   pool: SharedArrayBuffer;
   mode: WorkerSyncMode;
+  /** Busy-poll window (microseconds) before the worker sleeps; 0 = sleep at once (PoolOptions.busyPollUs). */
+  busyPollUs: number;
   port: MessagePort;
 }

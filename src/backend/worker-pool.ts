@@ -50,13 +50,13 @@ class QueueWorker {
   #closed = false;
   #exited = false;
 
-  constructor(id: number, pool: SharedArrayBuffer, mode: WorkerSyncMode, onEvent: (ev: WorkerEvent) => void) {
+  constructor(id: number, pool: SharedArrayBuffer, mode: WorkerSyncMode, busyPollUs: number, onEvent: (ev: WorkerEvent) => void) {
     this.id = id;
     this.#controlFd = native.eventfdCreate(0, true);
     const { port1, port2 } = new MessageChannel();
     this.#port = port1;
     this.#worker = new Worker(new URL('./queue-worker.js', import.meta.url), {
-      workerData: { workerId: id, controlFd: this.#controlFd, pool, mode, port: port2 },
+      workerData: { workerId: id, controlFd: this.#controlFd, pool, mode, busyPollUs, port: port2 },
       transferList: [port2],
     });
     let markReady: () => void = () => undefined;
@@ -150,7 +150,16 @@ export interface PoolOptions {
   threads: number;
   /** How workers are kept off memory that is being removed (default qsbr; docs/memory-sync.md). */
   sync?: WorkerSyncMode;
+  /**
+   * Polling mode, for workers with a core of their own (as DPDK and SPDK run): when its queues run dry, a worker
+   * watches them this many microseconds, notifications off, before it re-enables them and sleeps in poll().
+   * 0 (default) sleeps at once: on shared cores the spinning takes the CPU the guest needs. Not in lock mode.
+   */
+  busyPollUs?: number;
 }
+
+/** Longest busy-poll window (1 s): past it, a worker sleeps and re-arms notifications. */
+export const MAX_BUSY_POLL_US = 1_000_000;
 
 /** A worker as metrics see it. */
 export interface WorkerInfo {
@@ -177,8 +186,12 @@ export class WorkerPool {
       throw new VhostError('VHOST_BAD_OPTION', `worker threads must be 1..${MAX_WORKERS}`);
     }
     this.mode = options.sync ?? 'qsbr';
+    const busyPollUs = options.busyPollUs ?? 0;
+    if (!Number.isInteger(busyPollUs) || busyPollUs < 0 || busyPollUs > MAX_BUSY_POLL_US) {
+      throw new VhostError('VHOST_BAD_OPTION', `busy-poll must be 0..${MAX_BUSY_POLL_US} microseconds`);
+    }
     for (let i = 0; i < count; i++) {
-      this.#workers.push(new QueueWorker(i, this.block.buffer, this.mode, (ev) => this.#onEvent(ev)));
+      this.#workers.push(new QueueWorker(i, this.block.buffer, this.mode, busyPollUs, (ev) => this.#onEvent(ev)));
       this.#load.push(0);
     }
   }

@@ -32,10 +32,10 @@ export function serveCommand(): Command {
     .option('--threads <n>', 'worker threads of the pool (default: the file\'s threads, else the number of CPUs)', parseInteger(1, 64))
     .option('--log-level <level>', 'fatal, error, warn, info, debug or trace (default: the file\'s logLevel, else info)')
     .action(async (opts: ServeOptions) => {
-      const config: DaemonConfig = opts.config !== undefined ? await readDaemonConfig(opts.config) : { sync: 'qsbr', devices: [] };
+      const config: DaemonConfig = opts.config !== undefined ? await readDaemonConfig(opts.config) : { sync: 'qsbr', busyPollUs: 0, devices: [] };
       const log = createLogger(opts.logLevel ?? config.logLevel ?? 'info');
       const threads = opts.threads ?? config.threads;
-      const daemon = new Daemon({ logger: log, sync: config.sync, ...(threads !== undefined ? { threads } : {}) });
+      const daemon = new Daemon({ logger: log, sync: config.sync, busyPollUs: config.busyPollUs, ...(threads !== undefined ? { threads } : {}) });
       let api: ApiServer | undefined;
       try {
         await daemon.start(config.devices);

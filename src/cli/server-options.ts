@@ -2,6 +2,7 @@
 import { Option, type Command } from 'commander';
 import { VhostUserServer } from '../backend/server.js';
 import { SYNC_MODES, type SyncMode } from '../backend/sync-block.js';
+import { MAX_BUSY_POLL_US } from '../backend/worker-pool.js';
 import type { VirtioDevice } from '../devices/device.js';
 import type { Logger } from 'pino';
 import { parseInteger } from './parse.js';
@@ -10,10 +11,11 @@ export interface ServerCliOptions {
   workers?: number;
   sync: SyncMode;
   memSlots: number;
+  busyPoll: number;
   logLevel: string;
 }
 
-/** Adds --workers, --sync, --mem-slots and --log-level. */
+/** Adds --workers, --sync, --mem-slots, --busy-poll and --log-level. */
 export function addServerOptions(command: Command, workersHelp: string): Command {
   return command
     .option('--workers <n>', workersHelp, parseInteger(1, 64))
@@ -28,12 +30,19 @@ export function addServerOptions(command: Command, workersHelp: string): Command
       parseInteger(0, 509),
       509,
     )
+    .option(
+      '--busy-poll <us>',
+      'polling mode for workers with cores of their own: watch the rings this many microseconds before sleeping ' +
+        '(0 = sleep at once, best on shared cores)',
+      parseInteger(0, MAX_BUSY_POLL_US),
+      0,
+    )
     .option('--log-level <level>', 'fatal, error, warn, info, debug or trace', 'info');
 }
 
 /** The VhostUserServer options that come from the shared CLI options. */
-export function serverOptions(opts: ServerCliOptions): { sync: SyncMode; memSlots: number; workers?: number } {
-  return { sync: opts.sync, memSlots: opts.memSlots, ...(opts.workers !== undefined ? { workers: opts.workers } : {}) };
+export function serverOptions(opts: ServerCliOptions): { sync: SyncMode; memSlots: number; busyPollUs: number; workers?: number } {
+  return { sync: opts.sync, memSlots: opts.memSlots, busyPollUs: opts.busyPoll, ...(opts.workers !== undefined ? { workers: opts.workers } : {}) };
 }
 
 /** How a device command reaches its frontend: `--socket` (listen) or `--connect` (client mode). */

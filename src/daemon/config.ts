@@ -15,8 +15,9 @@
  * ```
  *
  * Every option of the one-device commands (`vhost-user blk`, `vhost-user net`) is a camelCase field here with the same
- * range and default, except `--workers` and `--sync`: a one-device command runs its own workers, while the daemon has
- * one worker pool shared by every device, so these are the daemon-wide `threads` and `sync`.
+ * range and default, except `--workers`, `--sync` and `--busy-poll`: a one-device command runs its own workers, while
+ * the daemon has one worker pool shared by every device, so these are the daemon-wide `threads`, `sync` and
+ * `busyPollUs`.
  *
  * Objects are strict at every level: an unknown field (a typo such as `qeues`) is an error naming it, never ignored.
  * A parsed configuration is plain JSON again (sizes become byte counts), so `GET /devices/{id}` can show it and it can
@@ -28,6 +29,9 @@ import { VhostError } from '../errors.js';
 import { MAX_FRAME, MIN_FRAME } from '../devices/net/constants.js';
 
 // ---- limits (the one-device commands' ranges) --------------------------------------------------------------------
+
+/** The busy-poll window's range (MAX_BUSY_POLL_US of backend/worker-pool.ts). */
+const MAX_BUSY_POLL_US = 1_000_000;
 
 /** Largest unix socket path in bytes (sun_path is 108 bytes with its NUL). */
 export const MAX_SOCKET_PATH_BYTES = 107;
@@ -105,6 +109,8 @@ export interface DaemonConfig {
   threads?: number;
   /** How the pool's workers are kept off memory being removed (docs/memory-sync.md). Default qsbr. Replaces `--sync`. */
   sync: SyncModeName;
+  /** Busy-poll window of the pool's workers, microseconds (0..1000000, default 0). Replaces `--busy-poll`. */
+  busyPollUs: number;
   /** The management API's unix socket (`--api-socket` overrides it). Absent: no API unless given on the command line. */
   apiSocket?: string;
   /** The daemon's log level. Absent: the daemon's default. */
@@ -322,6 +328,7 @@ export const DaemonConfigSchema = z
     {
       threads: int(1, MAX_THREADS).exactOptional(),
       sync: oneOf(SYNC_MODE_NAMES).default('qsbr'),
+      busyPollUs: int(0, MAX_BUSY_POLL_US).default(0),
       apiSocket: path(MAX_SOCKET_PATH_BYTES).exactOptional(),
       logLevel: oneOf(LOG_LEVELS).exactOptional(),
       devices: z.array(DeviceConfigSchema, { error: need('expected an array') }).default([]),

@@ -21,6 +21,8 @@ export interface DaemonOptions {
   /** Worker threads of the pool (default: the number of CPUs, at most 64). */
   threads?: number;
   sync?: SyncMode;
+  /** Busy-poll window of the workers, microseconds (PoolOptions.busyPollUs). */
+  busyPollUs?: number;
   logger: Logger;
 }
 
@@ -42,7 +44,11 @@ export class Daemon implements DaemonControl {
 
   constructor(options: DaemonOptions) {
     this.#log = options.logger;
-    this.pool = new WorkerPool({ threads: options.threads ?? Math.min(availableParallelism(), 64), ...(options.sync !== undefined ? { sync: options.sync } : {}) });
+    this.pool = new WorkerPool({
+      threads: options.threads ?? Math.min(availableParallelism(), 64),
+      ...(options.sync !== undefined ? { sync: options.sync } : {}),
+      ...(options.busyPollUs !== undefined ? { busyPollUs: options.busyPollUs } : {}),
+    });
     this.#metrics = new DaemonMetrics({ devices: () => this.#metricsSnapshot(), workers: () => this.pool.workers() });
   }
 

@@ -55,6 +55,7 @@ test('a full file: every field kept, defaults filled in', () => {
   const config = parseDaemonConfig({
     threads: 4,
     sync: 'lock',
+    busyPollUs: 50,
     apiSocket: '/run/vhost-user/api.sock',
     logLevel: 'debug',
     devices: [
@@ -67,6 +68,7 @@ test('a full file: every field kept, defaults filled in', () => {
   assert.deepEqual(config, {
     threads: 4,
     sync: 'lock',
+    busyPollUs: 50,
     apiSocket: '/run/vhost-user/api.sock',
     logLevel: 'debug',
     devices: [
@@ -80,7 +82,7 @@ test('a full file: every field kept, defaults filled in', () => {
 
 test('the smallest file: no field at all; optional fields stay absent', () => {
   const config = parseDaemonConfig({});
-  assert.deepEqual(config, { sync: 'qsbr', devices: [] });
+  assert.deepEqual(config, { sync: 'qsbr', busyPollUs: 0, devices: [] });
   assert.ok(!('threads' in config) && !('apiSocket' in config) && !('logLevel' in config));
   const device = parseDeviceConfig(net());
   assert.ok(!('mac' in device) && !('logLevel' in device));

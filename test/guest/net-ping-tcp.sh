@@ -18,7 +18,7 @@
 #   NET_RECV_BEACON  with NET_RECV_PORT: once listening, also accept one connection on NET_RECV_PORT + 1, which
 #                  tells a paced sender that the stream's port listens
 # Output (GUEST-RESULT lines):
-#   eth0 mac=... mtu=...
+#   eth0 mac=... mtu=... packed=0|1 offloads=XXXX
 #   ping-first peer=IP tries=N
 #   ping peer=IP sent=N received=M
 #   tcp recv bytes=N md5=X            tcp sent bytes=N md5=X
@@ -49,8 +49,10 @@ deadline() { echo $(( $(now) + wait_s )); }
 ip link set lo up
 ip addr add "$addr" dev "$dev" || fail "ip addr add $addr"
 ip link set "$dev" up || fail "ip link set $dev up"
-# features: one character per feature bit, bit 34 = VIRTIO_F_RING_PACKED
-echo "GUEST-RESULT: $dev mac=$(cat "/sys/class/net/$dev/address") mtu=$(cat "/sys/class/net/$dev/mtu") packed=$(cut -c35 "/sys/class/net/$dev/device/features")"
+# features: one character per feature bit, bit 34 = VIRTIO_F_RING_PACKED; offloads = bits 0 (CSUM), 1 (GUEST_CSUM),
+# 7 (GUEST_TSO4), 11 (HOST_TSO4), e.g. 1111 with every one negotiated
+f="/sys/class/net/$dev/device/features"
+echo "GUEST-RESULT: $dev mac=$(cat "/sys/class/net/$dev/address") mtu=$(cat "/sys/class/net/$dev/mtu") packed=$(cut -c35 "$f") offloads=$(cut -c1,2,8,12 "$f" | tr -d ,)"
 
 # The peer may still be booting: one ping per second until it answers.
 tries=0; end=$(deadline)

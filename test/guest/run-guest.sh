@@ -15,12 +15,14 @@
 #                           none): QEMU connects again every S seconds when the backend goes away
 #   --blk-server            QEMU listens on the socket of the disks added after this option
 #                           (server=on,wait=off): the backend connects (client mode), and may come later
-#   --vhost-user-net SOCK[,mac=MAC][,queues=N][,server=1]
+#   --vhost-user-net SOCK[,mac=MAC][,queues=N][,server=1][,offloads=off]
 #                           add a virtio-net-pci NIC (repeatable; eth0, eth1, ... in this order) whose
 #                           backend listens on SOCK (no commas in SOCK); MAC default 52:54:00:12:34:5X
 #                           (X = 6, 7, ... per NIC); queues = queue pairs (default 1, <= the backend's);
 #                           server=1: QEMU listens on SOCK (server=on,wait=off) and the backend connects
 #                           (client mode); QEMU waits for it before the guest starts.
+#                           offloads=off: the NIC negotiates no checksum or segmentation offload
+#                           (csum=off,guest_csum=off,host_tso4=off,...), whatever the backend offers.
 #                           Always vectors=0 (INTx): Debian's QEMU 7.2 crashes with MSI-X on
 #                           vhost-user netdevs.
 #   --vhost-user-rng SOCK   add a vhost-user-rng-pci entropy source (repeatable) whose backend listens on
@@ -98,24 +100,26 @@ for d in "${BLK[@]}"; do
   p=${d#*:}; p=${p#*:}; p=${p#*:}
   [ "${d%%:*}" = 1 ] || [ -S "$p" ] || die "vhost-user socket $p does not exist (start the backend first)"
 done
-# --vhost-user-net SOCK[,mac=MAC][,queues=N][,server=1] -> NET_SOCK[i] NET_MAC[i] NET_QUEUES[i] NET_SERVER[i]
-NET_SOCK=(); NET_MAC=(); NET_QUEUES=(); NET_SERVER=()
+# --vhost-user-net SOCK[,mac=MAC][,queues=N][,server=1][,offloads=off] -> NET_SOCK[i] NET_MAC[i] NET_QUEUES[i]
+# NET_SERVER[i] NET_OFFLOADS[i]
+NET_SOCK=(); NET_MAC=(); NET_QUEUES=(); NET_SERVER=(); NET_OFFLOADS=()
 i=0
 for n in "${NET[@]}"; do
   IFS=, read -r -a parts <<< "$n"
-  sock=${parts[0]:-}; mac=$(printf '52:54:00:12:34:%02x' $((0x56 + i))); q=1; srv=0
+  sock=${parts[0]:-}; mac=$(printf '52:54:00:12:34:%02x' $((0x56 + i))); q=1; srv=0; ol=''
   for kv in "${parts[@]:1}"; do
     case "$kv" in
       mac=*) mac=${kv#mac=} ;;
       queues=*) q=${kv#queues=} ;;
       server=1) srv=1 ;;
-      *) die "--vhost-user-net $n: unknown option $kv (mac=, queues=, server=1)" ;;
+      offloads=off) ol=",csum=off,guest_csum=off,host_tso4=off,host_tso6=off,host_ecn=off,guest_tso4=off,guest_tso6=off,guest_ecn=off,host_ufo=off,guest_ufo=off" ;;
+      *) die "--vhost-user-net $n: unknown option $kv (mac=, queues=, server=1, offloads=off)" ;;
     esac
   done
   [[ "$mac" =~ ^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$ ]] || die "--vhost-user-net $n: bad MAC $mac"
   [[ "$q" =~ ^[1-9][0-9]*$ ]] || die "--vhost-user-net $n: bad queues=$q"
   [ "$srv" = 1 ] || [ -S "$sock" ] || die "vhost-user socket $sock does not exist (start the backend first)"
-  NET_SOCK+=("$sock"); NET_MAC+=("$mac"); NET_QUEUES+=("$q"); NET_SERVER+=("$srv")
+  NET_SOCK+=("$sock"); NET_MAC+=("$mac"); NET_QUEUES+=("$q"); NET_SERVER+=("$srv"); NET_OFFLOADS+=("$ol")
   i=$((i + 1))
 done
 
@@ -171,7 +175,7 @@ for (( i=0; i<${#NET_SOCK[@]}; i++ )); do
   [ "${NET_SERVER[$i]}" = 0 ] || rc=",server=on,wait=off"
   CMD+=(-chardev "socket,id=vunet$i,path=${NET_SOCK[$i]}$rc"
         -netdev "vhost-user,id=vunet$i,chardev=vunet$i,queues=$q"
-        -device "virtio-net-pci,id=nic$i,netdev=vunet$i,mac=${NET_MAC[$i]},romfile=,vectors=0$mq$PACKED")
+        -device "virtio-net-pci,id=nic$i,netdev=vunet$i,mac=${NET_MAC[$i]},romfile=,vectors=0$mq$PACKED${NET_OFFLOADS[$i]}")
 done
 for (( i=0; i<${#RNG[@]}; i++ )); do
   [ -S "${RNG[$i]}" ] || die "vhost-user socket ${RNG[$i]} does not exist (start the backend first)"

@@ -31,6 +31,8 @@ export interface StartBackendOptions {
   readonly logLevel?: string;
   /** A command that execs node with the rest (same PID), e.g. ['taskset', '-c', '0'] to pin the backend. */
   readonly wrapper?: readonly string[];
+  /** Options for node itself, e.g. ['--cpu-prof', '--cpu-prof-dir', DIR] (a profile per thread, written at exit). */
+  readonly nodeArgs?: readonly string[];
 }
 
 /** The complete JSON log lines in a child's stderr text (the last piece may be a line still being written). */
@@ -47,7 +49,7 @@ export async function startBackend(args: StartBackendOptions): Promise<BackendPr
   const connect = args.connect ?? false;
   const argv = [bin, args.command ?? 'blk', connect ? '--connect' : '--socket', args.socketPath, '--log-level', args.logLevel ?? 'debug', ...args.args];
   const [exe, ...pre] = args.wrapper !== undefined && args.wrapper.length > 0 ? [...args.wrapper, process.execPath] : [process.execPath];
-  const child: ChildProcess = spawnOwned(exe, [...pre, ...argv]);
+  const child: ChildProcess = spawnOwned(exe, [...pre, ...(args.nodeArgs ?? []), ...argv]);
   let text = '';
   child.stderr?.setEncoding('utf8');
   child.stderr?.on('data', (chunk: string) => (text += chunk));

@@ -238,6 +238,8 @@ export interface NetDeviceOptions {
   readonly queuePairs?: number;
   /** QEMU listens on `socketPath` (server=on,wait=off) and the backend connects to it (client mode). */
   readonly server?: boolean;
+  /** false: the NIC negotiates no checksum or segmentation offload (csum=off, guest_tso4=off, ...). Default true. */
+  readonly offloads?: boolean;
 }
 
 /** The script run in the guest as /guest/test.sh: its text, or a file (e.g. guestScript('blk-pattern.sh')). */
@@ -416,6 +418,7 @@ export async function startGuest(opts: BootGuestOptions): Promise<RunningGuest> 
       if (n.mac !== undefined) spec += `,mac=${n.mac}`;
       if (n.queuePairs !== undefined) spec += `,queues=${n.queuePairs}`;
       if (n.server === true) spec += ',server=1';
+      if (n.offloads === false) spec += ',offloads=off';
       args.push('--vhost-user-net', spec);
     }
     for (const socketPath of opts.rng ?? []) args.push('--vhost-user-rng', socketPath);

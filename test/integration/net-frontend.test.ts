@@ -121,6 +121,10 @@ for (const packed of [false, true]) {
           txDropped: 0,
           checked: 0,
           corrupt: 0,
+          txGso: 0,
+          rxGso: 0,
+          rxSegmented: 0,
+          rxChecksummed: 0,
         });
         assert.equal((await fe.getStatus()) & DeviceStatus.NEEDS_RESET, 0);
         net.close();

@@ -136,9 +136,16 @@ function assertGuestPassed(r: { exitCode: number; results: readonly string[]; se
   assert.ok(r.results.includes('PASS'), r.serial);
 }
 
-for (const packed of [false, true]) {
+// Offloads on (QEMU's default: the backend offers CSUM and TSO): the sender's GSO frames cross the switch whole. With
+// the receiver's NIC at csum=off,guest_tso4=off,...: the switch segments them for it in software.
+for (const { packed, receiverOffloads } of [
+  { packed: false, receiverOffloads: true },
+  { packed: true, receiverOffloads: true },
+  { packed: false, receiverOffloads: false },
+]) {
   const rings = packed ? 'packed virtqueues' : 'split virtqueues';
-  test(`two guests on one vhost-user switch (${rings}): ping both ways and a 2 MiB TCP stream with matching md5`, TIMEOUT, async (t) => {
+  const offloads = receiverOffloads ? 'offloads on both' : 'the receiver without offloads';
+  test(`two guests on one vhost-user switch (${rings}, ${offloads}): ping both ways and a 2 MiB TCP stream with matching md5`, TIMEOUT, async (t) => {
     if (!requireTools(t, GUEST_TOOLS)) return;
     const dir = await testTempDir(t, 'vu-net-');
     const [sockA, sockB] = [dir.join('a.sock'), dir.join('b.sock')];
@@ -147,7 +154,7 @@ for (const packed of [false, true]) {
 
     // Both guests boot at once; each pings until the other answers (bounded), so neither waits for the host.
     const receiver = await bootOwned(t, {
-      net: [{ socketPath: sockA, mac: '52:54:00:00:00:01' }],
+      net: [{ socketPath: sockA, mac: '52:54:00:00:00:01', offloads: receiverOffloads }],
       packed,
       script: { file: PING_TCP },
       env: { NET_ADDR: '10.0.0.1/24', NET_PEER: '10.0.0.2', NET_RECV_PORT: '5001' },
@@ -164,6 +171,8 @@ for (const packed of [false, true]) {
     assertGuestPassed(r2);
     assert.equal(result(r1.results, 'eth0', 'mac'), '52:54:00:00:00:01');
     for (const r of [r1, r2]) assert.equal(result(r.results, 'eth0', 'packed'), packed ? '1' : '0', `VIRTIO_F_RING_PACKED in the guest: ${rings}`);
+    assert.equal(result(r1.results, 'eth0', 'offloads'), receiverOffloads ? '1111' : '0000', 'CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4');
+    assert.equal(result(r2.results, 'eth0', 'offloads'), '1111');
     assert.equal(result(r1.results, 'ping peer=10.0.0.2', 'received'), '3', r1.serial);
     assert.equal(result(r2.results, 'ping peer=10.0.0.1', 'received'), '3', r2.serial);
     assert.equal(result(r2.results, 'tcp sent', 'bytes'), String(bytes));
@@ -182,11 +191,19 @@ for (const packed of [false, true]) {
       assert.ok(p.rxFrames > 0 && p.txFrames > 0, `a port with no traffic one way: ${JSON.stringify(stats)}`);
     }
     assert.ok(ports.reduce((s, p) => s + p.txBytes, 0) >= bytes, `fewer bytes than the stream: ${JSON.stringify(stats)}`);
+    const [a, b] = ports as [FrameCounts, FrameCounts];
+    assert.ok(b.txGso > 0, `the sender's TSO made GSO frames: ${JSON.stringify(stats)}`);
+    assert.equal(a.txErrors + b.txErrors, 0);
+    if (receiverOffloads) {
+      assert.ok(a.rxGso > 0 && a.rxSegmented === 0, `GSO frames reached the receiver whole: ${JSON.stringify(stats)}`);
+    } else {
+      assert.ok(a.rxSegmented > 0 && a.rxGso === 0, `GSO frames were segmented for the receiver: ${JSON.stringify(stats)}`);
+    }
     assertNoWarnings(logs);
   });
 }
 
-test('a guest on `net --port tap:NAME` in a network namespace: ping both ways, 2 MiB each way over TCP', TIMEOUT, async (t) => {
+test('a guest on `net --port tap:NAME` in a network namespace: ping both ways, 2 MiB each way over TCP, offloads both ways', TIMEOUT, async (t) => {
   if (!requireTools(t, [...GUEST_TOOLS, ...NETNS_TOOLS])) return;
   const dir = await testTempDir(t, 'vu-net-');
   const ns = await testNetns(t);
@@ -258,6 +275,11 @@ test('a guest on `net --port tap:NAME` in a network namespace: ping both ways, 2
   t.diagnostic(`net stats: ${JSON.stringify(stats)}`);
   const s = netStats(stats);
   assert.ok(s.txBytes >= bytes && s.rxBytes >= bytes, `2 MiB each way: ${JSON.stringify(stats)}`);
+  // With the vnet header, offloads cross the TAP both ways: the guest's TSO frames go to the host stack whole, and
+  // the host's come whole to the guest (TUNSETOFFLOAD from the guest's GUEST_* features).
+  assert.equal(result(r.results, 'eth0', 'offloads'), '1111');
+  assert.ok(s.txGso > 0 && s.rxGso > 0, `GSO frames both ways: ${JSON.stringify(stats)}`);
+  assert.equal(s.txErrors + s.rxSegmented, 0, JSON.stringify(stats));
   assertNoWarnings(be.logs());
 });
 
@@ -352,6 +374,12 @@ interface FrameCounts {
   rxBytes: number;
   txFrames: number;
   txBytes: number;
+  txErrors: number;
+  /** GSO frames from the guest; delivered to it whole; segmented for it in software; checksums completed for it. */
+  txGso: number;
+  rxGso: number;
+  rxSegmented: number;
+  rxChecksummed: number;
 }
 
 function num(v: unknown): number {
@@ -359,7 +387,17 @@ function num(v: unknown): number {
 }
 
 function counts(o: Record<string, unknown>): FrameCounts {
-  return { rxFrames: num(o.rxFrames), rxBytes: num(o.rxBytes), txFrames: num(o.txFrames), txBytes: num(o.txBytes) };
+  return {
+    rxFrames: num(o.rxFrames),
+    rxBytes: num(o.rxBytes),
+    txFrames: num(o.txFrames),
+    txBytes: num(o.txBytes),
+    txErrors: num(o.txErrors),
+    txGso: num(o.txGso),
+    rxGso: num(o.rxGso),
+    rxSegmented: num(o.rxSegmented),
+    rxChecksummed: num(o.rxChecksummed),
+  };
 }
 
 /** The counters of a `net stats` line (at the top level or under `stats`). */

@@ -9,10 +9,17 @@ export const NetFeature = {
   MTU: 3,
   MAC: 5,
   GUEST_TSO4: 7,
+  GUEST_TSO6: 8,
+  GUEST_ECN: 9,
+  GUEST_UFO: 10,
   HOST_TSO4: 11,
+  HOST_TSO6: 12,
+  HOST_ECN: 13,
+  HOST_UFO: 14,
   MRG_RXBUF: 15,
   STATUS: 16,
   CTRL_VQ: 17,
+  CTRL_RX: 18,
   GUEST_ANNOUNCE: 21,
   MQ: 22,
 } as const;
@@ -44,8 +51,6 @@ export const NetHdr = {
   legacySize: 10,
 } as const;
 
-export const NET_HDR_F_NEEDS_CSUM = 1;
-export const NET_HDR_GSO_NONE = 0;
 
 /** Receive queue of pair p: 2p; transmit queue: 2p + 1 (§5.1.2). */
 export function isReceiveQueue(queueIndex: number): boolean {
@@ -55,5 +60,8 @@ export function isReceiveQueue(queueIndex: number): boolean {
 /** Smallest Ethernet frame a port generates or accepts from the CLI (no FCS), and the largest (jumbo). */
 export const MIN_FRAME = 60;
 export const MAX_FRAME = 9000 + 14;
-/** Largest frame the transmit path accepts from a driver (64 KiB, as Linux's tun/vhost-net without GSO). */
-export const MAX_TX_FRAME = 65535;
+/**
+ * Largest frame the transmit path accepts from a driver: a 64 KiB IP packet (a GSO frame) behind an Ethernet header
+ * and a VLAN tag.
+ */
+export const MAX_TX_FRAME = 65535 + 14 + 4;

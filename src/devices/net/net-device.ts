@@ -82,10 +82,28 @@ export class NetDevice implements VirtioDevice {
     this.mac = parseMac(options.mac ?? DEFAULT_MAC);
     this.#stats = createNetStats(pairs);
 
-    // GUEST_ANNOUNCE: after a migration the guest announces itself (QEMU then sends no SEND_RARP).
-    let features = bit(NetFeature.MAC) | bit(NetFeature.STATUS) | bit(NetFeature.MRG_RXBUF) | bit(NetFeature.GUEST_ANNOUNCE);
-    // MQ needs CTRL_VQ (§5.1.3.1); the frontend runs the control queue itself.
-    if (pairs > 1) features |= bit(NetFeature.MQ) | bit(NetFeature.CTRL_VQ);
+    // Offloads, both ways: every port honours them (net-queue.ts completes in software what a receiving driver did
+    // not negotiate; a TAP takes them with its vnet header). Not UFO (IP fragmentation) nor CTRL_GUEST_OFFLOADS
+    // (QEMU cannot forward offload changes to a vhost-user backend).
+    let features = [
+      NetFeature.CSUM,
+      NetFeature.GUEST_CSUM,
+      NetFeature.HOST_TSO4,
+      NetFeature.HOST_TSO6,
+      NetFeature.HOST_ECN,
+      NetFeature.GUEST_TSO4,
+      NetFeature.GUEST_TSO6,
+      NetFeature.GUEST_ECN,
+      NetFeature.MAC,
+      NetFeature.STATUS,
+      NetFeature.MRG_RXBUF,
+      // The control queue is the frontend's (QEMU and virtio_user run it); offered so that the driver gets it.
+      NetFeature.CTRL_VQ,
+      NetFeature.CTRL_RX,
+      // After a migration the guest announces itself (QEMU then sends no SEND_RARP); needs CTRL_VQ.
+      NetFeature.GUEST_ANNOUNCE,
+    ].reduce((f, b) => f | bit(b), 0n);
+    if (pairs > 1) features |= bit(NetFeature.MQ); // MQ needs CTRL_VQ (§5.1.3.1)
     this.features = features;
 
     const port = this.#portSpec(options.port, pairs);
@@ -113,7 +131,7 @@ export class NetDevice implements VirtioDevice {
       }
       case 'tap': {
         try {
-          for (let p = 0; p < pairs; p++) this.#fds.push(native.tunOpen(option.name, pairs > 1).fd);
+          for (let p = 0; p < pairs; p++) this.#fds.push(native.tunOpen(option.name, pairs > 1, true).fd);
         } catch (err) {
           this.close();
           throw err;

@@ -2,33 +2,51 @@
  * virtio-net, queue half (runs in worker threads; VIRTIO 1.2 §5.1.6). Queue 2p receives for pair p, 2p + 1
  * transmits; both run in the same worker and share the pair's port (ports/).
  *
- * Transmit: each chain is one frame behind a virtio-net header. The header is read once; offloads were not offered,
- * so a frame asking for one (NEEDS_CSUM, a GSO type) is malformed and dropped (counted, the queue goes on). The frame
- * goes to the port as a view of guest memory when it sits in one buffer (the DPDK and Linux layouts), else it is
- * gathered into a bounce buffer.
+ * Transmit: each chain is one frame behind a virtio-net header. The header's offload fields are checked against
+ * what the driver negotiated (CSUM, HOST_TSO4/6, HOST_ECN; offload.ts `validateOffload`): a frame asking for one it
+ * did not negotiate, or with a malformed request (gso_size 0, a checksum field outside the frame, GSO without
+ * NEEDS_CSUM), is dropped and counted (txErrors), and the queue goes on. The frame goes to the port with its offload
+ * fields, as a view of guest memory when it sits in one buffer (the DPDK and Linux layouts), else gathered into a
+ * bounce buffer.
  *
- * Receive (a `QueueProducer`): a frame from the port goes behind a zeroed header into the driver's buffers. With
- * MRG_RXBUF it may span several chains (num_buffers in the first header says how many); without, it must fit in
- * one. When the ring runs out of buffers mid-frame, the chains taken are given back and the frame waits in the port
- * (STARVED). A frame that can never fit is dropped. A receive chain with a device-readable part is a driver error that
- * stops the queue (NEEDS_RESET), as for any malformed chain.
+ * Receive (a `QueueProducer`): a frame from the port goes behind a virtio-net header into the driver's buffers.
+ * Offloads the driver negotiated (GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN) pass through in the header: a GSO frame goes
+ * whole, a partial checksum stays partial. Those it did not are completed here: a GSO frame is segmented in
+ * software (each segment a frame with full checksums), a partial checksum is computed. With MRG_RXBUF a frame may
+ * span several chains (num_buffers in the first header says how many); without, it must fit in one. When the ring
+ * runs out of buffers mid-frame, the chains taken are given back and the frame (or the rest of its segments) waits
+ * in the port (STARVED). A frame that can never fit is dropped. A receive chain with a device-readable part is a
+ * driver error that stops the queue (NEEDS_RESET), as for any malformed chain.
  */
 import { VhostError, VirtioError } from '../../errors.js';
 import type { GuestMemory } from '../../memory/guest-memory.js';
 import { RegionCache } from '../../memory/region-cache.js';
-import { ChainReader, copyToGuest, DescriptorChain } from '../../queue/descriptor-chain.js';
+import { ChainReader, copyBytes, copyToGuest, DescriptorChain } from '../../queue/descriptor-chain.js';
 import { rarpFrame } from './rarp.js';
 import type { DeviceQueue } from '../../queue/device-queue.js';
 import { VirtioFeature } from '../../protocol/constants.js';
 import { ProduceResult, type QueueContext, type QueueHandler, type QueueProducer } from '../device.js';
+import { isReceiveQueue, MAX_TX_FRAME, NetFeature, NetHdr } from './constants.js';
 import {
-  isReceiveQueue,
-  MAX_TX_FRAME,
-  NET_HDR_F_NEEDS_CSUM,
-  NET_HDR_GSO_NONE,
-  NetFeature,
-  NetHdr,
-} from './constants.js';
+  clearVnetHeader,
+  completeChecksum,
+  maxSegments,
+  newVnetHeader,
+  OffloadCap,
+  OffloadError,
+  readVnetHeader,
+  segmentScratchSize,
+  segmentTcp,
+  validateOffload,
+  VNET_HDR_F_DATA_VALID,
+  VNET_HDR_F_NEEDS_CSUM,
+  VNET_HDR_GSO_ECN,
+  VNET_HDR_GSO_NONE,
+  VNET_HDR_GSO_TCPV4,
+  VNET_HDR_GSO_TCPV6,
+  writeVnetHeader,
+  type VnetHeader,
+} from './offload.js';
 import type { NetPort, PortSpec } from './ports/port.js';
 import { LoopbackPort, SinkPort, SourcePort } from './ports/simple.js';
 import { SwitchPort } from './ports/switch.js';
@@ -43,6 +61,33 @@ export interface NetQueueOptions {
 
 function has(features: bigint, bitNumber: number): boolean {
   return (features & (1n << BigInt(bitNumber))) !== 0n;
+}
+
+/** The offloads a driver takes on transmit (CSUM, HOST_TSO4/6, HOST_ECN) as OffloadCap bits. */
+export function transmitOffloads(features: bigint): number {
+  return (
+    (has(features, NetFeature.CSUM) ? OffloadCap.CSUM : 0) |
+    (has(features, NetFeature.HOST_TSO4) ? OffloadCap.TSO4 : 0) |
+    (has(features, NetFeature.HOST_TSO6) ? OffloadCap.TSO6 : 0) |
+    (has(features, NetFeature.HOST_ECN) ? OffloadCap.ECN : 0)
+  );
+}
+
+/** The offloads a driver takes on receive (GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN) as OffloadCap bits. */
+export function receiveOffloads(features: bigint): number {
+  return (
+    (has(features, NetFeature.GUEST_CSUM) ? OffloadCap.CSUM : 0) |
+    (has(features, NetFeature.GUEST_TSO4) ? OffloadCap.TSO4 : 0) |
+    (has(features, NetFeature.GUEST_TSO6) ? OffloadCap.TSO6 : 0) |
+    (has(features, NetFeature.GUEST_ECN) ? OffloadCap.ECN : 0)
+  );
+}
+
+/** The offloads a GSO type needs of its receiver. */
+function gsoNeeds(gsoType: number): number {
+  const base = gsoType & ~VNET_HDR_GSO_ECN;
+  const tso = base === VNET_HDR_GSO_TCPV4 ? OffloadCap.TSO4 : base === VNET_HDR_GSO_TCPV6 ? OffloadCap.TSO6 : 0x100; // 0x100: none can
+  return tso | OffloadCap.CSUM | ((gsoType & VNET_HDR_GSO_ECN) !== 0 ? OffloadCap.ECN : 0);
 }
 
 /** The header size the driver and device agreed on (§5.1.6.1). */
@@ -106,9 +151,13 @@ class NetTxHandler implements QueueHandler {
   readonly #port: NetPort;
   readonly #stats: Float64Array;
   readonly #hdrSize: number;
+  /** OffloadCap bits the driver negotiated for transmit. */
+  readonly #offloads: number;
   readonly #regions = new RegionCache();
   readonly #reader = new ChainReader();
-  readonly #header = new Uint8Array(NetHdr.size);
+  /** The header when it is not in the first buffer whole (read with the chain reader). */
+  readonly #header: Uint8Array;
+  readonly #hdr = newVnetHeader();
   #bounce = new Uint8Array(2048);
 
   constructor(options: NetQueueOptions, instance: number, pair: number, features: bigint) {
@@ -116,6 +165,8 @@ class NetTxHandler implements QueueHandler {
     this.#port = this.#pairPort.port;
     this.#stats = statsRow(options.stats, pair);
     this.#hdrSize = netHeaderSize(features);
+    this.#header = new Uint8Array(this.#hdrSize);
+    this.#offloads = transmitOffloads(features);
   }
 
   process(mem: GuestMemory, chain: DescriptorChain): number {
@@ -131,32 +182,32 @@ class NetTxHandler implements QueueHandler {
     const addr0 = chain.addr[0] as number;
     // Fast paths: header and frame in one buffer (DPDK, Linux with any_layout), or the header alone then the frame.
     let at = len0 >= hdrSize ? this.#regions.locate(addr0, len0) : -1;
-    let flags: number;
-    let gsoType: number;
+    const hdr = this.#hdr;
     if (at >= 0) {
-      const u8 = this.#regions.u8;
-      flags = u8[at] as number;
-      gsoType = u8[at + 1] as number;
+      readVnetHeader(this.#regions.u8, at, hdr);
     } else {
-      this.#reader.reset(mem, chain).readExact(this.#header.subarray(0, hdrSize));
-      flags = this.#header[0] as number;
-      gsoType = this.#header[1] as number;
+      this.#reader.reset(mem, chain).readExact(this.#header);
+      readVnetHeader(this.#header, 0, hdr);
     }
-    if ((flags & NET_HDR_F_NEEDS_CSUM) !== 0 || gsoType !== NET_HDR_GSO_NONE) {
-      count(stats, C.txErrors); // offloads were not offered: the frame is not complete without them
-      return 0;
+    hdr.flags &= VNET_HDR_F_NEEDS_CSUM; // DATA_VALID and the rest mean nothing on transmit (§5.1.6.2)
+    if ((hdr.flags | hdr.gsoType) !== 0) {
+      if (validateOffload(hdr, frameLen, this.#offloads) !== 0) {
+        count(stats, C.txErrors); // malformed, or an offload the driver did not negotiate: the frame is not whole
+        return 0;
+      }
+      if (hdr.gsoType !== VNET_HDR_GSO_NONE) count(stats, C.txGso);
     }
     let sent: boolean;
     if (at >= 0 && len0 === hdrSize + frameLen) {
-      sent = this.#port.transmit(this.#regions.u8, at + hdrSize, frameLen);
+      sent = this.#port.transmit(this.#regions.u8, at + hdrSize, frameLen, hdr);
     } else if (len0 === hdrSize && chain.readableCount === 2 && (at = this.#regions.locate(chain.addr[1] as number, frameLen)) >= 0) {
-      sent = this.#port.transmit(this.#regions.u8, at, frameLen);
+      sent = this.#port.transmit(this.#regions.u8, at, frameLen, hdr);
     } else {
       if (this.#bounce.length < frameLen) this.#bounce = new Uint8Array(MAX_TX_FRAME);
       const reader = this.#reader.reset(mem, chain);
       reader.skip(hdrSize);
       reader.readExact(this.#bounce.subarray(0, frameLen));
-      sent = this.#port.transmit(this.#bounce, 0, frameLen);
+      sent = this.#port.transmit(this.#bounce, 0, frameLen, hdr);
     }
     if (sent) {
       count(stats, C.txFrames);
@@ -170,7 +221,8 @@ class NetTxHandler implements QueueHandler {
   /** SEND_RARP: a RARP frame from `mac` on this pair's port (rarp.ts). */
   announce(mac: Uint8Array): void {
     const frame = rarpFrame(mac);
-    if (this.#port.transmit(frame, 0, frame.length)) count(this.#stats, C.txFrames);
+    clearVnetHeader(this.#hdr);
+    if (this.#port.transmit(frame, 0, frame.length, this.#hdr)) count(this.#stats, C.txFrames);
     else count(this.#stats, C.txDropped);
   }
 
@@ -185,6 +237,18 @@ class NetTxHandler implements QueueHandler {
 const NO_BUFFERS = -1;
 const TOO_LARGE = -2;
 
+/** Most segments one GSO frame is cut into for a driver without the offload (64 KiB with an MSS of 32 bytes). */
+const MAX_SOFTWARE_SEGMENTS = 2048;
+
+function copyHeader(out: VnetHeader, hdr: VnetHeader): void {
+  out.flags = hdr.flags & VNET_HDR_F_NEEDS_CSUM;
+  out.gsoType = hdr.gsoType;
+  out.hdrLen = hdr.hdrLen;
+  out.gsoSize = hdr.gsoSize;
+  out.csumStart = hdr.csumStart;
+  out.csumOffset = hdr.csumOffset;
+}
+
 class NetRxHandler implements QueueHandler, QueueProducer {
   readonly producer: QueueProducer = this;
   readonly inputFd: number | undefined;
@@ -193,12 +257,24 @@ class NetRxHandler implements QueueHandler, QueueProducer {
   readonly #stats: Float64Array;
   readonly #hdrSize: number;
   readonly #mergeable: boolean;
+  /** OffloadCap bits the driver negotiated for receive. */
+  readonly #offloads: number;
   readonly #regions = new RegionCache();
   readonly #header = new Uint8Array(NetHdr.size);
+  /** The header given to the driver with the frame being delivered. */
+  readonly #out = newVnetHeader();
   #chain: DescriptorChain | undefined;
   /** Chains used by the frame being delivered: heads and used lengths. */
   #heads = new Uint32Array(0);
   #lens = new Uint32Array(0);
+  /** Software segmentation of the current port frame: the segments, and the next one to deliver (of #segCount). */
+  #segments = new Uint8Array(0);
+  #segOffsets = new Uint32Array(0);
+  #segLengths = new Uint32Array(0);
+  #segCount = 0;
+  #segNext = 0;
+  /** Whether the port's current frame went through #prepare (#out is its header). */
+  #prepared = false;
 
   constructor(options: NetQueueOptions, instance: number, pair: number, features: bigint) {
     this.#pairPort = acquirePort(options, instance, pair);
@@ -207,6 +283,8 @@ class NetRxHandler implements QueueHandler, QueueProducer {
     this.#stats = statsRow(options.stats, pair);
     this.#hdrSize = netHeaderSize(features);
     this.#mergeable = has(features, NetFeature.MRG_RXBUF);
+    this.#offloads = receiveOffloads(features);
+    this.#port.acceptOffloads?.(this.#offloads);
   }
 
   process(): number {
@@ -214,7 +292,7 @@ class NetRxHandler implements QueueHandler, QueueProducer {
   }
 
   hasInput(): boolean {
-    return this.#port.hasInput();
+    return this.#segCount > 0 || this.#port.hasInput();
   }
 
   produce(mem: GuestMemory, queue: DeviceQueue, budget: number): ProduceResult {
@@ -226,28 +304,103 @@ class NetRxHandler implements QueueHandler, QueueProducer {
     }
     const port = this.#port;
     const stats = this.#stats;
+    const out = this.#out;
     for (let n = 0; n < budget; n++) {
+      if (this.#segCount > 0) {
+        // The rest of a frame segmented in software: one segment per round, complete frames with zeroed headers.
+        clearVnetHeader(out);
+        const k = this.#segNext;
+        const len = this.#segLengths[k] as number;
+        const used = this.#deliver(mem, queue, this.#chain, this.#segments, this.#segOffsets[k] as number, len, out);
+        if (used === NO_BUFFERS) return ProduceResult.STARVED; // the segment (and the frame) stays current
+        this.#pushUsed(queue, used, len);
+        if (++this.#segNext === this.#segCount) {
+          this.#segCount = 0;
+          this.#prepared = false;
+          port.consume();
+        }
+        continue;
+      }
       if (!port.next()) return ProduceResult.IDLE;
       const frame = port.frame;
-      const used = this.#deliver(mem, queue, this.#chain, frame.buf, frame.offset, frame.length);
-      if (used === NO_BUFFERS) return ProduceResult.STARVED; // the frame stays current in the port
-      if (used === TOO_LARGE) {
-        count(stats, C.rxDropped);
-      } else {
-        for (let i = 0; i < used; i++) queue.pushUsed(this.#heads[i] as number, this.#lens[i] as number);
-        count(stats, C.rxFrames);
-        count(stats, C.rxBytes, frame.length);
+      if (!this.#prepared) {
+        if (!this.#prepare(frame.buf, frame.offset, frame.length, frame.hdr)) {
+          count(stats, C.rxDropped); // not deliverable (a GSO frame that cannot be segmented)
+          port.consume();
+          continue;
+        }
+        this.#prepared = true; // once: a completed checksum must not be completed again after a STARVED round
+        if (this.#segCount > 0) continue; // segmented: delivered from the top of the loop
       }
+      const used = this.#deliver(mem, queue, this.#chain, frame.buf, frame.offset, frame.length, out);
+      if (used === NO_BUFFERS) return ProduceResult.STARVED; // the frame stays current in the port, prepared
+      this.#pushUsed(queue, used, frame.length);
+      if (used !== TOO_LARGE && out.gsoType !== VNET_HDR_GSO_NONE) count(stats, C.rxGso);
+      this.#prepared = false;
       port.consume();
     }
     return ProduceResult.BUDGET;
+  }
+
+  #pushUsed(queue: DeviceQueue, used: number, length: number): void {
+    if (used === TOO_LARGE) {
+      count(this.#stats, C.rxDropped);
+      return;
+    }
+    for (let i = 0; i < used; i++) queue.pushUsed(this.#heads[i] as number, this.#lens[i] as number);
+    count(this.#stats, C.rxFrames);
+    count(this.#stats, C.rxBytes, length);
+  }
+
+  /**
+   * Decides how a port frame with offload fields `hdr` reaches this driver, and sets the header it gets (#out):
+   * what the driver negotiated passes through; a partial checksum it did not is completed in place (the port's
+   * bytes are ours until consume); a GSO frame it did not is segmented into #segments (#segCount > 0). Returns false
+   * for a frame that cannot be delivered.
+   */
+  #prepare(buf: Uint8Array, offset: number, length: number, hdr: VnetHeader): boolean {
+    const out = this.#out;
+    const offloads = this.#offloads;
+    clearVnetHeader(out);
+    if (hdr.gsoType !== VNET_HDR_GSO_NONE) {
+      if ((gsoNeeds(hdr.gsoType) & ~offloads) === 0) {
+        copyHeader(out, hdr);
+        return true;
+      }
+      const segments = maxSegments(length, hdr.gsoSize);
+      if (segments > MAX_SOFTWARE_SEGMENTS) return false;
+      const scratch = segmentScratchSize(length, hdr.gsoSize);
+      if (this.#segments.length < scratch) this.#segments = new Uint8Array(scratch);
+      if (this.#segOffsets.length < segments) {
+        this.#segOffsets = new Uint32Array(segments);
+        this.#segLengths = new Uint32Array(segments);
+      }
+      const n = segmentTcp(buf, offset, length, hdr, this.#segments, this.#segOffsets, this.#segLengths);
+      if (n <= 0) return false;
+      this.#segCount = n;
+      this.#segNext = 0;
+      count(this.#stats, C.rxSegmented);
+      return true;
+    }
+    if ((hdr.flags & VNET_HDR_F_NEEDS_CSUM) !== 0) {
+      if ((offloads & OffloadCap.CSUM) !== 0) {
+        copyHeader(out, hdr);
+        return true;
+      }
+      if (completeChecksum(buf, offset, length, hdr.csumStart, hdr.csumOffset) !== OffloadError.OK) return false;
+      count(this.#stats, C.rxChecksummed);
+      return true;
+    }
+    // DATA_VALID (a TAP frame whose checksum the host verified) only for a driver with GUEST_CSUM (§5.1.6.3.1).
+    if ((hdr.flags & VNET_HDR_F_DATA_VALID) !== 0 && (offloads & OffloadCap.CSUM) !== 0) out.flags = VNET_HDR_F_DATA_VALID;
+    return true;
   }
 
   /**
    * Writes header + frame into as many chains as it takes; returns how many (their heads and lengths in #heads /
    * #lens, not yet pushed), or NO_BUFFERS / TOO_LARGE with every chain given back.
    */
-  #deliver(mem: GuestMemory, queue: DeviceQueue, chain: DescriptorChain, buf: Uint8Array, offset: number, length: number): number {
+  #deliver(mem: GuestMemory, queue: DeviceQueue, chain: DescriptorChain, buf: Uint8Array, offset: number, length: number, hdr: VnetHeader): number {
     const hdrSize = this.#hdrSize;
     const total = hdrSize + length;
     // Fast path: one chain, one buffer that holds it all (DPDK's 2060-byte buffers, Linux's mergeable pages).
@@ -259,9 +412,12 @@ class NetRxHandler implements QueueHandler, QueueProducer {
       const at = this.#regions.locate(chain.addr[0] as number, total);
       if (at >= 0) {
         const u8 = this.#regions.u8;
-        u8.fill(0, at, at + hdrSize);
-        if (hdrSize === NetHdr.size) u8[at + NetHdr.numBuffers] = 1; // num_buffers = 1 (little-endian u16)
-        u8.set(buf.subarray(offset, offset + length), at + hdrSize);
+        writeVnetHeader(u8, at, hdr);
+        if (hdrSize === NetHdr.size) {
+          u8[at + NetHdr.numBuffers] = 1; // num_buffers = 1 (little-endian u16)
+          u8[at + NetHdr.numBuffers + 1] = 0;
+        }
+        copyBytes(u8, at + hdrSize, buf, offset, length);
         this.#heads[0] = chain.head;
         this.#lens[0] = total;
         return 1;
@@ -269,7 +425,9 @@ class NetRxHandler implements QueueHandler, QueueProducer {
     }
     // General path: byte stream over the chains' writable segments; header first (num_buffers patched at the end).
     const header = this.#header;
-    header.fill(0);
+    writeVnetHeader(header, 0, hdr);
+    header[NetHdr.numBuffers] = 0;
+    header[NetHdr.numBuffers + 1] = 0;
     let count = 0;
     let done = 0; // bytes of header + frame written
     let numBuffersGpa = -1; // where the first chain's num_buffers field landed (one or two byte addresses)

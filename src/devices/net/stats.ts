@@ -23,6 +23,14 @@ export const NET_COUNTERS = [
   /** `source` port: transmitted frames that carried its test pattern, and how many of them were corrupt. */
   'checked',
   'corrupt',
+  /** GSO frames the driver transmitted (segmentation left to whoever takes them). */
+  'txGso',
+  /** GSO frames put into the driver's receive buffers whole (it negotiated the offload). */
+  'rxGso',
+  /** GSO frames segmented in software for the driver (it did not negotiate the offload); each segment is a frame. */
+  'rxSegmented',
+  /** Partial checksums completed in software for the driver (it did not negotiate GUEST_CSUM). */
+  'rxChecksummed',
 ] as const;
 
 export type NetCounter = (typeof NET_COUNTERS)[number];

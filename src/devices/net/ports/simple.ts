@@ -1,50 +1,51 @@
 /**
  * The ports that need nothing outside the process: loopback, sink and source (benchmarks and tests).
  */
+import { copyBytes } from '../../../queue/descriptor-chain.js';
+import { newVnetHeader, type VnetHeader } from '../offload.js';
 import { C, count } from '../stats.js';
+import { FrameRing, frameRingBytes } from './frame-ring.js';
 import type { Frame, NetPort } from './port.js';
 
-/** Frames a loopback pair holds between its transmit and its receive queue (more are dropped: a full NIC queue). */
-const LOOPBACK_SLOTS = 256;
-/** Largest frame a loopback slot holds (jumbo frames); larger ones are dropped. */
-const LOOPBACK_SLOT_SIZE = 9216;
+/** Record bytes of a loopback pair between its transmit and its receive queue (more are dropped: a full NIC queue). */
+export const LOOPBACK_RING_BYTES = 1 << 20;
 
-/** Transmit queue -> receive queue of the same pair, in the one thread that runs both: a FIFO of frame copies. */
+/**
+ * Transmit queue -> receive queue of the same pair, in the one thread that runs both: a ring of frame copies with
+ * their offload fields (frame-ring.ts, in an ordinary buffer), so a GSO frame comes back as one, to be segmented for
+ * a driver that did not negotiate it.
+ */
 export class LoopbackPort implements NetPort {
   readonly inputFd = undefined;
   readonly frame: Frame;
-  readonly #slots = new Uint8Array(LOOPBACK_SLOTS * LOOPBACK_SLOT_SIZE);
-  readonly #lengths = new Uint32Array(LOOPBACK_SLOTS);
-  #head = 0; // next slot to deliver
-  #count = 0;
+  readonly #ring = new FrameRing(new ArrayBuffer(frameRingBytes(LOOPBACK_RING_BYTES)), 0, LOOPBACK_RING_BYTES);
 
   constructor() {
-    this.frame = { buf: this.#slots, offset: 0, length: 0 };
+    this.frame = { buf: this.#ring.bytes, offset: 0, length: 0, hdr: newVnetHeader() };
   }
 
-  transmit(buf: Uint8Array, offset: number, length: number): boolean {
-    if (this.#count === LOOPBACK_SLOTS || length > LOOPBACK_SLOT_SIZE) return false;
-    const slot = (this.#head + this.#count) % LOOPBACK_SLOTS;
-    this.#slots.set(buf.subarray(offset, offset + length), slot * LOOPBACK_SLOT_SIZE);
-    this.#lengths[slot] = length;
-    this.#count++;
+  transmit(buf: Uint8Array, offset: number, length: number, hdr: VnetHeader): boolean {
+    const at = this.#ring.reserve(length);
+    if (at < 0) return false;
+    copyBytes(this.#ring.bytes, at, buf, offset, length);
+    this.#ring.publish(length, hdr);
     return true;
   }
 
   hasInput(): boolean {
-    return this.#count > 0;
+    return this.#ring.hasRecord();
   }
 
   next(): boolean {
-    if (this.#count === 0) return false;
-    this.frame.offset = this.#head * LOOPBACK_SLOT_SIZE;
-    this.frame.length = this.#lengths[this.#head] as number;
+    const at = this.#ring.peek(this.frame.hdr);
+    if (at < 0) return false;
+    this.frame.offset = at;
+    this.frame.length = this.#ring.currentLength;
     return true;
   }
 
   consume(): void {
-    this.#head = (this.#head + 1) % LOOPBACK_SLOTS;
-    this.#count--;
+    this.#ring.release();
   }
 
   close(): void {}
@@ -53,7 +54,7 @@ export class LoopbackPort implements NetPort {
 /** Takes every frame and keeps none. */
 export class SinkPort implements NetPort {
   readonly inputFd = undefined;
-  readonly frame: Frame = { buf: new Uint8Array(0), offset: 0, length: 0 };
+  readonly frame: Frame = { buf: new Uint8Array(0), offset: 0, length: 0, hdr: newVnetHeader() };
 
   transmit(): boolean {
     return true;
@@ -117,7 +118,7 @@ export class SourcePort implements NetPort {
       this.#frames.set(MAGIC, base + 14);
       this.#frames.set(this.#pattern.subarray(s, s + frameLen - PATTERN_START), base + PATTERN_START);
     }
-    this.frame = { buf: this.#frames, offset: 0, length: frameLen };
+    this.frame = { buf: this.#frames, offset: 0, length: frameLen, hdr: newVnetHeader() };
   }
 
   transmit(buf: Uint8Array, offset: number, length: number): boolean {

@@ -3,26 +3,29 @@
  * device, each device served by its own vhost-user session and worker thread.
  *
  * Shared state (one SharedArrayBuffer, made by the control thread):
- * - a ring per (source port, destination port): single producer (the thread running the source port's transmit
- *   queue), single consumer (the thread running the destination's receive queue), fixed slots of SLOT_SIZE bytes;
+ * - a ring of frame records per (source port, destination port) (frame-ring.ts): single producer (the thread running
+ *   the source port's transmit queue), single consumer (the thread running the destination's receive queue). A
+ *   record carries the frame's virtio-net offload fields: a GSO frame or a partial checksum crosses the switch
+ *   unchanged, and the receiving queue completes it in software only if its driver did not negotiate the offload;
  * - an eventfd per destination port, written when one of its rings goes from empty to non-empty;
- * - the MAC table: 64-bit entries (MAC in the low 48 bits, port + 1 above), each stored with one atomic store.
+ * - the MAC table: entries of MAC and port + 1 under a per-entry version (see `#learn`).
  *
- * Memory ordering (all Atomics, sequentially consistent): the producer writes the slot and its length, then stores
- * `tail` (release); the consumer loads `tail` before reading the slot (acquire) and stores `head` after it is done
- * with the slot. "Ring was empty" is judged by the producer from `head` after its store of `tail`; the consumer
- * clears its eventfd before its last check of the rings, so a frame pushed after that check always writes the
- * eventfd (see `next`).
+ * Memory ordering: see frame-ring.ts for a ring. "Ring was empty" is judged by the producer from `head` after its
+ * store of `tail`; the consumer clears its eventfd before its last check of the rings, so a frame pushed after that
+ * check always writes the eventfd (see `next`).
  */
 import * as native from '../../../native/index.js';
+import { copyBytes } from '../../../queue/descriptor-chain.js';
+import { newVnetHeader, type VnetHeader } from '../offload.js';
+import { FrameRing, frameRingBytes } from './frame-ring.js';
 import type { Frame, NetPort } from './port.js';
 
-/** Slots per ring (a power of two: indices are masked). */
-export const SWITCH_SLOTS = 256;
-/** A standard frame with a VLAN tag fits (1518); larger frames are dropped by the switch. */
-export const SLOT_SIZE = 2048;
+/** Record bytes per ring (frame-ring.ts): sixteen 64 KiB GSO frames, or about 650 of 1500 bytes. */
+export const SWITCH_RING_BYTES = 1 << 20;
 const MAC_ENTRIES = 1024;
 const MAC_PROBES = 8;
+/** Int32 words per MAC table entry: version, MAC bytes 2..5, MAC bytes 0..1 | (port + 1) << 16, unused. */
+const MAC_WORDS = 4;
 export const MAX_SWITCH_PORTS = 16;
 
 /** What every port's thread gets (structured-cloneable). */
@@ -33,17 +36,11 @@ export interface SwitchShared {
   eventFds: number[];
 }
 
-// Layout: control words (head, tail per ring, 16 words apart to keep them off each other's cache lines), the MAC
-// table, the frame lengths, the frame slots.
-const CTRL_STRIDE = 16;
-
-function layout(ports: number): { ctrl: number; mac: number; lens: number; data: number; total: number } {
-  const rings = ports * ports;
-  const ctrl = 0;
-  const mac = ctrl + rings * CTRL_STRIDE * 4;
-  const lens = mac + MAC_ENTRIES * 8;
-  const data = lens + rings * SWITCH_SLOTS * 4;
-  return { ctrl, mac, lens, data, total: data + rings * SWITCH_SLOTS * SLOT_SIZE };
+// Layout: the MAC table, then the rings (ring src * ports + dst). Pages of rings that carry no traffic are never touched.
+function layout(ports: number): { mac: number; rings: number; total: number } {
+  const mac = 0;
+  const rings = mac + MAC_ENTRIES * MAC_WORDS * 4;
+  return { mac, rings, total: rings + ports * ports * frameRingBytes(SWITCH_RING_BYTES) };
 }
 
 /** The control thread's handle: makes the shared state, releases the eventfds. */
@@ -62,23 +59,26 @@ export class SwitchFabric {
   }
 }
 
-function macAt(buf: Uint8Array, at: number): bigint {
-  const hi = ((buf[at] as number) << 8) | (buf[at + 1] as number);
-  const lo = (((buf[at + 2] as number) << 24) | ((buf[at + 3] as number) << 16) | ((buf[at + 4] as number) << 8) | (buf[at + 5] as number)) >>> 0;
-  return (BigInt(hi) << 32n) | BigInt(lo);
+/** A MAC address as two numbers: `hi` its first two bytes, `lo` the other four (no BigInt on the frame path). */
+function macHi(buf: Uint8Array, at: number): number {
+  return ((buf[at] as number) << 8) | (buf[at + 1] as number);
 }
-
-const MAC_MASK = (1n << 48n) - 1n;
+function macLo(buf: Uint8Array, at: number): number {
+  return ((buf[at + 2] as number) << 24) | ((buf[at + 3] as number) << 16) | ((buf[at + 4] as number) << 8) | (buf[at + 5] as number);
+}
+function macHash(hi: number, lo: number): number {
+  return (Math.imul(lo ^ (hi << 16) ^ hi, 0x9e3779b1) >>> 22) & (MAC_ENTRIES - 1);
+}
 
 export class SwitchPort implements NetPort {
   readonly inputFd: number;
   readonly frame: Frame;
   readonly #index: number;
   readonly #ports: number;
-  readonly #ctrl: Int32Array;
-  readonly #mac: BigInt64Array;
-  readonly #lens: Int32Array;
-  readonly #data: Uint8Array;
+  readonly #mac: Int32Array;
+  /** Rings from this port to each port (producer end), and from each port to this one (consumer end). */
+  readonly #out: FrameRing[] = [];
+  readonly #in: FrameRing[] = [];
   readonly #eventFds: readonly number[];
   /** The inbound ring the current frame is from (-1: none), and where the next round-robin scan starts. */
   #current = -1;
@@ -88,80 +88,89 @@ export class SwitchPort implements NetPort {
     const l = layout(shared.ports);
     this.#index = index;
     this.#ports = shared.ports;
-    this.#ctrl = new Int32Array(shared.buffer, l.ctrl, shared.ports * shared.ports * CTRL_STRIDE);
-    this.#mac = new BigInt64Array(shared.buffer, l.mac, MAC_ENTRIES);
-    this.#lens = new Int32Array(shared.buffer, l.lens, shared.ports * shared.ports * SWITCH_SLOTS);
-    this.#data = new Uint8Array(shared.buffer, l.data);
+    this.#mac = new Int32Array(shared.buffer, l.mac, MAC_ENTRIES * MAC_WORDS);
+    const ring = (src: number, dst: number): FrameRing =>
+      new FrameRing(shared.buffer, l.rings + (src * shared.ports + dst) * frameRingBytes(SWITCH_RING_BYTES), SWITCH_RING_BYTES);
+    for (let p = 0; p < shared.ports; p++) {
+      this.#out.push(ring(index, p));
+      this.#in.push(ring(p, index));
+    }
     this.#eventFds = shared.eventFds;
     this.inputFd = shared.eventFds[index] as number;
-    this.frame = { buf: this.#data, offset: 0, length: 0 };
+    this.frame = { buf: new Uint8Array(shared.buffer), offset: 0, length: 0, hdr: newVnetHeader() };
   }
 
-  #ring(src: number, dst: number): number {
-    return src * this.#ports + dst;
-  }
-
-  transmit(buf: Uint8Array, offset: number, length: number): boolean {
-    if (length < 14 || length > SLOT_SIZE) return false;
-    this.#learn(macAt(buf, offset + 6));
+  transmit(buf: Uint8Array, offset: number, length: number, hdr: VnetHeader): boolean {
+    if (length < 14) return false;
+    this.#learn(macHi(buf, offset + 6), macLo(buf, offset + 6));
     if (((buf[offset] as number) & 1) === 0) {
-      const dst = this.#lookup(macAt(buf, offset));
+      const dst = this.#lookup(macHi(buf, offset), macLo(buf, offset));
       if (dst === this.#index) return true; // addressed to a MAC behind this port: a switch does not send it back
-      if (dst >= 0) return this.#push(dst, buf, offset, length);
+      if (dst >= 0) return this.#push(dst, buf, offset, length, hdr);
     }
     // Broadcast, multicast or an unknown destination: flood to every other port.
     let ok = true;
-    for (let p = 0; p < this.#ports; p++) if (p !== this.#index) ok = this.#push(p, buf, offset, length) && ok;
+    for (let p = 0; p < this.#ports; p++) if (p !== this.#index) ok = this.#push(p, buf, offset, length, hdr) && ok;
     return ok;
   }
 
-  #learn(mac: bigint): void {
-    if ((mac >> 40n) & 1n) return; // a multicast source address is bogus: never learn it
-    const entry = mac | (BigInt(this.#index + 1) << 48n);
-    const h = Number(mac % BigInt(MAC_ENTRIES));
+  /**
+   * MAC table entries are written under a per-entry version (a seqlock): odd while an entry changes. A writer takes
+   * it with compareExchange (another port's thread may be learning the same entry: then this one skips learning;
+   * the next frame learns), readers retry nothing: an entry that changed under them reads as a miss (a flood).
+   */
+  #learn(hi: number, lo: number): void {
+    if ((hi & 0x100) !== 0) return; // a multicast source address is bogus: never learn it
+    const mac = this.#mac;
+    const portWord = hi | ((this.#index + 1) << 16);
+    const h = macHash(hi, lo);
+    let slot = -1;
     for (let i = 0; i < MAC_PROBES; i++) {
-      const slot = (h + i) % MAC_ENTRIES;
-      const cur = Atomics.load(this.#mac, slot);
-      if (cur === entry) return;
-      if (cur === 0n || (cur & MAC_MASK) === mac) {
-        Atomics.store(this.#mac, slot, entry); // one 64-bit store: readers see the old or the new port, never a mix
-        return;
+      const e = ((h + i) & (MAC_ENTRIES - 1)) * MAC_WORDS;
+      const word = Atomics.load(mac, e + 2);
+      if (word === 0 || (Atomics.load(mac, e + 1) === lo && (word & 0xffff) === hi)) {
+        if (word === portWord) return; // known, behind this port: the common case, four loads and no store
+        slot = e;
+        break;
       }
     }
-    Atomics.store(this.#mac, h, entry); // table full around h: evict
+    if (slot < 0) slot = h * MAC_WORDS; // the table is full around h: evict
+    const v = Atomics.load(mac, slot);
+    if ((v & 1) !== 0 || Atomics.compareExchange(mac, slot, v, (v + 1) | 0) !== v) return;
+    Atomics.store(mac, slot + 1, lo);
+    Atomics.store(mac, slot + 2, portWord);
+    Atomics.store(mac, slot, (v + 2) | 0);
   }
 
-  #lookup(mac: bigint): number {
-    const h = Number(mac % BigInt(MAC_ENTRIES));
+  #lookup(hi: number, lo: number): number {
+    const mac = this.#mac;
+    const h = macHash(hi, lo);
     for (let i = 0; i < MAC_PROBES; i++) {
-      const cur = Atomics.load(this.#mac, (h + i) % MAC_ENTRIES);
-      if (cur === 0n) return -1;
-      if ((cur & MAC_MASK) === mac) return Number(cur >> 48n) - 1;
+      const e = ((h + i) & (MAC_ENTRIES - 1)) * MAC_WORDS;
+      const v = Atomics.load(mac, e);
+      const eLo = Atomics.load(mac, e + 1);
+      const word = Atomics.load(mac, e + 2);
+      if ((v & 1) !== 0 || Atomics.load(mac, e) !== v) return -1; // being written: flood this frame
+      if (word === 0) return -1;
+      if (eLo === lo && (word & 0xffff) === hi) return (word >>> 16) - 1;
     }
     return -1;
   }
 
-  #push(dst: number, buf: Uint8Array, offset: number, length: number): boolean {
-    const r = this.#ring(this.#index, dst);
-    const headAt = r * CTRL_STRIDE;
-    const tailAt = headAt + 1;
-    const tail = Atomics.load(this.#ctrl, tailAt); // only this thread stores it
-    if (((tail - Atomics.load(this.#ctrl, headAt)) | 0) >= SWITCH_SLOTS) return false; // full: drop (the receiver is slow)
-    const slot = r * SWITCH_SLOTS + (tail & (SWITCH_SLOTS - 1));
-    this.#data.set(buf.subarray(offset, offset + length), slot * SLOT_SIZE);
-    Atomics.store(this.#lens, slot, length);
-    Atomics.store(this.#ctrl, tailAt, (tail + 1) | 0); // publishes the slot (indices wrap at 2^32; only differences count)
-    // Judged after publishing: if the consumer had emptied the ring, it may be asleep (or about to sleep) on its eventfd.
-    if (Atomics.load(this.#ctrl, headAt) === tail) native.eventfdWrite(this.#eventFds[dst] as number);
+  #push(dst: number, buf: Uint8Array, offset: number, length: number, hdr: VnetHeader): boolean {
+    const ring = this.#out[dst] as FrameRing;
+    const at = ring.reserve(length);
+    if (at < 0) return false; // full (the receiver is slow) or larger than a ring: drop
+    copyBytes(ring.bytes, at, buf, offset, length);
+    if (ring.publish(length, hdr)) native.eventfdWrite(this.#eventFds[dst] as number);
     return true;
   }
 
   #findInbound(): number {
     for (let k = 0; k < this.#ports; k++) {
-      const src = (this.#nextSource + k) % this.#ports;
-      if (src === this.#index) continue;
-      const r = this.#ring(src, this.#index);
-      if (Atomics.load(this.#ctrl, r * CTRL_STRIDE + 1) !== Atomics.load(this.#ctrl, r * CTRL_STRIDE)) return r;
+      let src = this.#nextSource + k;
+      if (src >= this.#ports) src -= this.#ports;
+      if (src !== this.#index && (this.#in[src] as FrameRing).hasRecord()) return src;
     }
     return -1;
   }
@@ -171,32 +180,35 @@ export class SwitchPort implements NetPort {
   }
 
   next(): boolean {
-    if (this.#current < 0) {
-      let r = this.#findInbound();
-      if (r < 0) {
-        // Clear the eventfd, then look once more: a frame pushed after this look finds its ring empty and writes
-        // the eventfd again, so the worker's poll() cannot sleep through it.
-        native.eventfdRead(this.inputFd);
-        r = this.#findInbound();
-        if (r < 0) return false;
+    for (;;) {
+      if (this.#current < 0) {
+        let src = this.#findInbound();
+        if (src < 0) {
+          // Clear the eventfd, then look once more: a frame pushed after this look finds its ring empty and writes
+          // the eventfd again, so the worker's poll() cannot sleep through it.
+          native.eventfdRead(this.inputFd);
+          src = this.#findInbound();
+          if (src < 0) return false;
+        }
+        this.#current = src;
       }
-      this.#current = r;
+      const ring = this.#in[this.#current] as FrameRing;
+      const at = ring.peek(this.frame.hdr);
+      if (at >= 0) {
+        this.frame.offset = at;
+        this.frame.length = ring.currentLength;
+        return true;
+      }
+      this.#current = -1; // only a SKIP was left in that ring
     }
-    const r = this.#current;
-    const head = Atomics.load(this.#ctrl, r * CTRL_STRIDE);
-    const slot = r * SWITCH_SLOTS + (head & (SWITCH_SLOTS - 1));
-    this.frame.offset = slot * SLOT_SIZE;
-    this.frame.length = Atomics.load(this.#lens, slot);
-    return true;
   }
 
   consume(): void {
-    const r = this.#current;
-    if (r < 0) return;
-    const headAt = r * CTRL_STRIDE;
-    Atomics.store(this.#ctrl, headAt, (Atomics.load(this.#ctrl, headAt) + 1) | 0); // the slot may be reused from now on
+    const src = this.#current;
+    if (src < 0) return;
+    (this.#in[src] as FrameRing).release();
     this.#current = -1;
-    this.#nextSource = (Math.floor(r / this.#ports) + 1) % this.#ports; // round robin between sources
+    this.#nextSource = src + 1 < this.#ports ? src + 1 : 0; // round robin between sources
   }
 
   close(): void {}
