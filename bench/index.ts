@@ -7,6 +7,7 @@ const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void
   sync: () => import('./sync.js'),
   blk: () => import('./blk.js'),
   net: () => import('./net.js'),
+  'net-guests': () => import('./net-guests.js'),
   scale: () => import('./scale.js'),
 };
 

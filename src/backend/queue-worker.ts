@@ -662,6 +662,7 @@ function busyPoll(): boolean {
     if (++rounds % BUSY_POLL_FDS_EVERY === 0) {
       const n = buildPollSet();
       if (native.poll(pollSet(n), revents, 0) > 0) dispatchReady(n);
+      if (loading.length > 0) return true; // a command needs the main loop (a device module to load)
       for (const q of queues.values()) if (hasWork(q)) found = true;
     }
     for (const q of queues.values()) {
@@ -684,7 +685,8 @@ function busyPoll(): boolean {
       }
     }
     if (found) return true;
-  } while (performance.now() < deadline);
+    // The clock every 32 rounds: reading it costs as much as a round of looking at the rings.
+  } while ((rounds & 31) !== 0 || performance.now() < deadline);
   return false;
 }
 
@@ -871,7 +873,8 @@ while (running) {
     pool.setIdle(me, false);
   }
   const n = round();
-  if (n < 0) continue;
+  // Commands taken during the round (busyPoll's poll(0)) may have started a device module's load: await it first.
+  if (n < 0 || loading.length > 0) continue;
   if (garbage) {
     garbage = false;
     collectGarbage(); // a detached session's memory: see collectGarbage

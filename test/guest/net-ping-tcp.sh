@@ -21,7 +21,7 @@
 #   eth0 mac=... mtu=... packed=0|1 offloads=XXXX
 #   ping-first peer=IP tries=N
 #   ping peer=IP sent=N received=M
-#   tcp recv bytes=N md5=X            tcp sent bytes=N md5=X
+#   tcp recv bytes=N md5=X            tcp sent bytes=N md5=X ms=T (T: the successful connection's nc, unpaced)
 #   stats rx_packets=... tx_packets=... rx_bytes=... tx_bytes=... rx_dropped=... tx_dropped=... rx_errors=...
 #   PASS | FAIL reason
 # Markers (GUEST-MARK lines): "net-up peer=IP" once the pings are done (the host can ping this guest now, it
@@ -43,6 +43,7 @@ stats() {
   echo "GUEST-RESULT: stats$s"
 }
 now() { cut -d' ' -f1 /proc/uptime | cut -d. -f1; }
+centis() { cut -d' ' -f1 /proc/uptime | tr -d .; }
 deadline() { echo $(( $(now) + wait_s )); }
 
 [ -e "/sys/class/net/$dev" ] || { echo "GUEST-RESULT: FAIL no $dev"; ls /sys/class/net; exit 1; }
@@ -110,13 +111,14 @@ if [ -n "${NET_SEND_PORT:-}" ]; then
       | nc "$peer" "$NET_SEND_PORT" >/dev/null 2>/tmp/nc.err || fail "nc $peer $NET_SEND_PORT: $(cat /tmp/nc.err)"
   else
   # nc exits non-zero when the connection is refused (the peer does not listen yet); try again.
-  until nc "$peer" "$NET_SEND_PORT" </tmp/tx >/dev/null 2>/tmp/nc.err; do
+  until t0=$(centis); nc "$peer" "$NET_SEND_PORT" </tmp/tx >/dev/null 2>/tmp/nc.err; do
     tries=$((tries + 1))
     [ "$(now)" -lt "$end" ] || fail "nc $peer $NET_SEND_PORT: $(cat /tmp/nc.err) ($tries tries)"
     sleep 0.2
   done
   fi
-  echo "GUEST-RESULT: tcp sent bytes=$(wc -c < /tmp/tx | tr -d ' ') md5=$(md5sum < /tmp/tx | cut -d' ' -f1)"
+  t1=$(centis)
+  echo "GUEST-RESULT: tcp sent bytes=$(wc -c < /tmp/tx | tr -d ' ') md5=$(md5sum < /tmp/tx | cut -d' ' -f1) ms=$(( (t1 - ${t0:-$t1}) * 10 ))"
   rm -f /tmp/tx
 fi
 

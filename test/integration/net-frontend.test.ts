@@ -30,12 +30,12 @@ interface Backend {
   readonly logs: Record<string, unknown>[];
 }
 
-function startBackend(dir: TempDir, name: string, options: NetDeviceOptions): Backend {
+function startBackend(dir: TempDir, name: string, options: NetDeviceOptions, busyPollUs = 0): Backend {
   const socketPath = dir.join(`${name}.sock`);
   const device = new NetDevice(options);
   const logs: Record<string, unknown>[] = [];
   const logger = pino({ level: 'info' }, { write: (line: string) => void logs.push(JSON.parse(line) as Record<string, unknown>) });
-  const server = new VhostUserServer({ socketPath, device, logger });
+  const server = new VhostUserServer({ socketPath, device, logger, busyPollUs });
   server.listen();
   return { server, device, socketPath, logs };
 }
@@ -77,13 +77,18 @@ async function roundTrip(net: NetDriver, pair: number, frames: readonly Uint8Arr
 
 // ---- tests --------------------------------------------------------------------------------------------------------
 
-for (const packed of [false, true]) {
-  const rings = packed ? 'packed rings, 50 entries' : 'split rings';
+// The last variant runs the workers in polling mode (a short window: the worker spins, then sleeps).
+for (const { packed, busyPollUs } of [
+  { packed: false, busyPollUs: 0 },
+  { packed: true, busyPollUs: 0 },
+  { packed: false, busyPollUs: 200 },
+]) {
+  const rings = (packed ? 'packed rings, 50 entries' : 'split rings') + (busyPollUs > 0 ? `, --busy-poll ${busyPollUs}` : '');
   test(`loopback on 2 queue pairs (${rings}): frames come back intact on the pair they were sent on; counters`, TIMEOUT, async (t) => {
     const dir = await testTempDir(t, 'vu-net-');
     const baseline = await settledBaseline();
     await (async () => {
-      const backend = startBackend(dir, 'loop', { port: { kind: 'loopback' }, queuePairs: 2, mac: '52:54:00:ab:cd:ef' });
+      const backend = startBackend(dir, 'loop', { port: { kind: 'loopback' }, queuePairs: 2, mac: '52:54:00:ab:cd:ef' }, busyPollUs);
       const ram = GuestRam.create(8 * MiB);
       const fe = await VhostUserFrontend.connect(backend.socketPath);
       try {

@@ -482,10 +482,10 @@ class NetRxHandler implements QueueHandler, QueueProducer {
     }
     if (hdrSize === NetHdr.size) {
       // num_buffers is little-endian; with MRG_RXBUF it counts the chains, without it is 1 (VERSION_1).
-      const lo = new Uint8Array([count & 0xff]);
-      const hi = new Uint8Array([count >> 8]);
-      copyToGuest(mem, numBuffersGpa, lo, 0, 1);
-      copyToGuest(mem, numBuffersGpa2, hi, 0, 1);
+      header[0] = count & 0xff; // the header was written: its first two bytes are scratch now
+      header[1] = count >> 8;
+      copyToGuest(mem, numBuffersGpa, header, 0, 1);
+      copyToGuest(mem, numBuffersGpa2, header, 1, 1);
     }
     return count;
   }
