@@ -87,6 +87,26 @@ export function copyBytes(dst: Uint8Array, dstOffset: number, src: Uint8Array, s
 }
 
 /**
+ * Up to this many bytes, `copyWords` (a JS loop of 32-bit DataView accesses, ~16 ns for 64 bytes) beats the addon's
+ * memmove (~45 ns a call whatever the size); above ~128 bytes the call wins.
+ */
+export const WORD_COPY_MAX = 96;
+
+/**
+ * Copies `len` bytes between two DataViews (offsets relative to each view) with 32-bit loads and stores, at any
+ * alignment: for short copies whose views the caller keeps (a frame header, a 64-byte frame). The caller checked
+ * both ranges; plain accesses, so guest memory racing the copy gives a mix of old and new bytes, as any copy does.
+ */
+export function copyWords(dst: DataView, dstOffset: number, src: DataView, srcOffset: number, len: number): void {
+  let i = 0;
+  for (; i + 8 <= len; i += 8) {
+    dst.setInt32(dstOffset + i, src.getInt32(srcOffset + i, true), true);
+    dst.setInt32(dstOffset + i + 4, src.getInt32(srcOffset + i + 4, true), true);
+  }
+  for (; i < len; i++) dst.setUint8(dstOffset + i, src.getUint8(srcOffset + i));
+}
+
+/**
  * Copies `len` bytes of guest memory at `gpa` into `dst[dstOffset..]`, calling `mem.view` once per region crossed.
  * Throws `GUEST_MEMORY_UNMAPPED` (from `mem.view`, or here if a view comes back empty) when part of the range is in a hole.
  */

@@ -67,6 +67,15 @@ async function frontend(t: TestContext, be: BackendProcess, o: Omit<TestpmdOptio
   return r;
 }
 
+/** testpmd echoed our source's frames (io or macswap forwarding) and every one came back intact. */
+function assertEchoIntact(r: TestpmdResult, s: NetStats): void {
+  assert.ok(r.rxPackets > 0 && r.txPackets > 0, 'testpmd forwarded frames');
+  assert.ok(s.checked > 0, 'our source got its own frames back and checked them');
+  assert.equal(s.corrupt, 0, 'no frame came back altered');
+  assert.equal(s.checked, s.txFrames, 'every echoed frame is one of ours');
+  assert.equal(s.txErrors, 0);
+}
+
 /** a <= b, and b - a within `slack`. */
 function within(a: number, b: number, slack: number, what: string): void {
   assert.ok(a <= b && b - a <= slack, `${what}: ${a} should be <= ${b} and within ${slack} of it`);
@@ -261,11 +270,7 @@ test('(h) polling mode: echo through io and macswap, 64 B and 1500 B, 1 and 2 qu
       const r = await frontend(t2, be, { mode, txFirst: false, queues: pairs });
       const s = await stopOurs(be);
       t2.diagnostic(`ours: ${JSON.stringify(s)}`);
-      assert.ok(r.rxPackets > 0 && r.txPackets > 0, 'testpmd forwarded frames');
-      assert.ok(s.checked > 0, 'our source got its own frames back and checked them');
-      assert.equal(s.corrupt, 0, 'no frame came back altered');
-      assert.equal(s.checked, s.txFrames, 'every echoed frame is one of ours');
-      assert.equal(s.txErrors, 0);
+      assertEchoIntact(r, s);
       if (pairs > 1) assert.equal(r.streams.length, pairs, 'every queue pair carried frames');
     });
   }
@@ -283,11 +288,7 @@ for (const devargs of ['packed_vq=1', 'packed_vq=1,in_order=0', 'packed_vq=1,mrg
       const r = await frontend(t2, be, { mode: 'io', txFirst: false, devargs });
       const s = await stopOurs(be);
       t2.diagnostic(`ours: ${JSON.stringify(s)}`);
-      assert.ok(r.rxPackets > 0 && r.txPackets > 0, 'testpmd forwarded frames');
-      assert.ok(s.checked > 0, 'our source got its own frames back and checked them');
-      assert.equal(s.corrupt, 0, 'no frame came back altered');
-      assert.equal(s.checked, s.txFrames, 'every echoed frame is one of ours');
-      assert.equal(s.txErrors, 0);
+      assertEchoIntact(r, s);
       assertPacked(be);
     });
     await t.test('DPDK txonly -> our sink, 64 B', async (t2) => {

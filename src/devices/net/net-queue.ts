@@ -21,7 +21,7 @@
 import { VhostError, VirtioError } from '../../errors.js';
 import type { GuestMemory } from '../../memory/guest-memory.js';
 import { RegionCache } from '../../memory/region-cache.js';
-import { ChainReader, copyBytes, copyToGuest, DescriptorChain } from '../../queue/descriptor-chain.js';
+import { ChainReader, copyBytes, copyToGuest, copyWords, DescriptorChain, WORD_COPY_MAX } from '../../queue/descriptor-chain.js';
 import { rarpFrame } from './rarp.js';
 import type { DeviceQueue } from '../../queue/device-queue.js';
 import { VirtioFeature } from '../../protocol/constants.js';
@@ -63,24 +63,24 @@ function has(features: bigint, bitNumber: number): boolean {
   return (features & (1n << BigInt(bitNumber))) !== 0n;
 }
 
+/** OffloadCap bits for the features of one direction: its checksum, TSO4, TSO6 and ECN feature bits. */
+function offloadCaps(features: bigint, csum: number, tso4: number, tso6: number, ecn: number): number {
+  return (
+    (has(features, csum) ? OffloadCap.CSUM : 0) |
+    (has(features, tso4) ? OffloadCap.TSO4 : 0) |
+    (has(features, tso6) ? OffloadCap.TSO6 : 0) |
+    (has(features, ecn) ? OffloadCap.ECN : 0)
+  );
+}
+
 /** The offloads a driver takes on transmit (CSUM, HOST_TSO4/6, HOST_ECN) as OffloadCap bits. */
 export function transmitOffloads(features: bigint): number {
-  return (
-    (has(features, NetFeature.CSUM) ? OffloadCap.CSUM : 0) |
-    (has(features, NetFeature.HOST_TSO4) ? OffloadCap.TSO4 : 0) |
-    (has(features, NetFeature.HOST_TSO6) ? OffloadCap.TSO6 : 0) |
-    (has(features, NetFeature.HOST_ECN) ? OffloadCap.ECN : 0)
-  );
+  return offloadCaps(features, NetFeature.CSUM, NetFeature.HOST_TSO4, NetFeature.HOST_TSO6, NetFeature.HOST_ECN);
 }
 
 /** The offloads a driver takes on receive (GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN) as OffloadCap bits. */
 export function receiveOffloads(features: bigint): number {
-  return (
-    (has(features, NetFeature.GUEST_CSUM) ? OffloadCap.CSUM : 0) |
-    (has(features, NetFeature.GUEST_TSO4) ? OffloadCap.TSO4 : 0) |
-    (has(features, NetFeature.GUEST_TSO6) ? OffloadCap.TSO6 : 0) |
-    (has(features, NetFeature.GUEST_ECN) ? OffloadCap.ECN : 0)
-  );
+  return offloadCaps(features, NetFeature.GUEST_CSUM, NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6, NetFeature.GUEST_ECN);
 }
 
 /** The offloads a GSO type needs of its receiver. */
@@ -275,6 +275,9 @@ class NetRxHandler implements QueueHandler, QueueProducer {
   #segNext = 0;
   /** Whether the port's current frame went through #prepare (#out is its header). */
   #prepared = false;
+  /** A DataView of the port's frame buffer (the same buffer frame after frame), for short copies. */
+  #frameBuf: Uint8Array | undefined;
+  #frameDv: DataView<ArrayBufferLike> = new DataView(new ArrayBuffer(0));
 
   constructor(options: NetQueueOptions, instance: number, pair: number, features: bigint) {
     this.#pairPort = acquirePort(options, instance, pair);
@@ -340,6 +343,14 @@ class NetRxHandler implements QueueHandler, QueueProducer {
       port.consume();
     }
     return ProduceResult.BUDGET;
+  }
+
+  #frameView(buf: Uint8Array): DataView {
+    if (buf !== this.#frameBuf) {
+      this.#frameBuf = buf;
+      this.#frameDv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+    }
+    return this.#frameDv;
   }
 
   #pushUsed(queue: DeviceQueue, used: number, length: number): void {
@@ -417,7 +428,8 @@ class NetRxHandler implements QueueHandler, QueueProducer {
           u8[at + NetHdr.numBuffers] = 1; // num_buffers = 1 (little-endian u16)
           u8[at + NetHdr.numBuffers + 1] = 0;
         }
-        copyBytes(u8, at + hdrSize, buf, offset, length);
+        if (length <= WORD_COPY_MAX) copyWords(this.#regions.dv, at + hdrSize, this.#frameView(buf), offset, length);
+        else copyBytes(u8, at + hdrSize, buf, offset, length);
         this.#heads[0] = chain.head;
         this.#lens[0] = total;
         return 1;
