@@ -30,8 +30,8 @@ import { MAX_FRAME, MIN_FRAME } from '../devices/net/constants.js';
 
 // ---- limits (the one-device commands' ranges) --------------------------------------------------------------------
 
-/** The busy-poll window's range (MAX_BUSY_POLL_US of backend/worker-pool.ts). */
-const MAX_BUSY_POLL_US = 1_000_000;
+/** The busy-poll window's range (MAX_BUSY_POLL_US of backend/worker-pool.ts, which a test checks). */
+export const MAX_CONFIG_BUSY_POLL_US = 1_000_000;
 
 /** Largest unix socket path in bytes (sun_path is 108 bytes with its NUL). */
 export const MAX_SOCKET_PATH_BYTES = 107;
@@ -328,7 +328,7 @@ export const DaemonConfigSchema = z
     {
       threads: int(1, MAX_THREADS).exactOptional(),
       sync: oneOf(SYNC_MODE_NAMES).default('qsbr'),
-      busyPollUs: int(0, MAX_BUSY_POLL_US).default(0),
+      busyPollUs: int(0, MAX_CONFIG_BUSY_POLL_US).default(0),
       apiSocket: path(MAX_SOCKET_PATH_BYTES).exactOptional(),
       logLevel: oneOf(LOG_LEVELS).exactOptional(),
       devices: z.array(DeviceConfigSchema, { error: need('expected an array') }).default([]),

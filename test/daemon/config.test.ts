@@ -4,9 +4,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFile } from 'node:fs/promises';
 import { SYNC_MODES } from '../../src/backend/sync-block.js';
+import { MAX_BUSY_POLL_US } from '../../src/backend/worker-pool.js';
 import { MAX_QUEUE_PAIRS } from '../../src/devices/net/net-device.js';
 import {
   ConfigError,
+  MAX_CONFIG_BUSY_POLL_US,
   MAX_NET_QUEUE_PAIRS,
   SYNC_MODE_NAMES,
   parseDaemonConfig,
@@ -98,6 +100,8 @@ test('a parsed device parses again to itself (the API shows it; it can be sent b
 test('limits match the devices and the worker pool', () => {
   assert.equal(MAX_NET_QUEUE_PAIRS, MAX_QUEUE_PAIRS);
   assert.deepEqual([...SYNC_MODE_NAMES], [...SYNC_MODES]);
+  assert.equal(MAX_CONFIG_BUSY_POLL_US, MAX_BUSY_POLL_US);
+  assert.throws(() => parseDaemonConfig({ busyPollUs: MAX_BUSY_POLL_US + 1 }), ConfigError);
 });
 
 test('id: 1..64 characters of [A-Za-z0-9._-], not starting with a punctuation mark; required', () => {
