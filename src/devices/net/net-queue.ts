@@ -206,7 +206,7 @@ class NetTxHandler implements QueueHandler {
       if (this.#bounce.length < frameLen) this.#bounce = new Uint8Array(MAX_TX_FRAME);
       const reader = this.#reader.reset(mem, chain);
       reader.skip(hdrSize);
-      reader.readExact(this.#bounce.subarray(0, frameLen));
+      reader.read(this.#bounce); // the frameLen bytes left (the bounce buffer holds at least that many): no view per frame
       sent = this.#port.transmit(this.#bounce, 0, frameLen, hdr);
     }
     if (sent) {
