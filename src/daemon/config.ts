@@ -9,12 +9,13 @@
  *   "devices": [
  *     { "id": "disk0", "type": "blk", "socket": "/run/vhost-user/disk0.sock", "image": "/var/lib/vm/disk0.img", "queues": 2 },
  *     { "id": "scratch", "type": "blk", "socket": "/run/vhost-user/scratch.sock", "null": "1G" },
- *     { "id": "net0", "type": "net", "socket": "/run/vhost-user/net0.sock", "port": "tap:vu0", "queues": 2 }
+ *     { "id": "net0", "type": "net", "socket": "/run/vhost-user/net0.sock", "port": "tap:vu0", "queues": 2 },
+ *     { "id": "rng0", "type": "rng", "socket": "/run/vhost-user/rng0.sock", "maxBytes": 4096 }
  *   ]
  * }
  * ```
  *
- * Every option of the one-device commands (`vhost-user blk`, `vhost-user net`) is a camelCase field here with the same
+ * Every option of the one-device commands (`vhost-user blk`, `vhost-user net`, `vhost-user rng`) is a camelCase field here with the same
  * range and default, except `--workers`, `--sync` and `--busy-poll`: a one-device command runs its own workers, while
  * the daemon has one worker pool shared by every device, so these are the daemon-wide `threads`, `sync` and
  * `busyPollUs`.
@@ -45,6 +46,8 @@ export const MAX_QUEUE_SIZE = 32768;
 export const MAX_SERIAL_BYTES = 20;
 /** Worker threads of the daemon's pool. */
 export const MAX_THREADS = 64;
+/** rng: most bytes given per request (`vhost-user rng --max-bytes`). */
+export const MAX_RNG_BYTES_PER_REQUEST = 1 << 20;
 export const SECTOR_BYTES = 512;
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
@@ -102,7 +105,14 @@ export interface NetDeviceConfig extends DeviceConfigBase {
   frameLen: number;
 }
 
-export type DeviceConfig = BlkDeviceConfig | NetDeviceConfig;
+/** `vhost-user rng`. */
+export interface RngDeviceConfig extends DeviceConfigBase {
+  type: 'rng';
+  /** Most bytes given per request, 1..1048576. Default 65536. */
+  maxBytes: number;
+}
+
+export type DeviceConfig = BlkDeviceConfig | NetDeviceConfig | RngDeviceConfig;
 
 export interface DaemonConfig {
   /** Worker threads of the shared pool, 1..64. Absent: the daemon decides (one per CPU). Replaces `--workers`. */
@@ -296,10 +306,20 @@ export const NetDeviceConfigSchema = z.strictObject(
   strict,
 );
 
-export const DeviceConfigSchema = z.discriminatedUnion('type', [BlkDeviceConfigSchema, NetDeviceConfigSchema], {
+export const RngDeviceConfigSchema = z.strictObject(
+  {
+    ...commonFields,
+    type: z.literal('rng'),
+    queueSize: powerOfTwo(1, MAX_QUEUE_SIZE).default(1024),
+    maxBytes: int(1, MAX_RNG_BYTES_PER_REQUEST).default(65536),
+  },
+  strict,
+);
+
+export const DeviceConfigSchema = z.discriminatedUnion('type', [BlkDeviceConfigSchema, NetDeviceConfigSchema, RngDeviceConfigSchema], {
   error: (issue) => {
     if (!isRecord(issue.input)) return 'expected an object';
-    return issue.input.type === undefined ? 'required: "blk" or "net"' : 'expected "blk" or "net"';
+    return issue.input.type === undefined ? 'required: "blk", "net" or "rng"' : 'expected "blk", "net" or "rng"';
   },
 });
 
@@ -347,6 +367,7 @@ type Assert<T extends true> = T;
 type Same<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
 type _BlkMatches = Assert<Same<z.output<typeof BlkDeviceConfigSchema>, BlkDeviceConfig>>;
 type _NetMatches = Assert<Same<z.output<typeof NetDeviceConfigSchema>, NetDeviceConfig>>;
+type _RngMatches = Assert<Same<z.output<typeof RngDeviceConfigSchema>, RngDeviceConfig>>;
 type _DaemonMatches = Assert<Same<z.output<typeof DaemonConfigSchema>, DaemonConfig>>;
 
 // ---- parsing --------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 import { BlkDevice } from '../devices/blk/blk-device.js';
 import type { VirtioDevice } from '../devices/device.js';
 import { NetDevice, type NetPortOption } from '../devices/net/net-device.js';
-import { parseNetPort, type BlkDeviceConfig, type DeviceConfig, type NetDeviceConfig } from './config.js';
+import { RngDevice } from '../devices/rng/rng-device.js';
+import { parseNetPort, type BlkDeviceConfig, type DeviceConfig, type NetDeviceConfig, type RngDeviceConfig } from './config.js';
 
 /** A device and what releases it once its server is closed (net: the TAP queues). */
 export interface ConfiguredDevice<D extends VirtioDevice = VirtioDevice> {
@@ -26,6 +27,7 @@ export interface DeviceTestKnobs {
 
 export function createDevice(config: BlkDeviceConfig, knobs?: DeviceTestKnobs): ConfiguredDevice<BlkDevice>;
 export function createDevice(config: NetDeviceConfig): ConfiguredDevice<NetDevice>;
+export function createDevice(config: RngDeviceConfig): ConfiguredDevice<RngDevice>;
 export function createDevice(config: DeviceConfig): ConfiguredDevice;
 export function createDevice(config: DeviceConfig, knobs: DeviceTestKnobs = {}): ConfiguredDevice {
   if (config.type === 'blk') {
@@ -39,6 +41,9 @@ export function createDevice(config: DeviceConfig, knobs: DeviceTestKnobs = {}):
       ...(knobs.completionDelayMs !== undefined ? { completionDelayMs: knobs.completionDelayMs } : {}),
     });
     return { device, close: () => undefined };
+  }
+  if (config.type === 'rng') {
+    return { device: new RngDevice({ maxQueueSize: config.queueSize, maxBytesPerRequest: config.maxBytes }), close: () => undefined };
   }
   const parsed = parseNetPort(config.port);
   const port: NetPortOption = parsed.kind === 'source' ? { kind: 'source', frameLen: config.frameLen } : parsed;

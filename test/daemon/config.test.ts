@@ -18,6 +18,8 @@ import {
   readDaemonConfig,
 } from '../../src/daemon/config.js';
 import { VhostError } from '../../src/errors.js';
+import { createDevice } from '../../src/daemon/device-factory.js';
+import { RngDevice } from '../../src/devices/rng/rng-device.js';
 import { testTempDir } from '../helpers/tmp.js';
 
 /** The issues of the ConfigError that fn throws. */
@@ -236,9 +238,22 @@ test('net fields: port, queues 1..32, mac, queueSize a power of two 2..32768, fr
   assert.deepEqual(netIssues({ image: 'x', readOnly: true }), ['device: unknown field "image"', 'device: unknown field "readOnly"']);
 });
 
-test('type: required, "blk" or "net"; a device must be an object', () => {
-  assert.deepEqual(issuesOf(() => parseDeviceConfig({ id: 'a', socket: '/s' })), ['type: required: "blk" or "net"']);
-  assert.deepEqual(issuesOf(() => parseDeviceConfig(blk({ type: 'scsi' }))), ['type: expected "blk" or "net"']);
+test('rng fields: maxBytes 1..1048576 (default 65536), queueSize a power of two 1..32768', () => {
+  const rng = (extra: Record<string, unknown> = {}): Record<string, unknown> => ({ id: 'rng0', type: 'rng', socket: '/run/rng0.sock', ...extra });
+  assert.deepEqual(parseDeviceConfig(rng()), { id: 'rng0', type: 'rng', socket: '/run/rng0.sock', memSlots: 509, queueSize: 1024, maxBytes: 65536 });
+  assert.equal((parseDeviceConfig(rng({ maxBytes: 1048576, queueSize: 1 })) as { maxBytes: number }).maxBytes, 1048576);
+  for (const maxBytes of [0, 1048577, 1.5]) {
+    assert.deepEqual(issuesOf(() => parseDeviceConfig(rng({ maxBytes }))), ['maxBytes: expected an integer in 1..1048576']);
+  }
+  assert.deepEqual(issuesOf(() => parseDeviceConfig(rng({ port: 'sink' }))), ['device: unknown field "port"']);
+  const { device } = createDevice(parseDeviceConfig(rng({ maxBytes: 4096, queueSize: 64 })));
+  assert.ok(device instanceof RngDevice);
+  assert.equal(device.maxQueueSize, 64);
+});
+
+test('type: required, "blk", "net" or "rng"; a device must be an object', () => {
+  assert.deepEqual(issuesOf(() => parseDeviceConfig({ id: 'a', socket: '/s' })), ['type: required: "blk", "net" or "rng"']);
+  assert.deepEqual(issuesOf(() => parseDeviceConfig(blk({ type: 'scsi' }))), ['type: expected "blk", "net" or "rng"']);
   for (const value of [null, 5, 'blk', [], [blk()]]) assert.deepEqual(issuesOf(() => parseDeviceConfig(value)), ['device: expected an object']);
 });
 
@@ -276,7 +291,7 @@ test('unknown fields are named at every level, with every other problem', () => 
   );
   assert.deepEqual(issuesOf(() => parseDaemonConfig({ devices: [blk({ queues: 65 }), {}, 7] })), [
     'devices[0].queues: expected an integer in 1..64',
-    'devices[1].type: required: "blk" or "net"',
+    'devices[1].type: required: "blk", "net" or "rng"',
     'devices[2]: expected an object',
   ]);
 });
