@@ -15,7 +15,7 @@
  * }
  * ```
  *
- * Every option of the one-device commands (`vhost-user blk`, `vhost-user net`, `vhost-user rng`) is a camelCase field here with the same
+ * Every option of the one-device commands (`vhost-user blk`, `net`, `rng`) is a camelCase field here with the same
  * range and default, except `--workers`, `--sync` and `--busy-poll`: a one-device command runs its own workers, while
  * the daemon has one worker pool shared by every device, so these are the daemon-wide `threads`, `sync` and
  * `busyPollUs`.
