@@ -18,6 +18,7 @@
 #include <linux/if.h>
 #include <linux/if_tun.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -357,6 +358,32 @@ void EventfdRead(const FunctionCallbackInfo<Value>& info) {
   }
   if (n != sizeof value) return ThrowErrno(info.GetIsolate(), EIO, "read");
   info.GetReturnValue().Set(static_cast<double>(value));
+}
+
+// timerfdCreate() -> fd: a CLOCK_MONOTONIC timerfd (non-blocking, close-on-exec), disarmed. It becomes readable when
+// it expires; eventfdRead() reads and resets it (a timerfd reads as a u64 count, as an eventfd does), so a worker can
+// wait on it in poll() like on any completion fd.
+void TimerfdCreate(const FunctionCallbackInfo<Value>& info) {
+  int fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  if (fd < 0) return ThrowErrno(info.GetIsolate(), errno, "timerfd_create");
+  info.GetReturnValue().Set(fd);
+}
+
+// timerfdArm(fd, ms): one expiry `ms` milliseconds from now (a number >= 0; 0 disarms it).
+void TimerfdArm(const FunctionCallbackInfo<Value>& info) {
+  Isolate* isolate = info.GetIsolate();
+  int fd;
+  if (!ArgInt(info, 0, "timerfd_settime", &fd)) return;
+  if (!info[1]->IsNumber()) return ThrowInvalid(isolate, "timerfd_settime", "expected milliseconds");
+  double ms = info[1].As<Number>()->Value();
+  if (!(ms >= 0 && ms <= 86400000.0)) return ThrowInvalid(isolate, "timerfd_settime", "milliseconds must be 0..86400000");
+  struct itimerspec spec;
+  memset(&spec, 0, sizeof spec);
+  long long ns = static_cast<long long>(ms * 1e6);
+  if (ms > 0 && ns == 0) ns = 1;  // a positive delay must not disarm
+  spec.it_value.tv_sec = static_cast<time_t>(ns / 1000000000LL);
+  spec.it_value.tv_nsec = static_cast<long>(ns % 1000000000LL);
+  if (timerfd_settime(fd, 0, &spec, nullptr) < 0) return ThrowErrno(isolate, errno, "timerfd_settime");
 }
 
 // eventfdWrite(fd, value = 1). Never blocks, even on a blocking eventfd (as a VMM's call fd may be): a counter that
@@ -834,6 +861,8 @@ NODE_MODULE_INIT(/* exports, module, context */) {
   SetMethod(isolate, context, exports, "isEventfd", IsEventfd, data);
   SetMethod(isolate, context, exports, "eventfdRead", EventfdRead, data);
   SetMethod(isolate, context, exports, "eventfdWrite", EventfdWrite, data);
+  SetMethod(isolate, context, exports, "timerfdCreate", TimerfdCreate, data);
+  SetMethod(isolate, context, exports, "timerfdArm", TimerfdArm, data);
   SetMethod(isolate, context, exports, "poll", Poll, data);
   SetMethod(isolate, context, exports, "tunOpen", TunOpen, data);
   SetMethod(isolate, context, exports, "tunSetOffload", TunSetOffload, data);

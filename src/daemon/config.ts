@@ -46,8 +46,9 @@ export const MAX_QUEUE_SIZE = 32768;
 export const MAX_SERIAL_BYTES = 20;
 /** Worker threads of the daemon's pool. */
 export const MAX_THREADS = 64;
-/** rng: most bytes given per request (`vhost-user rng --max-bytes`). */
+/** rng: most bytes given per request (`vhost-user rng --max-bytes`), longest rate-limit period. */
 export const MAX_RNG_BYTES_PER_REQUEST = 1 << 20;
+export const MAX_RNG_RATE_PERIOD_MS = 3_600_000;
 export const SECTOR_BYTES = 512;
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
@@ -110,6 +111,10 @@ export interface RngDeviceConfig extends DeviceConfigBase {
   type: 'rng';
   /** Most bytes given per request, 1..1048576. Default 65536. */
   maxBytes: number;
+  /** Rate limit: at most this many bytes per `ratePeriodMs`, 1..2^31. Absent: no limit. */
+  rateBytes?: number;
+  /** The rate limit's period, 1..3600000 ms. Default 1000. */
+  ratePeriodMs: number;
 }
 
 export type DeviceConfig = BlkDeviceConfig | NetDeviceConfig | RngDeviceConfig;
@@ -312,6 +317,8 @@ export const RngDeviceConfigSchema = z.strictObject(
     type: z.literal('rng'),
     queueSize: powerOfTwo(1, MAX_QUEUE_SIZE).default(1024),
     maxBytes: int(1, MAX_RNG_BYTES_PER_REQUEST).default(65536),
+    rateBytes: int(1, 2 ** 31).exactOptional(),
+    ratePeriodMs: int(1, MAX_RNG_RATE_PERIOD_MS).default(1000),
   },
   strict,
 );

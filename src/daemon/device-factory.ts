@@ -43,7 +43,8 @@ export function createDevice(config: DeviceConfig, knobs: DeviceTestKnobs = {}):
     return { device, close: () => undefined };
   }
   if (config.type === 'rng') {
-    return { device: new RngDevice({ maxQueueSize: config.queueSize, maxBytesPerRequest: config.maxBytes }), close: () => undefined };
+    const rateLimit = config.rateBytes !== undefined ? { rateLimit: { bytes: config.rateBytes, periodMs: config.ratePeriodMs } } : {};
+    return { device: new RngDevice({ maxQueueSize: config.queueSize, maxBytesPerRequest: config.maxBytes, ...rateLimit }), close: () => undefined };
   }
   const parsed = parseNetPort(config.port);
   const port: NetPortOption = parsed.kind === 'source' ? { kind: 'source', frameLen: config.frameLen } : parsed;

@@ -41,6 +41,8 @@ interface Addon {
   isEventfd(fd: number): boolean;
   eventfdRead(fd: number): number;
   eventfdWrite(fd: number, value?: number | bigint): void;
+  timerfdCreate(): number;
+  timerfdArm(fd: number, ms: number): void;
   poll(fds: Int32Array, revents: Int32Array, timeoutMs: number): number;
   tunOpen(name: string, multiQueue: boolean, vnetHdr: boolean): TapDevice;
   tunSetOffload(fd: number, flags: number): void;
@@ -218,6 +220,19 @@ export function eventfdCreate(initval = 0, nonblocking = true): number {
 /** True when `fd` is an eventfd (its /proc/self/fd link is "anon_inode:[eventfd]"); EBADF for a closed fd. */
 export function isEventfd(fd: number): boolean {
   return addon.isEventfd(fd);
+}
+
+/**
+ * A CLOCK_MONOTONIC timerfd (non-blocking, close-on-exec), disarmed: readable once it expires, read and reset with
+ * `eventfdRead` (which returns the number of expiries). A worker can wait for it in poll() like any completion fd.
+ */
+export function timerfdCreate(): number {
+  return addon.timerfdCreate();
+}
+
+/** Arms `fd` (from `timerfdCreate`) to expire once, `ms` milliseconds from now (0..86400000; 0 disarms it). */
+export function timerfdArm(fd: number, ms: number): void {
+  addon.timerfdArm(fd, ms);
 }
 
 /**

@@ -238,9 +238,15 @@ test('net fields: port, queues 1..32, mac, queueSize a power of two 2..32768, fr
   assert.deepEqual(netIssues({ image: 'x', readOnly: true }), ['device: unknown field "image"', 'device: unknown field "readOnly"']);
 });
 
-test('rng fields: maxBytes 1..1048576 (default 65536), queueSize a power of two 1..32768', () => {
+test('rng fields: maxBytes 1..1048576 (default 65536), rateBytes and ratePeriodMs, queueSize a power of two 1..32768', () => {
   const rng = (extra: Record<string, unknown> = {}): Record<string, unknown> => ({ id: 'rng0', type: 'rng', socket: '/run/rng0.sock', ...extra });
-  assert.deepEqual(parseDeviceConfig(rng()), { id: 'rng0', type: 'rng', socket: '/run/rng0.sock', memSlots: 509, queueSize: 1024, maxBytes: 65536 });
+  assert.deepEqual(parseDeviceConfig(rng()), { id: 'rng0', type: 'rng', socket: '/run/rng0.sock', memSlots: 509, queueSize: 1024, maxBytes: 65536, ratePeriodMs: 1000 });
+  const limited = parseDeviceConfig(rng({ rateBytes: 1024, ratePeriodMs: 100 })) as { rateBytes: number; ratePeriodMs: number };
+  assert.deepEqual([limited.rateBytes, limited.ratePeriodMs], [1024, 100]);
+  assert.deepEqual(issuesOf(() => parseDeviceConfig(rng({ rateBytes: 0, ratePeriodMs: 0 }))), [
+    'rateBytes: expected an integer in 1..2147483648',
+    'ratePeriodMs: expected an integer in 1..3600000',
+  ]);
   assert.equal((parseDeviceConfig(rng({ maxBytes: 1048576, queueSize: 1 })) as { maxBytes: number }).maxBytes, 1048576);
   for (const maxBytes of [0, 1048577, 1.5]) {
     assert.deepEqual(issuesOf(() => parseDeviceConfig(rng({ maxBytes }))), ['maxBytes: expected an integer in 1..1048576']);

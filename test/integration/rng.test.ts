@@ -73,3 +73,41 @@ for (const packed of [false, true]) {
     }
   });
 }
+
+test('rng with a rate limit: the period\'s bytes at once, later requests wait for the next periods, in order', { timeout: 30_000 }, async (t) => {
+  const dir = await testTempDir(t, 'vu-rng-');
+  // 3000 bytes per 200 ms: of eight 1000-byte requests, three complete at once, then three per period.
+  const server = new VhostUserServer({ socketPath: dir.join('rng.sock'), device: new RngDevice({ rateLimit: { bytes: 3000, periodMs: 200 } }) });
+  server.listen();
+  const ram = GuestRam.create(4 * MiB);
+  const fe = await VhostUserFrontend.connect(server.socketPath);
+  try {
+    await fe.start({ features: featureBit(VirtioFeature.VERSION_1), memory: ram, queues: [{ index: 0, size: 16 }] });
+    const q = fe.queue(0);
+    const start = performance.now();
+    for (let i = 1; i <= 8; i++) q.driver.addChain([{ addr: ram.alloc(1000), len: 1000, writable: true }], i);
+    q.publishAndKick();
+    const order: number[] = [];
+    const at: number[] = [];
+    for (let i = 0; i < 300 && order.length < 8; i++) {
+      q.driver.pollUsed((token, len) => {
+        assert.equal(len, 1000);
+        order.push(token);
+        at.push(performance.now() - start);
+      });
+      if (order.length < 8) await sleep(5);
+    }
+    t.diagnostic(`completed at ${at.map((ms) => ms.toFixed(0)).join(', ')} ms`);
+    assert.deepEqual(order, [1, 2, 3, 4, 5, 6, 7, 8], 'every request, in order');
+    // Functional bounds, not timing: a request of the second period cannot complete before the first period ended,
+    // nor one of the third before the second (each period starts at least 200 ms after the one before).
+    assert.ok((at[3] as number) >= 195, `request 4 waited for the second period (${at[3]} ms)`);
+    assert.ok((at[6] as number) >= 395, `request 7 waited for the third period (${at[6]} ms)`);
+    assert.equal(readQueueStats(server.queueStats, 0).bytesRead, 8000);
+  } finally {
+    fe.close();
+    await server.close();
+    ram.close();
+  }
+  assert.throws(() => new RngDevice({ rateLimit: { bytes: 0, periodMs: 10 } }), /rate limit/);
+});

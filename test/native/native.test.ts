@@ -575,3 +575,24 @@ test('tunOpen with a vnet header: writes take a 12-byte virtio-net header, TUNSE
     native.close(tap.fd);
   }
 });
+
+test('timerfd: disarmed at first, readable once armed and expired, read as a count like an eventfd; bad delays refused', async () => {
+  const fd = native.timerfdCreate();
+  try {
+    const fds = Int32Array.of(fd);
+    const revents = new Int32Array(1);
+    assert.equal(native.poll(fds, revents, 0), 0, 'disarmed: not readable');
+    native.timerfdArm(fd, 20);
+    assert.equal(native.poll(fds, revents, 0), 0, 'not before it expires');
+    assert.equal(native.poll(fds, revents, 2000), 1);
+    assert.equal(native.eventfdRead(fd), 1, 'one expiry');
+    assert.equal(native.eventfdRead(fd), 0, 'reset by the read');
+    native.timerfdArm(fd, 10_000);
+    native.timerfdArm(fd, 0); // disarms
+    await sleep(30);
+    assert.equal(native.poll(fds, revents, 0), 0);
+    for (const ms of [-1, Number.NaN, 86_400_001]) assertSystemError(() => native.timerfdArm(fd, ms), 'EINVAL', 'timerfd_settime');
+  } finally {
+    native.close(fd);
+  }
+});

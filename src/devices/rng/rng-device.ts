@@ -15,6 +15,8 @@ export interface RngDeviceOptions {
   maxQueueSize?: number;
   /** Most bytes given per request (default 64 KiB): a larger buffer is filled this far, its used length says so. */
   maxBytesPerRequest?: number;
+  /** At most `bytes` every `periodMs` milliseconds (QEMU's `max-bytes` and `period`); requests beyond it wait. */
+  rateLimit?: { bytes: number; periodMs: number };
 }
 
 export class RngDevice implements VirtioDevice {
@@ -36,7 +38,12 @@ export class RngDevice implements VirtioDevice {
     if (!Number.isInteger(maxBytes) || maxBytes < 1 || maxBytes > 0xffff_ffff) {
       throw new VhostError('VHOST_RNG_BAD_OPTION', 'maxBytesPerRequest must be 1..2^32-1');
     }
-    this.worker = { module: new URL('./rng-queue.js', import.meta.url).href, options: { maxBytesPerRequest: maxBytes } };
+    const rate = options.rateLimit;
+    if (rate !== undefined && !(Number.isInteger(rate.bytes) && rate.bytes >= 1 && Number.isInteger(rate.periodMs) && rate.periodMs >= 1)) {
+      throw new VhostError('VHOST_RNG_BAD_OPTION', 'a rate limit is a positive number of bytes per a positive number of milliseconds');
+    }
+    const queueOptions: RngQueueOptions = { maxBytesPerRequest: maxBytes, ...(rate !== undefined ? { rateLimit: { ...rate } } : {}) };
+    this.worker = { module: new URL('./rng-queue.js', import.meta.url).href, options: queueOptions };
   }
 
   /** No configuration space (§5.4.4). */
