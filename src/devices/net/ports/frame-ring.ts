@@ -39,7 +39,7 @@ export class FrameRing {
   readonly #i32: Int32Array;
   readonly #u16: Uint16Array;
   readonly #u8: Uint8Array;
-  /** Offset of the records in `u8` (the frame of the current record is at `frameOffset`). */
+  /** Offset of the records in `u8` (a record's frame starts RECORD_HEADER bytes after the record). */
   readonly #base: number;
   readonly #capacity: number;
   /** Consumer: the position of the current record and its size in the ring (0: none). */
@@ -67,7 +67,7 @@ export class FrameRing {
     this.#tail = Atomics.load(this.#ctrl, 16); // a port made again over a ring in use (a reconnected device)
   }
 
-  /** The whole buffer: a record's frame is at `frameOffset` in it. */
+  /** The whole buffer: the offsets `reserve` and `peek` return are offsets in it. */
   get bytes(): Uint8Array {
     return this.#u8;
   }
