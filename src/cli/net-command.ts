@@ -98,7 +98,7 @@ export function switchCommand(): Command {
       (_, index) => new NetDevice({ port: { kind: 'switch', fabric, index }, maxQueueSize: opts.queueSize }),
     );
     // One pool for every port, as in the daemon: a port's queue pair goes to the least-loaded worker.
-    const pool = new WorkerPool({ threads: opts.workers ?? devices.length, sync: opts.sync });
+    const pool = new WorkerPool({ threads: opts.workers ?? devices.length, sync: opts.sync, busyPollUs: opts.busyPoll });
     const servers = opts.socket.map(
       (socketPath, i) =>
         new VhostUserServer({ socketPath, device: devices[i] as NetDevice, logger: log.child({ switchPort: i }), pool, memSlots: opts.memSlots }),
