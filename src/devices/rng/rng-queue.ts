@@ -57,7 +57,7 @@ export class RngQueueHandler implements QueueHandler {
     this.#newPeriod();
     if (this.#waiting.length === 0 && this.#budget > 0) return this.#fill(buffers, this.#budget);
     this.#waiting.push({ head: chain.head, buffers });
-    native.timerfdArm(this.completionFd as number, Math.max(this.#periodEnd - performance.now(), 0.001));
+    this.#wakeAtPeriodEnd();
     return PENDING;
   }
 
@@ -68,7 +68,12 @@ export class RngQueueHandler implements QueueHandler {
       if (w === undefined) return;
       complete(w.head, this.#fill(w.buffers, this.#budget));
     }
-    if (this.#waiting.length > 0) native.timerfdArm(this.completionFd as number, Math.max(this.#periodEnd - performance.now(), 0.001));
+    if (this.#waiting.length > 0) this.#wakeAtPeriodEnd();
+  }
+
+  /** Arms the timerfd (the completionFd) for the end of the current period: `reap` runs then. */
+  #wakeAtPeriodEnd(): void {
+    native.timerfdArm(this.completionFd as number, Math.max(this.#periodEnd - performance.now(), 0.001));
   }
 
   /** Starts a new period (a full budget) once the current one is over. */

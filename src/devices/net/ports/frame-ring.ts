@@ -15,6 +15,7 @@
  * the consumer loads `tail` (acquire) before it reads a record, and stores `head` once it is done with it, after
  * which the producer may overwrite those bytes (it loads `head` before it writes).
  */
+import { copyBytes } from '../../../queue/descriptor-chain.js';
 import type { VnetHeader } from '../offload.js';
 
 export const RECORD_ALIGN = 64;
@@ -22,6 +23,12 @@ const RECORD_HEADER = 16;
 const SKIP = -1;
 /** Bytes of the control words before the records (head and tail each on a 64-byte line of its own). */
 export const RING_CONTROL_BYTES = 128;
+
+/** `FrameRing.push` results. */
+export const PUSH_FULL = 0;
+export const PUSH_QUEUED = 1;
+export const PUSH_WAKE = 2;
+export type PushResult = typeof PUSH_FULL | typeof PUSH_QUEUED | typeof PUSH_WAKE;
 
 /** Bytes a ring of `capacity` record bytes takes in its buffer. */
 export function frameRingBytes(capacity: number): number {
@@ -45,9 +52,8 @@ export class FrameRing {
   /** Consumer: the position of the current record and its size in the ring (0: none). */
   #current = 0;
   #currentSize = 0;
-  /** Producer: its tail (the shared word lags behind until `publish`), and the tail before the current reservation. */
+  /** Producer: its tail (the shared word lags behind until `#publish`). */
   #tail: number;
-  #reservedFrom = 0;
 
   /**
    * The ring at byte `offset` of `buffer` (`frameRingBytes(capacity)` bytes; `offset` a multiple of 64). `capacity`
@@ -67,7 +73,7 @@ export class FrameRing {
     this.#tail = Atomics.load(this.#ctrl, 16); // a port made again over a ring in use (a reconnected device)
   }
 
-  /** The whole buffer: the offsets `reserve` and `peek` return are offsets in it. */
+  /** The whole buffer: the offsets `peek` returns are offsets in it. */
   get bytes(): Uint8Array {
     return this.#u8;
   }
@@ -75,23 +81,34 @@ export class FrameRing {
   // ---- producer ----------------------------------------------------------------------------------------------------
 
   /**
-   * Reserves a record for a frame of `length` bytes; returns the offset in `bytes` where the frame goes, or -1 when
-   * the ring has no room (or the frame is larger than maxFrame). Then write the frame and call `publish`.
+   * Copies bytes [offset, offset + length) of `buf` into a record with the offload fields `hdr` and publishes it.
+   * Returns PUSH_FULL when the ring has no room (or the frame is larger than maxFrame), PUSH_WAKE when the consumer
+   * had taken every record before it (it may be asleep, or about to sleep, and must be woken), else PUSH_QUEUED.
    */
-  reserve(length: number): number {
+  push(buf: Uint8Array, offset: number, length: number, hdr: VnetHeader): PushResult {
+    const from = this.#tail; // before the record (and a SKIP before it)
+    const at = this.#reserve(length);
+    if (at < 0) return PUSH_FULL;
+    copyBytes(this.#u8, at, buf, offset, length);
+    this.#publish(length, hdr);
+    // Judged after the store of tail, from head, which the consumer cannot move past `from` without seeing the record.
+    return Atomics.load(this.#ctrl, 0) === from ? PUSH_WAKE : PUSH_QUEUED;
+  }
+
+  /** Reserves a record for a frame of `length` bytes; returns the offset in `bytes` where the frame goes, or -1. */
+  #reserve(length: number): number {
     if (length > this.maxFrame || length < 0) return -1;
     const head = Atomics.load(this.#ctrl, 0); // acquire: the consumer is done with everything before head
     let tail = this.#tail;
     const free = this.#capacity - ((tail - head) | 0);
     const need = align(length + RECORD_HEADER);
-    this.#reservedFrom = tail;
     let pos = tail & (this.#capacity - 1);
     const toEnd = this.#capacity - pos;
     if (need > toEnd) {
       if (need + toEnd > free) return -1;
       this.#i32[(this.#base + pos) >> 2] = SKIP; // published with the record, by the same store of tail
       tail = (tail + toEnd) | 0;
-      this.#tail = tail; // made visible by `publish`, with the record after it
+      this.#tail = tail; // made visible by `#publish`, with the record after it
       pos = 0;
     } else if (need > free) {
       return -1;
@@ -100,12 +117,8 @@ export class FrameRing {
     return this.#base + pos + RECORD_HEADER;
   }
 
-  /**
-   * Publishes the record `reserve` made, with its offload fields. Returns true when the consumer had taken every
-   * record before it, so that it may be asleep (or about to sleep) and must be woken: judged after the store of
-   * tail, from head, which the consumer cannot move past the old tail without seeing this record.
-   */
-  publish(length: number, hdr: VnetHeader): boolean {
+  /** Publishes the record `#reserve` made, with its offload fields. */
+  #publish(length: number, hdr: VnetHeader): void {
     const tail = this.#tail;
     const at = this.#base + (tail & (this.#capacity - 1));
     const u8 = this.#u8;
@@ -120,7 +133,6 @@ export class FrameRing {
     // Release: the record (and a SKIP before it) is written before the consumer can see the new tail.
     this.#tail = (tail + align(length + RECORD_HEADER)) | 0;
     Atomics.store(this.#ctrl, 16, this.#tail);
-    return Atomics.load(this.#ctrl, 0) === this.#reservedFrom;
   }
 
   // ---- consumer ----------------------------------------------------------------------------------------------------

@@ -1,10 +1,9 @@
 /**
  * The ports that need nothing outside the process: loopback, sink and source (benchmarks and tests).
  */
-import { copyBytes } from '../../../queue/descriptor-chain.js';
 import { newVnetHeader, type VnetHeader } from '../offload.js';
 import { C, count } from '../stats.js';
-import { FrameRing, frameRingBytes } from './frame-ring.js';
+import { FrameRing, frameRingBytes, PUSH_FULL } from './frame-ring.js';
 import type { Frame, NetPort } from './port.js';
 
 /** Record bytes of a loopback pair between its transmit and its receive queue (more are dropped: a full NIC queue). */
@@ -25,11 +24,7 @@ export class LoopbackPort implements NetPort {
   }
 
   transmit(buf: Uint8Array, offset: number, length: number, hdr: VnetHeader): boolean {
-    const at = this.#ring.reserve(length);
-    if (at < 0) return false;
-    copyBytes(this.#ring.bytes, at, buf, offset, length);
-    this.#ring.publish(length, hdr);
-    return true;
+    return this.#ring.push(buf, offset, length, hdr) !== PUSH_FULL; // one thread: nobody to wake
   }
 
   hasInput(): boolean {

@@ -15,9 +15,8 @@
  * check always writes the eventfd (see `next`).
  */
 import * as native from '../../../native/index.js';
-import { copyBytes } from '../../../queue/descriptor-chain.js';
 import { newVnetHeader, type VnetHeader } from '../offload.js';
-import { FrameRing, frameRingBytes } from './frame-ring.js';
+import { FrameRing, frameRingBytes, PUSH_FULL, PUSH_WAKE } from './frame-ring.js';
 import type { Frame, NetPort } from './port.js';
 
 /** Record bytes per ring (frame-ring.ts): sixteen 64 KiB GSO frames, or about 650 of 1500 bytes. */
@@ -158,12 +157,9 @@ export class SwitchPort implements NetPort {
   }
 
   #push(dst: number, buf: Uint8Array, offset: number, length: number, hdr: VnetHeader): boolean {
-    const ring = this.#out[dst] as FrameRing;
-    const at = ring.reserve(length);
-    if (at < 0) return false; // full (the receiver is slow) or larger than a ring: drop
-    copyBytes(ring.bytes, at, buf, offset, length);
-    if (ring.publish(length, hdr)) native.eventfdWrite(this.#eventFds[dst] as number);
-    return true;
+    const r = (this.#out[dst] as FrameRing).push(buf, offset, length, hdr);
+    if (r === PUSH_WAKE) native.eventfdWrite(this.#eventFds[dst] as number);
+    return r !== PUSH_FULL; // full (the receiver is slow) or larger than a ring: drop
   }
 
   #findInbound(): number {
