@@ -28,6 +28,7 @@ import { readFile } from 'node:fs/promises';
 import * as z from 'zod';
 import { VhostError } from '../errors.js';
 import { MAX_FRAME, MIN_FRAME } from '../devices/net/constants.js';
+import { parseNbdUri } from '../devices/blk/nbd/uri.js';
 
 // ---- limits (the one-device commands' ranges) --------------------------------------------------------------------
 
@@ -50,6 +51,10 @@ export const MAX_THREADS = 64;
 export const MAX_RNG_BYTES_PER_REQUEST = 1 << 20;
 export const MAX_RNG_RATE_PERIOD_MS = 3_600_000;
 export const SECTOR_BYTES = 512;
+/** How long NBD requests may wait for their server (seconds). */
+export const DEFAULT_NBD_TIMEOUT_S = 30;
+export const MAX_NBD_TIMEOUT_S = 3600;
+const NBD_URI_MESSAGE = 'expected an NBD URI: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://..., nbds+unix://...';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -76,13 +81,24 @@ interface DeviceConfigBase {
   queueSize: number;
 }
 
-/** `vhost-user blk`: exactly one of `image` and `null`. */
+/** `vhost-user blk`: exactly one of `image`, `null` and `nbd`. */
 export interface BlkDeviceConfig extends DeviceConfigBase {
   type: 'blk';
   /** A raw image file (its size rounded down to 512 bytes is the capacity). */
   image?: string;
   /** A null device of this many bytes (a positive multiple of 512; "1G" in the file becomes 1073741824). */
   null?: number;
+  /**
+   * An NBD export (nbd://host[:port]/export, nbd+unix:///export?socket=PATH, nbds:// and nbds+unix:// for TLS):
+   * its size is the capacity; it is read-only, has FLUSH, DISCARD and WRITE_ZEROES as the server says.
+   */
+  nbd?: string;
+  /** TLS (nbds URIs): PEM files of the CA that signed the server's certificate, and a client certificate and key. */
+  nbdTlsCa?: string;
+  nbdTlsCert?: string;
+  nbdTlsKey?: string;
+  /** Seconds a request waits for a lost NBD server to come back before the guest gets an I/O error (absent: 30). */
+  nbdTimeout?: number;
   /** Default false. */
   readOnly: boolean;
   /** Request queues, 1..64. Default 1. */
@@ -252,6 +268,24 @@ const blkFields = {
   type: z.literal('blk'),
   image: path().exactOptional(),
   null: sizeSchema.exactOptional(),
+  nbd: z
+    .string({ error: need(NBD_URI_MESSAGE) })
+    .refine(
+      (s) => {
+        try {
+          parseNbdUri(s);
+          return true;
+        } catch {
+          return false;
+        }
+      },
+      { error: NBD_URI_MESSAGE },
+    )
+    .exactOptional(),
+  nbdTlsCa: path().exactOptional(),
+  nbdTlsCert: path().exactOptional(),
+  nbdTlsKey: path().exactOptional(),
+  nbdTimeout: int(1, MAX_NBD_TIMEOUT_S).exactOptional(),
   readOnly: z.boolean({ error: need('expected true or false') }).default(false),
   queues: int(1, MAX_BLK_QUEUES).default(1),
   queueSize: powerOfTwo(1, MAX_QUEUE_SIZE).default(1024),
@@ -272,14 +306,21 @@ const always = { when: () => true };
 
 export const BlkDeviceConfigSchema = z.strictObject(blkFields, strict).superRefine((value, ctx) => {
   if (!isRecord(value)) return; // reported already
-  const hasImage = value.image !== undefined;
-  const hasNull = value.null !== undefined;
-  if (hasImage === hasNull) {
+  const given = (['image', 'null', 'nbd'] as const).filter((k) => value[k] !== undefined);
+  if (given.length !== 1) {
     ctx.addIssue({
       code: 'custom',
-      message: hasImage ? 'give either "image" or "null", not both' : 'give exactly one of "image" (a file) or "null" (a size)',
+      message:
+        given.length === 0
+          ? 'give exactly one of "image" (a file), "null" (a size) or "nbd" (a URI)'
+          : `give one of ${given.map((k) => `"${k}"`).join(', ')}, not ${given.length === 2 ? 'both' : 'all'}`,
       input: value,
     });
+  }
+  for (const k of ['nbdTlsCa', 'nbdTlsCert', 'nbdTlsKey', 'nbdTimeout'] as const) {
+    if (value[k] !== undefined && value.nbd === undefined) {
+      ctx.addIssue({ code: 'custom', message: `"${k}" is for an "nbd" disk`, path: [k], input: value });
+    }
   }
 }, always);
 

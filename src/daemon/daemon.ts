@@ -14,7 +14,7 @@ import { WorkerPool } from '../backend/worker-pool.js';
 import { readQueueStats } from '../devices/queue-stats.js';
 import type { DeviceConfig } from './config.js';
 import type { DaemonControl, DeviceInfo, QueueInfo } from './control.js';
-import { createDevice, type ConfiguredDevice } from './device-factory.js';
+import { openDevice, type ConfiguredDevice } from './device-factory.js';
 import { DaemonMetrics, type DeviceMetricsSnapshot } from './metrics.js';
 
 export interface DaemonOptions {
@@ -71,7 +71,7 @@ export class Daemon implements DaemonControl {
       if (resolve(d.config.socket) === socket) throw new VhostError('VHOST_SOCKET_IN_USE', `${config.socket} is the socket of device ${id}`);
     }
     const log = this.#log.child({ device: config.id }, config.logLevel !== undefined ? { level: config.logLevel } : {});
-    const configured = createDevice(config);
+    const configured = await openDevice(config, { logLevel: log.level });
     const server = new VhostUserServer({
       socketPath: config.socket,
       device: configured.device,

@@ -138,15 +138,32 @@ test('memSlots 0..509 (default 509), logLevel one of pino levels (absent: the da
   assert.match(netIssues({ logLevel: 'verbose' })[0] as string, /^logLevel: expected one of "fatal"/);
 });
 
-test('blk: exactly one of image and null', () => {
-  assert.deepEqual(blkIssues({ null: '1G' }), ['device: give either "image" or "null", not both']);
-  assert.deepEqual(blkIssues({ image: undefined }), ['device: give exactly one of "image" (a file) or "null" (a size)']);
+test('blk: exactly one of image, null and nbd', () => {
+  assert.deepEqual(blkIssues({ null: '1G' }), ['device: give one of "image", "null", not both']);
+  assert.deepEqual(blkIssues({ null: '1G', nbd: 'nbd://h/e' }), ['device: give one of "image", "null", "nbd", not all']);
+  assert.deepEqual(blkIssues({ image: undefined }), ['device: give exactly one of "image" (a file), "null" (a size) or "nbd" (a URI)']);
   assert.equal(blkIssues({ image: '' })[0], 'image: expected a non-empty path');
   // reported along with the other problems of the same device
   assert.deepEqual(issuesOf(() => parseDeviceConfig({ type: 'blk', id: 'a', image: 'x', null: 512 })), [
     'socket: required',
-    'device: give either "image" or "null", not both',
+    'device: give one of "image", "null", not both',
   ]);
+});
+
+test('blk nbd: a URI of the NBD URI spec; TLS files and a timeout in seconds (absent: 30) only with it', () => {
+  const d = parseDeviceConfig(blk({ image: undefined, nbd: 'nbds+unix:///disk?socket=/run/nbd.sock', nbdTlsCa: '/etc/ca.pem' }));
+  assert.ok(d.type === 'blk');
+  assert.equal(d.nbd, 'nbds+unix:///disk?socket=/run/nbd.sock');
+  assert.equal(d.nbdTimeout, undefined);
+  assert.equal(d.nbdTlsCa, '/etc/ca.pem');
+  for (const nbd of ['http://h/e', 'nbd+unix:///e', 'nbd://h:99999/e', 7]) {
+    assert.match(blkIssues({ image: undefined, nbd })[0] as string, /^nbd: expected an NBD URI/, String(nbd));
+  }
+  assert.deepEqual(blkIssues({ nbdTlsCert: '/c.pem' }), ['nbdTlsCert: "nbdTlsCert" is for an "nbd" disk']);
+  assert.deepEqual(blkIssues({ nbdTimeout: 5 }), ['nbdTimeout: "nbdTimeout" is for an "nbd" disk']);
+  for (const nbdTimeout of [0, 3601, 1.5]) {
+    assert.deepEqual(blkIssues({ image: undefined, nbd: 'nbd://h/e', nbdTimeout }), ['nbdTimeout: expected an integer in 1..3600']);
+  }
 });
 
 test('blk null sizes: a number of bytes or a string with a binary unit; a positive multiple of 512', () => {

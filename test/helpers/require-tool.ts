@@ -23,6 +23,8 @@ export const DEBIAN_TEST_PACKAGES = [
   'spin',
   'dpdk-dev',
   'iproute2',
+  'nbdkit',
+  'openssl',
 ] as const;
 
 export type DebianPackage = (typeof DEBIAN_TEST_PACKAGES)[number];

@@ -4,13 +4,33 @@
 import { statSync } from 'node:fs';
 import { ProtocolError, VhostError } from '../../errors.js';
 import type { VirtioDevice } from '../device.js';
-import type { BlockBackendOptions } from './block-backend.js';
 import { BlkConfigOffset, BlkFeature, SECTOR_SIZE, VIRTIO_ID_BLOCK } from './constants.js';
 import type { BlkQueueOptions } from './blk-queue.js';
+import type { IoEngineOptions } from './io-messages.js';
+import type { NbdExportInfo, NbdTlsOptions } from './nbd/handshake.js';
+import type { NbdTarget } from './nbd/uri.js';
+
+/**
+ * An NBD export as a disk. `info` is what the server said when it was probed (`NbdClient.probe`): the size, and
+ * which of flush, trim, write-zeroes, read-only and multi-conn the device offers or uses.
+ */
+export interface BlkNbdBackend {
+  kind: 'nbd';
+  target: NbdTarget;
+  tls?: NbdTlsOptions | undefined;
+  info: NbdExportInfo;
+  /** How long a request waits for the server to come back before the guest gets an I/O error (ms). */
+  timeoutMs: number;
+  /** Connection changes logged by the I/O threads (pino JSON on stderr); default silent. */
+  logLevel?: string | undefined;
+}
 
 export interface BlkDeviceOptions {
-  /** A raw image file, or a null device of `size` bytes that completes requests without touching data. */
-  backend: { kind: 'file'; path: string } | { kind: 'null'; size: number };
+  /**
+   * A raw image file, a null device of `size` bytes that completes requests without touching data, or an NBD
+   * export (always served from I/O threads: `io` is ignored).
+   */
+  backend: { kind: 'file'; path: string } | { kind: 'null'; size: number } | BlkNbdBackend;
   readOnly?: boolean;
   /** Number of request queues (F_MQ when > 1). */
   queues?: number;
@@ -43,6 +63,13 @@ export class BlkDevice implements VirtioDevice {
   /** Requests survive a backend restart (INFLIGHT_SHMFD), as with libvhost-user's and SPDK's blk backends. */
   readonly inflightTracking = true;
   readonly capacityBytes: number;
+  /** Writes are refused (the option, or a read-only NBD export). */
+  readonly readOnly: boolean;
+  /**
+   * An NBD disk whose server does not allow several connections (no CAN_MULTI_CONN) runs all its queues in one
+   * worker with one I/O thread and one connection; otherwise each queue has its own.
+   */
+  readonly queuesPerWorker: number;
   readonly worker: { readonly module: string; readonly options: BlkQueueOptions };
   readonly #config: Uint8Array;
 
@@ -59,25 +86,39 @@ export class BlkDevice implements VirtioDevice {
     const serial = options.serial ?? 'vhost-user-ts';
     if (Buffer.byteLength(serial) > 20) throw new VhostError('VHOST_BLK_BAD_OPTION', 'serial is over 20 bytes');
 
-    let backend: BlockBackendOptions;
-    if (options.backend.kind === 'file') {
-      const size = statSync(options.backend.path).size;
+    let backend: IoEngineOptions;
+    // What the storage can do (an NBD server says; a file or null device can do everything).
+    let can = { flush: true, discard: true, writeZeroes: true, readOnly };
+    let shareIoThread = false;
+    const b = options.backend;
+    if (b.kind === 'file') {
+      const size = statSync(b.path).size;
       this.capacityBytes = size - (size % SECTOR_SIZE);
-      backend = { kind: 'file', path: options.backend.path, readOnly };
+      backend = { kind: 'file', path: b.path, readOnly };
+    } else if (b.kind === 'null') {
+      this.capacityBytes = b.size;
+      backend = { kind: 'null', size: b.size, readOnly };
     } else {
-      this.capacityBytes = options.backend.size;
-      backend = { kind: 'null', size: options.backend.size, readOnly };
+      const info = b.info;
+      if (info.minBlock > SECTOR_SIZE) {
+        throw new VhostError('VHOST_NBD_BLOCK_SIZE', `the export's minimum block is ${info.minBlock} bytes; at most ${SECTOR_SIZE} is supported`);
+      }
+      this.capacityBytes = info.size - (info.size % SECTOR_SIZE);
+      can = { flush: info.canFlush, discard: info.canTrim, writeZeroes: info.canWriteZeroes, readOnly: readOnly || info.readOnly };
+      backend = { kind: 'nbd', target: b.target, tls: b.tls, timeoutMs: b.timeoutMs, info, readOnly: can.readOnly, logLevel: b.logLevel };
+      shareIoThread = !info.canMultiConn;
     }
     if (this.capacityBytes % SECTOR_SIZE !== 0) throw new VhostError('VHOST_BLK_BAD_SIZE', 'size must be a multiple of 512');
+    this.queuesPerWorker = shareIoThread ? this.numQueues : 1;
 
-    let features =
-      bit(BlkFeature.SEG_MAX) |
-      bit(BlkFeature.BLK_SIZE) |
-      bit(BlkFeature.FLUSH) |
-      bit(BlkFeature.TOPOLOGY) |
-      bit(BlkFeature.DISCARD) |
-      bit(BlkFeature.WRITE_ZEROES);
-    if (readOnly) features |= bit(BlkFeature.RO);
+    // FLUSH unoffered means a write-through disk (writes complete once durable); DISCARD and WRITE_ZEROES only
+    // where the storage has them, read-only where it or the option says so.
+    let features = bit(BlkFeature.SEG_MAX) | bit(BlkFeature.BLK_SIZE) | bit(BlkFeature.TOPOLOGY);
+    if (can.flush) features |= bit(BlkFeature.FLUSH);
+    if (can.discard) features |= bit(BlkFeature.DISCARD);
+    if (can.writeZeroes) features |= bit(BlkFeature.WRITE_ZEROES);
+    if (can.readOnly) features |= bit(BlkFeature.RO);
+    this.readOnly = can.readOnly;
     if (this.numQueues > 1) features |= bit(BlkFeature.MQ);
     this.features = features;
 
@@ -87,7 +128,8 @@ export class BlkDevice implements VirtioDevice {
         backend,
         serial,
         capacityBytes: this.capacityBytes,
-        io: options.io ?? 'sync',
+        io: backend.kind === 'nbd' ? 'async' : (options.io ?? 'sync'),
+        shareIoThread,
         completionDelayMs: options.completionDelayMs ?? 0,
       },
     };

@@ -21,26 +21,49 @@ import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from '
 import * as native from '../../native/index.js';
 import { PENDING, type QueueContext, type QueueHandler } from '../device.js';
 import { countStat, QUEUE_COUNTERS, QueueStat } from '../queue-stats.js';
-import { STOP, STOPPED, type IoCompletion, type IoRequest, type IoSpan, type IoThreadInit } from './io-messages.js';
-import { openBlockBackend, type BlockBackend, type BlockBackendOptions } from './block-backend.js';
+import {
+  CONTROL_WORDS,
+  FLUSHED_SEQ,
+  FLUSHED_STATUS,
+  STOP,
+  STOPPED,
+  type IoAttach,
+  type IoClientMessage,
+  type IoCompletion,
+  type IoEngineOptions,
+  type IoOp,
+  type IoRequest,
+  type IoSpan,
+  type IoThreadInit,
+} from './io-messages.js';
+import { openBlockBackend, type BlockBackend } from './block-backend.js';
 import {
   BLK_ID_BYTES,
+  BlkFeature,
   BlkRequestType,
   BlkStatus,
   DISCARD_SEGMENT_SIZE,
   REQUEST_HEADER_SIZE,
   SECTOR_SIZE,
+  WRITE_ZEROES_FLAG_UNMAP,
 } from './constants.js';
 
 export interface BlkQueueOptions {
-  backend: BlockBackendOptions;
+  /** A file or null device (opened in each worker), or an NBD export (always served from I/O threads). */
+  backend: IoEngineOptions;
   serial: string;
   capacityBytes: number;
   /**
-   * 'sync' (default): reads and writes run in the queue worker, inside its batch. 'async': they run in an I/O
-   * thread per queue and complete later; the worker pins the request's memory until then.
+   * 'sync' (default; files and null devices only): requests run in the queue worker, inside its batch. 'async':
+   * reads, writes, flushes, discards and write-zeroes run in an I/O thread and complete later; the worker pins the
+   * request's memory until then.
    */
   io?: 'sync' | 'async';
+  /**
+   * async: the queues of a device in one worker share one I/O thread (an NBD server without CAN_MULTI_CONN gets
+   * one connection); else each queue has its own.
+   */
+  shareIoThread?: boolean;
   /**
    * async only: complete each request this long after its I/O (exercises requests in flight); a list is taken in
    * turn, request by request, so that `[5000, 0]` completes every other request at once: out of order.
@@ -48,48 +71,101 @@ export interface BlkQueueOptions {
   completionDelayMs?: number | readonly number[];
 }
 
-/** The async half: an I/O thread, its request and completion ports, and the completion eventfd. */
-class AsyncIo {
-  readonly completionFd = native.eventfdCreate(0, true);
+/** An I/O thread and the queues it serves (one, or all the queues of a device in this worker). */
+class IoThread {
   readonly #thread: Worker;
-  readonly #completions: MessagePort;
-  readonly #control = new Int32Array(new SharedArrayBuffer(8));
+  readonly #onIdle: () => void;
+  #clients = 0;
 
-  constructor(options: BlkQueueOptions) {
-    const { port1, port2 } = new MessageChannel();
-    this.#completions = port1;
+  constructor(options: BlkQueueOptions, onIdle: () => void = () => undefined) {
+    this.#onIdle = onIdle;
     const init: IoThreadInit = {
-      backend: options.backend,
-      completions: port2,
-      completionFd: this.completionFd,
-      control: this.#control.buffer,
+      engine: options.backend,
       delaysMs: typeof options.completionDelayMs === 'number' ? [options.completionDelayMs] : (options.completionDelayMs ?? []),
     };
-    this.#thread = new Worker(new URL('./blk-io-thread.js', import.meta.url), { workerData: init, transferList: [port2] });
+    this.#thread = new Worker(new URL('./blk-io-thread.js', import.meta.url), { workerData: init });
+  }
+
+  attach(): IoClient {
+    this.#clients++;
+    return new IoClient(this.#thread, () => {
+      // The thread ends itself once its last client stopped; terminate only bounds a thread stuck elsewhere.
+      if (--this.#clients > 0) return;
+      this.#onIdle();
+      void this.#thread.terminate();
+    });
+  }
+
+  get clients(): number {
+    return this.#clients;
+  }
+}
+
+/** I/O threads shared by the queues of one device (`BlkQueueOptions.shareIoThread`), by device instance. */
+const sharedThreads = new Map<number, IoThread>();
+
+/** The I/O thread a new queue of device `instance` attaches to: a new one, or the device's shared one. */
+function ioThreadFor(options: BlkQueueOptions, instance: number): IoThread {
+  if (options.shareIoThread !== true) return new IoThread(options);
+  let thread = sharedThreads.get(instance);
+  if (thread === undefined || thread.clients === 0) {
+    thread = new IoThread(options, () => sharedThreads.delete(instance));
+    sharedThreads.set(instance, thread);
+  }
+  return thread;
+}
+
+/** One queue's end of an I/O thread: its request and completion port, completion eventfd and control words. */
+class IoClient {
+  readonly completionFd = native.eventfdCreate(0, true);
+  readonly #port: MessagePort;
+  readonly #control = new Int32Array(new SharedArrayBuffer(CONTROL_WORDS * 4));
+  readonly #detach: () => void;
+  #flushSeq = 0;
+
+  constructor(thread: Worker, detach: () => void) {
+    const { port1, port2 } = new MessageChannel();
+    this.#port = port1;
+    this.#detach = detach;
+    const msg: IoAttach = { type: 'attach', port: port2, completionFd: this.completionFd, control: this.#control.buffer };
+    thread.postMessage(msg, [port2]);
   }
 
   submit(req: IoRequest): void {
-    this.#thread.postMessage(req);
+    this.#port.postMessage(req satisfies IoClientMessage);
   }
 
   reap(complete: (head: number, len: number) => void): void {
-    for (let m = receiveMessageOnPort(this.#completions); m !== undefined; m = receiveMessageOnPort(this.#completions)) {
+    for (let m = receiveMessageOnPort(this.#port); m !== undefined; m = receiveMessageOnPort(this.#port)) {
       const c = m.message as IoCompletion;
       complete(c.head, c.len);
     }
   }
 
+  /** Asks the thread for a flush and waits for it (bounded); false if it failed or did not answer in time. */
+  flushSync(timeoutMs: number): boolean {
+    const seq = ++this.#flushSeq;
+    this.#port.postMessage({ type: 'flush-sync', seq } satisfies IoClientMessage);
+    const deadline = Date.now() + timeoutMs;
+    for (let seen = Atomics.load(this.#control, FLUSHED_SEQ); seen !== seq; seen = Atomics.load(this.#control, FLUSHED_SEQ)) {
+      const left = deadline - Date.now();
+      if (left <= 0) return false;
+      Atomics.wait(this.#control, FLUSHED_SEQ, seen, left);
+    }
+    return Atomics.load(this.#control, FLUSHED_STATUS) === BlkStatus.OK;
+  }
+
   /**
-   * Stops the I/O thread. Waits (bounded) until it has confirmed that it will not touch guest memory or the eventfd
-   * again; only then is the eventfd closed (else a late write could hit a reused fd number).
+   * Stops this queue's part of the thread. Waits (bounded) until the thread has confirmed that it will not touch the
+   * queue's memory or eventfd again; only then is the eventfd closed (else a late write could hit a reused fd number).
    */
   close(): void {
     Atomics.store(this.#control, STOP, 1);
-    this.#thread.postMessage('stop');
+    this.#port.postMessage({ type: 'stop' } satisfies IoClientMessage);
     const r = Atomics.wait(this.#control, STOPPED, 0, 5000);
     if (r !== 'timed-out' || Atomics.load(this.#control, STOPPED) === 1) native.close(this.completionFd);
-    void this.#thread.terminate();
-    this.#completions.close();
+    this.#port.close();
+    this.#detach();
   }
 }
 
@@ -130,8 +206,13 @@ function forEachSpan(
   }
 }
 
+/** How long a stopping queue waits for its I/O thread's flush beyond the NBD timeout. */
+const FLUSH_WAIT_MARGIN_MS = 5000;
+
 export class BlkQueueHandler implements QueueHandler {
-  readonly #backend: BlockBackend;
+  /** sync mode: the file or null device, opened in this worker. */
+  readonly #backend: BlockBackend | undefined;
+  readonly #readOnly: boolean;
   /** The null device: data is never touched, buffers are only checked to be mapped. */
   readonly #nullData: boolean;
   readonly #capacity: number;
@@ -141,7 +222,12 @@ export class BlkQueueHandler implements QueueHandler {
   readonly #headerView = new DataView(this.#header.buffer);
   readonly #segment = new Uint8Array(DISCARD_SEGMENT_SIZE);
   readonly #segmentView = new DataView(this.#segment.buffer);
-  readonly #async: AsyncIo | undefined;
+  /** async mode: this queue's end of its I/O thread. */
+  readonly #io: IoClient | undefined;
+  /** The driver did not negotiate FLUSH: the disk is write-through, writes complete once durable. */
+  readonly #writeThrough: boolean;
+  /** The longest a stopping queue waits for its flush. */
+  readonly #flushWaitMs: number;
   readonly completionFd: number | undefined;
   /** The status byte: the last writable byte of every request, counted in its used length. */
   readonly trailingStatusBytes = 1;
@@ -151,13 +237,24 @@ export class BlkQueueHandler implements QueueHandler {
   /** The region used last (see the module comment). */
   readonly #regions = new RegionCache();
 
-  constructor(options: BlkQueueOptions, stats: Float64Array = new Float64Array(QUEUE_COUNTERS.length)) {
+  constructor(
+    options: BlkQueueOptions,
+    stats: Float64Array = new Float64Array(QUEUE_COUNTERS.length),
+    context: Pick<QueueContext, 'features' | 'instance'> = { features: 1n << BigInt(BlkFeature.FLUSH), instance: 0 },
+  ) {
     this.#stats = stats;
-    this.#async = options.io === 'async' ? new AsyncIo(options) : undefined;
-    this.completionFd = this.#async?.completionFd;
-    this.#backend = openBlockBackend(options.backend);
-    this.#nullData = options.backend.kind === 'null';
-    this.#capacity = Math.min(options.capacityBytes, this.#backend.size);
+    const engine = options.backend;
+    this.#readOnly = engine.readOnly;
+    this.#writeThrough = (context.features & (1n << BigInt(BlkFeature.FLUSH))) === 0n;
+    this.#flushWaitMs = (engine.kind === 'nbd' ? engine.timeoutMs : 0) + FLUSH_WAIT_MARGIN_MS;
+    if (options.io === 'async' || engine.kind === 'nbd') {
+      this.#io = ioThreadFor(options, context.instance).attach();
+      this.completionFd = this.#io.completionFd;
+    } else {
+      this.#backend = openBlockBackend(engine);
+    }
+    this.#nullData = engine.kind === 'null';
+    this.#capacity = Math.min(options.capacityBytes, this.#backend?.size ?? options.capacityBytes);
     this.#id = new Uint8Array(BLK_ID_BYTES);
     this.#id.set(Buffer.from(options.serial).subarray(0, BLK_ID_BYTES));
   }
@@ -198,17 +295,17 @@ export class BlkQueueHandler implements QueueHandler {
         const isRead = type === BlkRequestType.IN;
         const len = isRead ? inLen : outLen;
         const pos = this.#byteRange(sectorLo, sectorHi, len);
-        if (pos < 0 || len % SECTOR_SIZE !== 0 || (!isRead && this.#backend.readOnly)) {
+        if (pos < 0 || len % SECTOR_SIZE !== 0 || (!isRead && this.#readOnly)) {
           status = BlkStatus.IOERR;
           break;
         }
-        if (this.#async !== undefined) {
-          this.#submit(mem, chain, isRead, pos, len);
+        if (this.#io !== undefined) {
+          this.#submitData(mem, chain, isRead, pos, len);
           countStat(this.#stats, isRead ? QueueStat.bytesRead : QueueStat.bytesWritten, len); // counted when submitted
           return PENDING;
         }
         try {
-          this.#transfer(mem, chain, isRead, pos, len);
+          this.#transfer(this.#backend as BlockBackend, mem, chain, isRead, pos, len);
           countStat(this.#stats, isRead ? QueueStat.bytesRead : QueueStat.bytesWritten, len);
           if (isRead) written = len;
         } catch (err) {
@@ -218,8 +315,12 @@ export class BlkQueueHandler implements QueueHandler {
         break;
       }
       case BlkRequestType.FLUSH:
+        if (this.#io !== undefined) {
+          this.#submitOther(mem, chain, 'flush', 0, 0, false);
+          return PENDING;
+        }
         try {
-          this.#backend.flush();
+          this.#backend?.flush();
         } catch {
           status = BlkStatus.IOERR;
         }
@@ -233,7 +334,8 @@ export class BlkQueueHandler implements QueueHandler {
       case BlkRequestType.DISCARD:
       case BlkRequestType.WRITE_ZEROES:
         this.#reader.reset(mem, chain).skip(REQUEST_HEADER_SIZE);
-        status = this.#discardOrZero(type === BlkRequestType.WRITE_ZEROES, outLen);
+        status = this.#discardOrZero(mem, chain, type === BlkRequestType.WRITE_ZEROES, outLen);
+        if (status === PENDING) return PENDING;
         break;
       default:
         status = BlkStatus.UNSUPP;
@@ -248,7 +350,7 @@ export class BlkQueueHandler implements QueueHandler {
    * the header) between the backend and guest memory: one backend call per piece of guest memory, straight into or
    * out of the guest's pages. The null device only checks that every piece is mapped.
    */
-  #transfer(mem: GuestMemory, chain: DescriptorChain, isRead: boolean, pos: number, length: number): void {
+  #transfer(backend: BlockBackend, mem: GuestMemory, chain: DescriptorChain, isRead: boolean, pos: number, length: number): void {
     const first = isRead ? chain.readableCount : 0;
     const end = isRead ? chain.count : chain.readableCount;
     const nullData = this.#nullData;
@@ -276,8 +378,8 @@ export class BlkQueueHandler implements QueueHandler {
           if (n === 0) throw unmapped(gpa);
         }
         if (view !== undefined && !nullData) {
-          if (isRead) this.#backend.read(view, pos + done);
-          else this.#backend.write(view, pos + done);
+          if (isRead) backend.read(view, pos + done);
+          else backend.write(view, pos + done);
         }
         gpa += n;
         want -= n;
@@ -287,21 +389,26 @@ export class BlkQueueHandler implements QueueHandler {
   }
 
   reap(complete: (head: number, len: number) => void): void {
-    this.#async?.reap(complete);
+    this.#io?.reap(complete);
   }
 
-  /** The queue stopped with nothing in flight: completed writes go to stable storage (fdatasync). */
+  /**
+   * The queue stopped with nothing in flight: completed writes go to stable storage (fdatasync, NBD FLUSH). An I/O
+   * thread's flush is waited for, at most the NBD timeout and a margin.
+   */
   flush(): void {
-    if (!this.#backend.readOnly) this.#backend.flush();
+    if (this.#readOnly) return;
+    if (this.#io !== undefined) this.#io.flushSync(this.#flushWaitMs);
+    else this.#backend?.flush();
   }
 
   close(): void {
-    this.#async?.close();
-    this.#backend.close();
+    this.#io?.close();
+    this.#backend?.close();
   }
 
   /** Hands a read or write to the I/O thread: the spans are views captured now, under the current memory table. */
-  #submit(mem: GuestMemory, chain: DescriptorChain, isRead: boolean, pos: number, len: number): void {
+  #submitData(mem: GuestMemory, chain: DescriptorChain, isRead: boolean, pos: number, len: number): void {
     const spans: IoSpan[] = [];
     const collect = (view: Uint8Array, off: number): void => {
       spans.push({ buffer: view.buffer as SharedArrayBuffer, offset: view.byteOffset, length: view.length, pos: pos + off });
@@ -309,12 +416,32 @@ export class BlkQueueHandler implements QueueHandler {
     if (isRead) forEachSpan(mem, chain, true, 0, len, collect);
     else forEachSpan(mem, chain, false, REQUEST_HEADER_SIZE, len, collect);
     const status = this.#statusView(mem, chain);
-    (this.#async as AsyncIo).submit({
+    (this.#io as IoClient).submit({
       head: chain.head,
       op: isRead ? 'read' : 'write',
       spans,
+      pos,
+      length: len,
+      fua: !isRead && this.#writeThrough,
+      unmap: false,
       status: { buffer: status.buffer as SharedArrayBuffer, offset: status.byteOffset },
       len: (isRead ? len : 0) + 1,
+    });
+  }
+
+  /** Hands a flush, discard or write-zeroes to the I/O thread (it completes with just its status byte). */
+  #submitOther(mem: GuestMemory, chain: DescriptorChain, op: IoOp, pos: number, length: number, unmap: boolean): void {
+    const status = this.#statusView(mem, chain);
+    (this.#io as IoClient).submit({
+      head: chain.head,
+      op,
+      spans: [],
+      pos,
+      length,
+      fua: op === 'zero' && this.#writeThrough,
+      unmap,
+      status: { buffer: status.buffer as SharedArrayBuffer, offset: status.byteOffset },
+      len: 1,
     });
   }
 
@@ -325,19 +452,24 @@ export class BlkQueueHandler implements QueueHandler {
     return pos + len <= this.#capacity ? pos : -1;
   }
 
-  #discardOrZero(zero: boolean, outLen: number): number {
+  /** A status, or PENDING when the I/O thread performs it. */
+  #discardOrZero(mem: GuestMemory, chain: DescriptorChain, zero: boolean, outLen: number): number {
     // One segment per request (config max_discard_seg / max_write_zeroes_seg = 1).
     if (outLen !== DISCARD_SEGMENT_SIZE) return BlkStatus.IOERR;
     this.#reader.readExact(this.#segment);
     const v = this.#segmentView;
     const sectors = v.getUint32(8, true);
     const flags = v.getUint32(12, true);
-    if ((flags & ~1) !== 0) return BlkStatus.UNSUPP;
+    if ((flags & ~WRITE_ZEROES_FLAG_UNMAP) !== 0) return BlkStatus.UNSUPP;
     const pos = this.#byteRange(v.getUint32(0, true), v.getUint32(4, true), sectors * SECTOR_SIZE);
-    if (pos < 0 || this.#backend.readOnly) return BlkStatus.IOERR;
+    if (pos < 0 || this.#readOnly) return BlkStatus.IOERR;
+    if (this.#io !== undefined) {
+      this.#submitOther(mem, chain, zero ? 'zero' : 'discard', pos, sectors * SECTOR_SIZE, (flags & WRITE_ZEROES_FLAG_UNMAP) !== 0);
+      return PENDING;
+    }
     if (!zero) return BlkStatus.OK; // discard is a hint; a file without hole punching keeps its data
     try {
-      this.#backend.writeZeroes(pos, sectors * SECTOR_SIZE);
+      this.#backend?.writeZeroes(pos, sectors * SECTOR_SIZE);
     } catch {
       return BlkStatus.IOERR;
     }
@@ -373,5 +505,5 @@ export class BlkQueueHandler implements QueueHandler {
 
 /** The worker-module entry point (see devices/device.ts `DeviceWorkerModule`). */
 export function createQueueHandler(options: unknown, context: QueueContext): QueueHandler {
-  return new BlkQueueHandler(options as BlkQueueOptions, context.stats);
+  return new BlkQueueHandler(options as BlkQueueOptions, context.stats, context);
 }
