@@ -45,6 +45,9 @@ const BAD_REQUEST_CODES = new Set([
   'VHOST_NET_BAD_MAC',
   'VHOST_BLK_BAD_SIZE',
   'VHOST_SOCKET_UNAVAILABLE',
+  // an nbd disk whose server has no such export, or one this backend cannot serve
+  'VHOST_NBD_EXPORT',
+  'VHOST_NBD_BLOCK_SIZE',
   // a device's image path that cannot be opened
   'ENOENT',
   'EACCES',
@@ -74,7 +77,8 @@ export function statusForCode(code: string): number {
     case 'VHOST_DAEMON_CLOSED':
       return 503;
     default:
-      return 500;
+      // An nbd disk's server could not be reached or spoke badly (connect, handshake, TLS, timeout): upstream.
+      return code.startsWith('VHOST_NBD_') ? 502 : 500;
   }
 }
 

@@ -340,6 +340,9 @@ test('statusForCode', () => {
   assert.equal(statusForCode('VHOST_DEVICE_EXISTS'), 409);
   assert.equal(statusForCode('VHOST_API_BODY_TOO_LARGE'), 413);
   assert.equal(statusForCode('EIO'), 500);
+  assert.equal(statusForCode('VHOST_NBD_EXPORT'), 400, 'no such export: the request named it');
+  assert.equal(statusForCode('VHOST_NBD_CONNECT'), 502, 'the NBD server cannot be reached: upstream');
+  assert.equal(statusForCode('VHOST_NBD_TLS'), 502);
 });
 
 test('the socket: mode 0600, removed by close; a stale socket is replaced; a live one or a regular file refused', async (t) => {

@@ -6,6 +6,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { BlkDriver, BlkStatus, GuestRam, VhostUserFrontend } from '../../src/frontend/index.js';
 import { parseMetrics, startDaemon, type DaemonProcess } from '../helpers/daemon.js';
+import { NBDKIT_TOOLS, startNbdkit } from '../helpers/nbd-server.js';
+import { requireTools } from '../helpers/require-tool.js';
 import { testTempDir, type TempDir } from '../helpers/tmp.js';
 
 const KiB = 1024;
@@ -205,4 +207,35 @@ test('devices added, removed and re-added through the API while others run I/O; 
   assert.equal(await daemon.stop(), 0);
   const warnings = daemon.logs().filter((l) => (l.level as number) >= 50);
   assert.deepEqual(warnings, [], 'no errors logged');
+});
+
+test('an nbd disk added over the API: verified I/O on nbdkit; an unreachable server is 502, a missing export 400', TIMEOUT, async (t) => {
+  if (!requireTools(t, NBDKIT_TOOLS)) return;
+  const dir = await testTempDir(t, 'vu-d-');
+  // Strict export names: only "disk" is served.
+  const nbd = await startNbdkit({ socketPath: dir.join('nbd.sock'), filters: ['exportname'], plugin: ['memory', '16M', 'exportname=disk', 'exportname-strict=true'] });
+  t.after(() => nbd.stop());
+  const daemon = await startDaemon({ apiSocket: dir.join('api.sock'), logLevel: 'info' });
+  t.after(() => daemon.stop());
+  const body = (id: string, uri: string): Record<string, unknown> => ({ id, type: 'blk', socket: dir.join(`${id}.sock`), queueSize: 64, nbd: uri });
+  const added = await daemon.api('PUT', '/devices/n0', body('n0', `nbd+unix:///disk?socket=${nbd.socketPath}`));
+  assert.equal(added.status, 201, added.body);
+  const client = await connect(dir, 'n0');
+  try {
+    for (let round = 0; round < 3; round++) await exercise(client.blk, { id: 'n0', kind: 'image' }, round);
+  } finally {
+    client.close();
+  }
+  const refused: [string, string, number, string][] = [
+    ['n1', `nbd+unix:///?socket=${dir.join('nobody.sock')}`, 502, 'VHOST_NBD_CONNECT'],
+    ['n2', `nbd+unix:///no-such-export?socket=${nbd.socketPath}`, 400, 'VHOST_NBD_EXPORT'],
+  ];
+  for (const [id, uri, status, code] of refused) {
+    const r = await daemon.api('PUT', `/devices/${id}`, body(id, uri));
+    assert.equal(r.status, status, r.body);
+    assert.equal((r.json as { error: { code: string } }).error.code, code, r.body);
+  }
+  const list = (await daemon.api('GET', '/devices')).json as { devices: { id: string }[] };
+  assert.deepEqual(list.devices.map((d) => d.id), ['n0']);
+  assert.equal(await daemon.stop(), 0);
 });
