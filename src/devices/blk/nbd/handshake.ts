@@ -176,7 +176,7 @@ function handshakeError(message: string): VhostError {
   return new VhostError('VHOST_NBD_HANDSHAKE', message);
 }
 
-/** A copy of `text` safe to put in a message (server text is hostile: bounded and without control characters). */
+/** Server text for a message: hostile, so cut to 512 bytes, control characters replaced. */
 function printable(bytes: Buffer): string {
   // eslint-disable-next-line no-control-regex
   return bytes.subarray(0, 512).toString('utf8').replace(/[\u0000-\u001f\u007f]/g, '?');
@@ -475,7 +475,7 @@ class Handshake {
       throw handshakeError(`NBD_OPT_GO: unexpected ${repName(reply.type)}`);
     }
     const info = this.#exportInfo(size, flags, block, structuredReplies);
-    return { socket: this.#finish(), info, leftover: this.#reader.detach() };
+    return { socket: this.#socket(), info, leftover: this.#reader.detach() };
   }
 
   /** The fallback for servers without NBD_OPT_GO (spec "NBD_OPT_EXPORT_NAME"); the server hangs up on failure. */
@@ -484,11 +484,7 @@ class Handshake {
     this.#sendOption(NbdOpt.EXPORT_NAME, nameBytes);
     const reply = await this.#read(NbdSize.EXPORT_NAME_REPLY + (noZeroes ? 0 : NbdSize.EXPORT_NAME_PADDING));
     const info = this.#exportInfo(reply.readBigUInt64BE(0), reply.readUInt16BE(8), undefined, structuredReplies);
-    return { socket: this.#finish(), info, leftover: this.#reader.detach() };
-  }
-
-  #finish(): Socket {
-    return this.#socket();
+    return { socket: this.#socket(), info, leftover: this.#reader.detach() };
   }
 
   #exportInfo(
@@ -544,8 +540,10 @@ class Handshake {
  * hanging up mid-handshake), VHOST_NBD_HANDSHAKE (bad magic, oldstyle server, no FIXED_NEWSTYLE, malformed option
  * replies, an option reply for another option, a reply over 64 KiB), VHOST_NBD_EXPORT (NBD_REP_ERR_* for GO, naming
  * the error and the server's text; an export over 2^53 - 1 bytes), VHOST_NBD_TLS (the server requires TLS and we
- * have none, STARTTLS refused, certificate errors), VHOST_NBD_TIMEOUT. On rejection the socket is destroyed.
- * `options.tls` is only used for nbds URIs (`target.tls`).
+ * have none, STARTTLS refused, certificate errors; a server hanging up right after the TLS handshake, as one that
+ * wants a client certificate does), VHOST_NBD_TIMEOUT. On rejection the socket is destroyed.
+ * `options.tls` is only used for nbds URIs (`target.tls`). The resolved socket has no 'error' listener: construct
+ * the NbdConnection (or attach one) before yielding to the event loop.
  */
 export function connectNbd(target: NbdTarget, options: NbdConnectOptions = {}): Promise<NbdConnected> {
   return new Handshake(target, options).run();
