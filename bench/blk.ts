@@ -3,8 +3,17 @@
  * (`vhost-user bench blk`, src/cli/bench-command.ts) in one run.
  *
  * Both backends run as separate processes side by side, each serving the same device: a null device (ours
- * `--null 1G`, QEMU's null-co: requests complete without touching data, so the datapath is what is measured) and
- * the same raw image on tmpfs. Every workload runs against ours and qemu-storage-daemon back to back (the order
+ * `--null 1G`, QEMU's null-co: requests complete without touching data, so the datapath is what is measured), the
+ * same raw image on tmpfs, and (with --devices) a disk on an NBD server that both backends are clients of: `nbd-qemu`
+ * is qemu-nbd serving a raw image on tmpfs (`-t --shared=16 -f raw --cache=writeback`, which offers CAN_MULTI_CONN,
+ * so ours opens a connection per queue), `nbdkit` is nbdkit's memory plugin (`memory 1G`, sparse RAM); ours is
+ * `blk --nbd nbd+unix:///disk?socket=...` (nbdkit: the empty export name), qemu-storage-daemon a `driver=nbd` blockdev
+ * on the same socket (one connection). One NBD server per device kind serves the whole run; there the NBD round trip
+ * and the server are part of every figure, and the server's CPU per request during each backend's runs is shown
+ * beside the backends' (approximate: its whole run, warm-up included). NBD devices run a smaller matrix: 4k random
+ * read and write at QD1 and QD32, 128k sequential read and write, 4k QD32 on two queues (no QD128, no datapath floor:
+ * the in-process floor drives the null or file backend, which has no meaning for an NBD disk). Every workload runs
+ * against ours and qemu-storage-daemon back to back (the order
  * alternates), over several rounds; medians per workload, and the ratio ours / theirs of the medians. Beside IOPS:
  * each backend's CPU time per request from its own /proc/PID/stat (every thread), the load generator's own CPU
  * time per request, and its ceiling against a device that completes at once in its own thread (`--loopback`), which
@@ -12,8 +21,10 @@
  * same run (eventfd round trip, Atomics, cross-core handoff, memcpy) together with our datapath's cost per request
  * without any wake-up (the queue and device code driven in-process), and each figure is put beside them.
  *
- * Options: --seconds S (1) --ramp S (0.5) --rounds N (3) --devices null,image --only SUBSTRING --quick (1 round of
- * 0.5 s runs, about a minute) --image-size BYTES (1 GiB) --qsd-aio threads|io_uring (threads, its default)
+ * Options: --seconds S (1) --ramp S (0.5) --rounds N (3) --devices LIST (null,image; any of null, image, nbd-qemu,
+ * nbdkit, e.g. `--devices nbd-qemu,nbdkit`) --only SUBSTRING --quick (1 round of 0.5 s runs, about a minute per two
+ * devices) --image-size BYTES (1 GiB; also the size of the NBD disks) --qsd-aio threads|io_uring (threads, its
+ * default; file images only)
  * --busy-poll-us N (adds our backend with the optional busy-poll as a third contender) --packed (adds our backend
  * driven with packed rings as another contender: the same process as "ours", its own connection) --inflight (adds our
  * backend with an inflight region, as QEMU's vhost-user-blk asks for, so every request is tracked in it: its cost;
@@ -22,21 +33,25 @@
  * each the same backend process over its own connection; the generator gives a log over its guest RAM, turns
  * VHOST_F_LOG_ALL on after the start and takes and clears the bitmap every --log-take-ms (100) as a migration's
  * iterations do) --name NAME (of the result files) --resummarize FILE (the report again from an earlier run's
- * JSON). The default takes about 8 minutes; every contender added (variants, busy-poll) about 2 more.
+ * JSON) --profile DIR (V8 CPU profiles of every thread of our backend, one folder per device and round, covering
+ * the round's workloads: pair it with --only; `node dist/bench/profile-summary.js FILE` reads one). The default takes
+ * about 8 minutes; every contender added (variants, busy-poll) about 2 more;
+ * `--devices nbd-qemu,nbdkit` about 6.
  */
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statfsSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { Worker } from 'node:worker_threads';
 import type { ChildProcess } from 'node:child_process';
-import { runBlkLoad, type BlkLoadResult, type RwMode } from '../src/cli/bench-command.js';
+import { processCpuSeconds, runBlkLoad, type BlkLoadResult, type RwMode } from '../src/cli/bench-command.js';
 import { BlkQueueHandler } from '../src/devices/blk/blk-queue.js';
 import { GuestRam } from '../src/frontend/guest-ram.js';
 import { MemoryTable } from '../src/memory/memory-table.js';
 import * as native from '../src/native/index.js';
 import { SplitQueue } from '../src/queue/split-queue.js';
 import { SplitQueueDriver, type Segment } from '../src/queue/split-queue-driver.js';
+import { startNbdkit, startQemuNbd, type NbdServer } from '../test/helpers/nbd-server.js';
 import { startQsd, type Qsd } from '../test/helpers/qsd.js';
 import { findBinary } from '../test/helpers/require-tool.js';
 import { hasExited, spawnOwned, stopProcess } from '../test/helpers/tmp.js';
@@ -74,7 +89,34 @@ const WORKLOADS: readonly Workload[] = [
   wl('randwrite', 4 * KiB, 32, 2),
 ];
 
-type DeviceKind = 'null' | 'image';
+const DEVICE_KINDS = ['null', 'image', 'nbd-qemu', 'nbdkit'] as const;
+type DeviceKind = (typeof DEVICE_KINDS)[number];
+type NbdKind = Extract<DeviceKind, 'nbd-qemu' | 'nbdkit'>;
+
+function isNbd(device: DeviceKind | 'loopback'): device is NbdKind {
+  return device === 'nbd-qemu' || device === 'nbdkit';
+}
+
+/**
+ * The workloads a device runs. NBD disks: 4k random read and write at QD1 and QD32, 128k sequential, 4k QD32 on two
+ * queues: QD128 is left out (what the NBD server does with that many requests in flight is its own matter, and it
+ * doubles the run).
+ */
+function workloadsFor(device: DeviceKind, all: readonly Workload[]): readonly Workload[] {
+  return isNbd(device) ? all.filter((w) => w.iodepth <= 32) : all;
+}
+
+/** Short labels (chart): N null, I image, Q qemu-nbd, K nbdkit. */
+const DEVICE_LABEL: Record<DeviceKind, string> = { null: 'N', image: 'I', 'nbd-qemu': 'Q', nbdkit: 'K' };
+
+/** An NBD server a device kind's two backends are both clients of (one for the whole run). */
+interface NbdDisk {
+  readonly server: NbdServer;
+  /** Ours: `blk --nbd URI`. */
+  readonly uri: string;
+  /** qemu-storage-daemon's `--blockdev` (driver nbd, the same server). */
+  readonly blockdev: Readonly<Record<string, unknown>>;
+}
 
 interface Backend {
   readonly name: string;
@@ -95,6 +137,11 @@ interface Sample {
   readonly backend: string;
   readonly round: number;
   readonly result: BlkLoadResult;
+  /**
+   * NBD devices: the NBD server's CPU time (every thread) per request of this run. Approximate: read around the
+   * whole run (warm-up and the drain at its end included) and spread over the requests at the window's rate.
+   */
+  readonly serverCpuUsPerIo?: number;
 }
 
 // ---- backends ----------------------------------------------------------------------------------------------------
@@ -113,10 +160,25 @@ async function waitForSocket(path: string, child: ChildProcess, what: string): P
 }
 
 /** Our backend as its own process, through the CLI, like qemu-storage-daemon. */
-async function startOurs(name: string, dir: string, device: DeviceKind, image: string, extraArgs: string[] = []): Promise<Backend> {
+async function startOurs(
+  name: string,
+  dir: string,
+  device: DeviceKind,
+  image: string,
+  nbd: NbdDisk | undefined,
+  extraArgs: string[] = [],
+  profileDir?: string,
+): Promise<Backend> {
   const socket = join(dir, `${name}.sock`);
-  const args = [join(ROOT, 'bin/vhost-user.js'), 'blk', '--socket', socket, '--queues', '2', '--log-level', 'warn', ...extraArgs];
-  args.push(...(device === 'null' ? ['--null', '1G'] : ['--image', image]));
+  // --profile: a V8 CPU profile of every thread of the process (main, queue workers, I/O threads), written when it exits.
+  const nodeArgs = profileDir === undefined ? [] : ['--cpu-prof', '--cpu-prof-dir', profileDir];
+  const args = [...nodeArgs, join(ROOT, 'bin/vhost-user.js'), 'blk', '--socket', socket, '--queues', '2', '--log-level', 'warn', ...extraArgs];
+  if (isNbd(device)) {
+    if (nbd === undefined) throw new Error(`${device}: no NBD server`);
+    args.push('--nbd', nbd.uri);
+  } else {
+    args.push(...(device === 'null' ? ['--null', '1G'] : ['--image', image]));
+  }
   const child = spawnOwned(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'] });
   await waitForSocket(socket, child, `our backend (${name})`);
   const pid = child.pid;
@@ -124,14 +186,51 @@ async function startOurs(name: string, dir: string, device: DeviceKind, image: s
   return { name, socket, pid, stop: () => stopProcess(child) };
 }
 
-async function startTheirs(dir: string, device: DeviceKind, image: string, aio: string): Promise<Backend> {
+async function startTheirs(dir: string, device: DeviceKind, image: string, aio: string, nbd: NbdDisk | undefined): Promise<Backend> {
   const socket = join(dir, 'qsd.sock');
+  if (isNbd(device) && nbd === undefined) throw new Error(`${device}: no NBD server`);
   const blockdev =
-    device === 'null'
-      ? { driver: 'null-co', size: GiB, 'read-zeroes': false }
-      : { driver: 'file', filename: image, cache: { direct: false }, aio };
+    nbd !== undefined && isNbd(device)
+      ? nbd.blockdev
+      : device === 'null'
+        ? { driver: 'null-co', size: GiB, 'read-zeroes': false }
+        : { driver: 'file', filename: image, cache: { direct: false }, aio };
   const qsd: Qsd = await startQsd({ blockdev, socketPath: socket, numQueues: 2, writable: true });
   return { name: 'qemu-storage-daemon', socket, pid: qsd.pid, stop: () => qsd.stop() };
+}
+
+/**
+ * The NBD server of an NBD device kind, on a unix socket in `dir`: qemu-nbd serving a raw image (`image`, made here)
+ * with --shared=16 (so it offers CAN_MULTI_CONN), or nbdkit's memory plugin. Stopped by its PID (`server.stop()`).
+ */
+async function startNbdDisk(kind: NbdKind, dir: string, image: string, size: number): Promise<NbdDisk> {
+  const socketPath = join(dir, `${kind}.sock`);
+  if (kind === 'nbd-qemu') {
+    makeImage(image, size);
+    const server = await startQemuNbd({ socketPath, image, exportName: 'disk', shared: 16 });
+    return {
+      server,
+      uri: `nbd+unix:///disk?socket=${socketPath}`,
+      blockdev: { driver: 'nbd', server: { type: 'unix', path: socketPath }, export: 'disk' },
+    };
+  }
+  const server = await startNbdkit({ socketPath, plugin: ['memory', String(size)] });
+  // nbdkit's memory plugin serves any export name; both ask for the default one (empty).
+  return {
+    server,
+    uri: `nbd+unix:///?socket=${socketPath}`,
+    blockdev: { driver: 'nbd', server: { type: 'unix', path: socketPath } },
+  };
+}
+
+const TMPFS_MAGIC = 0x01021994;
+
+function isTmpfs(path: string): boolean {
+  try {
+    return statfsSync(path).type === TMPFS_MAGIC;
+  } catch {
+    return false;
+  }
 }
 
 /** A raw image of `size` bytes of non-zero data (reads must hit real pages, not tmpfs holes). */
@@ -263,7 +362,7 @@ async function measureLimits(): Promise<Limits> {
  * thread over a real memory table, chains from the driver side, batches of 32. What remains of our backend's CPU
  * time per request beyond this is poll(), eventfds and scheduling. Returns ns per request.
  */
-function datapathCost(w: Workload, device: DeviceKind, image: string, ms = 250): number {
+function datapathCost(w: Workload, device: 'null' | 'image', image: string, ms = 250): number {
   const ram = GuestRam.create(32 * MiB);
   const r = ram.regions[0];
   if (r === undefined) throw new Error('no RAM region');
@@ -348,7 +447,7 @@ interface SavedRun {
   workloads: string[];
   limits: Limits;
   datapathNsPerIo: Record<string, number>;
-  samples: ({ device: Sample['device']; workload: string; backend: string; round: number } & BlkLoadResult)[];
+  samples: ({ device: Sample['device']; workload: string; backend: string; round: number; serverCpuUsPerIo?: number } & BlkLoadResult)[];
 }
 
 interface Summary {
@@ -366,7 +465,10 @@ interface Summary {
   /** Per round, ours / theirs of the runs taken back to back: the spread of the ratio. */
   iopsRatioRange: [number, number];
   cpuRatio: number;
+  /** NaN for NBD devices (no floor). */
   datapathNsPerIo: number;
+  /** NBD devices: the NBD server's CPU per request (approximate, median of the runs) during ours' and theirs. */
+  serverCpuUsPerIo?: { ours: number; theirs: number };
 }
 
 /** The contender names of the two backend processes. */
@@ -468,7 +570,10 @@ function limitNote(s: Summary, lim: Limits): string {
   const w = WORKLOADS.find((x) => x.name === s.workload);
   const parts: string[] = [];
   if (w?.iodepth === 1) parts.push(`p50 = ${(s.ours.p50Us / lim.eventfdRoundTripUs.p50).toFixed(1)}x RTT`);
-  parts.push(`CPU = ${(s.ours.cpuUsPerIo / (s.datapathNsPerIo / 1000)).toFixed(1)}x floor (${(s.datapathNsPerIo / 1000).toFixed(2)} us)`);
+  // No floor for an NBD disk: the in-process datapath drives a null or file backend.
+  if (!isNbd(s.device)) {
+    parts.push(`CPU = ${(s.ours.cpuUsPerIo / (s.datapathNsPerIo / 1000)).toFixed(1)}x floor (${(s.datapathNsPerIo / 1000).toFixed(2)} us)`);
+  }
   if (s.device === 'image' && w !== undefined && w.bs >= 64 * KiB) {
     parts.push(`${((100 * s.ours.mbps) / (lim.memcpyGBps * 1000)).toFixed(0)} % of memcpy`);
   }
@@ -476,14 +581,14 @@ function limitNote(s: Summary, lim: Limits): string {
 }
 
 /**
- * Short x-axis labels (20 groups share 680 px): N/I = null/image, r/w = 4k random read/write, R/W = 128k sequential,
- * then the queue depth, and q2 for two queues.
+ * Short x-axis labels (20 groups share 680 px): N/I/Q/K = null/image/qemu-nbd/nbdkit, r/w = 4k random read/write,
+ * R/W = 128k sequential, then the queue depth, and q2 for two queues.
  */
 function chartLabel(s: Summary): string {
   const w = WORKLOADS.find((x) => x.name === s.workload);
   if (w === undefined) return s.workload;
   const op = { randread: 'r', randwrite: 'w', read: 'R', write: 'W', mixed: 'm' }[w.rw];
-  return `${s.device === 'null' ? 'N' : 'I'}${op}${w.iodepth}${w.queues > 1 ? `q${w.queues}` : ''}`;
+  return `${DEVICE_LABEL[s.device]}${op}${w.iodepth}${w.queues > 1 ? `q${w.queues}` : ''}`;
 }
 
 function fmtIops(v: number): string {
@@ -508,6 +613,7 @@ export async function main(argv: string[]): Promise<void> {
       packed: { type: 'boolean', default: false },
       inflight: { type: 'boolean', default: false },
       name: { type: 'string', default: 'blk' },
+      profile: { type: 'string' },
       resummarize: { type: 'string' },
     },
   });
@@ -525,11 +631,19 @@ export async function main(argv: string[]): Promise<void> {
   const imageSize = earlier?.imageSize ?? Number(values['image-size']);
   const qsdAio = earlier?.qsdAio ?? values['qsd-aio'];
   const command = earlier?.command ?? `npm run bench -- blk ${argv.join(' ')}`.trim();
-  const devices = earlier?.devices ?? (values.devices.split(',') as DeviceKind[]);
+  const devices = earlier?.devices ?? values.devices.split(',').map((d) => d.trim()).filter((d) => d !== '').map((d) => {
+    if (!(DEVICE_KINDS as readonly string[]).includes(d)) throw new Error(`--devices: unknown device ${d} (${DEVICE_KINDS.join(', ')})`);
+    return d as DeviceKind;
+  });
+  if (devices.length === 0) throw new Error('--devices: no device');
   const only = values.only;
-  const workloads = earlier !== undefined
+  const candidates = earlier !== undefined
     ? WORKLOADS.filter((w) => earlier.workloads.includes(w.name))
     : WORKLOADS.filter((w) => only === undefined || w.name.includes(only));
+  /** Each device's own matrix (NBD devices: a smaller one), and all that any device runs (the loopback runs). */
+  const workloadsOf = (device: DeviceKind): readonly Workload[] => workloadsFor(device, candidates);
+  const workloads = candidates.filter((w) => devices.some((d) => workloadsOf(d).includes(w)));
+  if (workloads.length === 0) throw new Error('no workload left to run (--only)');
   const samples: Sample[] = [];
   const datapath = new Map<string, number>(earlier === undefined ? [] : Object.entries(earlier.datapathNsPerIo));
   let limits: Limits | undefined = earlier?.limits;
@@ -537,8 +651,8 @@ export async function main(argv: string[]): Promise<void> {
   if (earlier !== undefined) {
     when = earlier.machine;
     for (const x of earlier.samples) {
-      const { device, workload, backend, round, ...result } = x;
-      samples.push({ device, workload, backend, round, result });
+      const { device, workload, backend, round, serverCpuUsPerIo, ...result } = x;
+      samples.push({ device, workload, backend, round, result, ...(serverCpuUsPerIo !== undefined ? { serverCpuUsPerIo } : {}) });
     }
   } else {
     await measure();
@@ -549,9 +663,14 @@ export async function main(argv: string[]): Promise<void> {
       throw new Error('qemu-storage-daemon not found: apt-get install -y qemu-system-x86 (qemu-system-common)');
     }
 
+    // Images (ours --image, qemu-nbd's) on tmpfs: /dev/shm, else the temporary directory if it is one.
     const shm = '/dev/shm';
-    const dir = mkdtempSync(join(existsSync(shm) ? shm : tmpdir(), 'vhost-user-bench-'));
+    const base = existsSync(shm) && isTmpfs(shm) ? shm : tmpdir();
+    if (!isTmpfs(base)) process.stderr.write(`warning: neither ${shm} nor ${tmpdir()} is tmpfs: the images are on ${base}\n`);
+    const dir = mkdtempSync(join(base, 'vhost-user-bench-'));
     const image = join(dir, 'disk.img');
+    /** The NBD server of each NBD device kind of the run, started once, stopped (by PID) at the end. */
+    const nbdDisks = new Map<NbdKind, NbdDisk>();
     const progress = (line: string): void => {
       process.stderr.write(process.stderr.isTTY ? `\r${line.slice(0, 110).padEnd(110)}` : `${line}\n`);
     };
@@ -573,7 +692,8 @@ export async function main(argv: string[]): Promise<void> {
               memcpyGBps: Math.max(l.memcpyGBps, limits.memcpyGBps),
             };
       for (const device of devices) {
-        for (const w of workloads) {
+        if (isNbd(device)) continue; // no in-process floor for an NBD disk
+        for (const w of workloadsOf(device)) {
           const key = `${device} ${w.name}`;
           datapath.set(key, Math.min(datapath.get(key) ?? Infinity, datapathCost(w, device, image)));
         }
@@ -581,8 +701,14 @@ export async function main(argv: string[]): Promise<void> {
     };
     try {
       if (devices.includes('image')) makeImage(image, imageSize);
+      for (const device of devices) {
+        if (!isNbd(device) || nbdDisks.has(device)) continue;
+        progress(`starting the NBD server of ${device}...`);
+        nbdDisks.set(device, await startNbdDisk(device, dir, join(dir, `${device}.img`), imageSize));
+      }
 
-      const total = rounds * workloads.length * (1 + devices.length * 2 * (2 + (busyPollUs > 0 ? 1 : 0) + variants.length));
+      const contenders = 2 + (busyPollUs > 0 ? 1 : 0) + variants.length;
+      const total = rounds * (workloads.length + devices.reduce((n, d) => n + workloadsOf(d).length * 2 * contenders, 0));
       let started = 0;
       const run = async (
         device: Sample['device'],
@@ -592,6 +718,9 @@ export async function main(argv: string[]): Promise<void> {
       ): Promise<void> => {
         const backend = b.name;
         const label = `[${++started}/${total}] round ${round + 1} ${device} ${w.name} ${backend}`;
+        const server = device === 'loopback' || !isNbd(device) ? undefined : nbdDisks.get(device)?.server;
+        const server0 = server === undefined ? 0 : processCpuSeconds(server.pid);
+        const wall0 = performance.now();
         const result = await runBlkLoad(
           b.socket,
           {
@@ -608,7 +737,12 @@ export async function main(argv: string[]): Promise<void> {
           },
           (p) => progress(`${label}: ${fmtIops(p.iops)} IOPS${p.measuring ? '' : ' (warm-up)'}`),
         );
-        samples.push({ device, workload: w.name, backend, round, result });
+        // The server's CPU over the whole call, in cores, over the window's request rate: its CPU per request.
+        const serverCpuUsPerIo =
+          server === undefined
+            ? undefined
+            : ((processCpuSeconds(server.pid) - server0) / ((performance.now() - wall0) / 1000) / result.iops) * 1e6;
+        samples.push({ device, workload: w.name, backend, round, result, ...(serverCpuUsPerIo !== undefined ? { serverCpuUsPerIo } : {}) });
         progress(
           `${label}: ${fmtIops(result.iops)} IOPS, p50 ${result.latencyUs.p50.toFixed(1)} us` +
             (result.backendCpuUsPerIo !== undefined ? `, ${result.backendCpuUsPerIo.toFixed(2)} us CPU/req` : ''),
@@ -620,8 +754,17 @@ export async function main(argv: string[]): Promise<void> {
         // The generator's ceiling: no backend at all.
         for (const w of workloads) await run('loopback', w, { name: 'loopback', socket: 'loopback' }, round);
         for (const device of devices) {
-          const backends = [await startOurs('ours', dir, device, image), await startTheirs(dir, device, image, qsdAio)];
-          if (busyPollUs > 0) backends.push(await startOurs('ours+busy-poll', dir, device, image, ['--busy-poll', String(busyPollUs)]));
+          const nbd = isNbd(device) ? nbdDisks.get(device) : undefined;
+          // --profile DIR: ours' threads' CPU profiles in DIR/<contender>-<device>-round<N> (every workload of the round).
+          const profileDir = (who: string): string | undefined =>
+            values.profile === undefined ? undefined : join(values.profile, `${who}-${device}-round${round + 1}`.replace(/\W+/g, '-'));
+          const backends = [
+            await startOurs('ours', dir, device, image, nbd, [], profileDir('ours')),
+            await startTheirs(dir, device, image, qsdAio, nbd),
+          ];
+          if (busyPollUs > 0) {
+            backends.push(await startOurs('ours+busy-poll', dir, device, image, nbd, ['--busy-poll', String(busyPollUs)], profileDir('ours-busy-poll')));
+          }
           // qemu-storage-daemon (libvhost-user) offers neither VIRTIO_F_RING_PACKED nor (as a daemon export) an inflight
           // region: those variants are ours alone. Logging both have.
           const processes = { [OURS]: backends[0] as Backend, [QSD]: backends[1] as Backend };
@@ -630,7 +773,7 @@ export async function main(argv: string[]): Promise<void> {
             backends.push({ ...b, name: v.name, packed: v.packed, inflight: v.inflight, logging: v.logging, stop: () => Promise.resolve() });
           }
           try {
-            for (const [k, w] of workloads.entries()) {
+            for (const [k, w] of workloadsOf(device).entries()) {
               // A B B A, back to back (which one goes first alternates): drift, even a steady one, hits both alike.
               const order = (k + round) % 2 === 0 ? backends : [...backends].reverse();
               for (const b of [...order, ...[...order].reverse()]) await run(device, w, b, round);
@@ -641,6 +784,7 @@ export async function main(argv: string[]): Promise<void> {
         }
       }
     } finally {
+      for (const d of nbdDisks.values()) await d.server.stop();
       rmSync(dir, { recursive: true, force: true });
     }
     if (process.stderr.isTTY) process.stderr.write('\n');
@@ -651,7 +795,7 @@ export async function main(argv: string[]): Promise<void> {
     samples.filter((s) => s.device === device && s.workload === w && s.backend === backend);
   const summaries: Summary[] = [];
   for (const device of devices) {
-    for (const w of workloads) {
+    for (const w of workloadsOf(device)) {
       const ours = pick(device, w.name, OURS);
       const theirs = pick(device, w.name, QSD);
       // Ratios are paired by round (the A B B A runs, taken back to back), then the median over rounds.
@@ -670,6 +814,10 @@ export async function main(argv: string[]): Promise<void> {
         datapathNsPerIo: datapath.get(`${device} ${w.name}`) ?? NaN,
         variants: [],
       };
+      if (isNbd(device)) {
+        const serverCpu = (xs: readonly Sample[]): number => median(xs.flatMap((x) => x.serverCpuUsPerIo ?? []));
+        s.serverCpuUsPerIo = { ours: serverCpu(ours), theirs: serverCpu(theirs) };
+      }
       if (busyPollUs > 0) s.busyPoll = stats(pick(device, w.name, 'ours+busy-poll'));
       for (const v of variants) {
         const p = pick(device, w.name, v.name);
@@ -697,6 +845,7 @@ export async function main(argv: string[]): Promise<void> {
   }
 
   const lim = limits as Limits;
+  const anyNbd = devices.some(isNbd);
   const rows = summaries.map((s) => [
     s.device,
     s.workload,
@@ -710,6 +859,9 @@ export async function main(argv: string[]): Promise<void> {
     `${s.ours.mbps.toFixed(0)} / ${s.theirs.mbps.toFixed(0)}`,
     `${fmtIops(s.ceilingIops)}; ${(100 * s.ours.generatorUtil).toFixed(0)} / ${(100 * s.theirs.generatorUtil).toFixed(0)} %`,
     limitNote(s, lim),
+    ...(anyNbd
+      ? [s.serverCpuUsPerIo === undefined ? '-' : `${s.serverCpuUsPerIo.ours.toFixed(2)} / ${s.serverCpuUsPerIo.theirs.toFixed(2)}`]
+      : []),
     ...(busyPollUs > 0 && s.busyPoll !== undefined
       ? [`${fmtIops(s.busyPoll.iops)}, ${s.busyPoll.cpuUsPerIo.toFixed(2)} us`]
       : []),
@@ -731,6 +883,7 @@ export async function main(argv: string[]): Promise<void> {
       'MB/s ours / qsd',
       'generator: alone (loopback); CPU use with ours / qsd',
       'ours vs the limits',
+      ...(anyNbd ? ['NBD server CPU us/req during ours / qsd (approx.)'] : []),
       ...(busyPollUs > 0 ? [`ours + busy-poll ${busyPollUs} us: IOPS, CPU/req`] : []),
       ...variants.map((v) => `${v.name}: IOPS, CPU/req; / ${v.base} IOPS (range)`),
     ],
@@ -811,6 +964,18 @@ export async function main(argv: string[]): Promise<void> {
     ];
   }
 
+  const gib = `${imageSize / GiB} GiB`;
+  const deviceText: Record<DeviceKind, string> = {
+    null: 'null (N): ours `--null 1G` vs null-co (size 1G, read-zeroes off)',
+    image: `image (I): ours \`--image\` vs \`driver=file,aio=${qsdAio},cache.direct=off\` on the same ${gib} raw image on tmpfs`,
+    'nbd-qemu':
+      `nbd-qemu (Q): qemu-nbd \`-t --shared=16 -f raw --cache=writeback -x disk\` serving a ${gib} raw image on tmpfs (it offers ` +
+      'CAN_MULTI_CONN: ours opens one connection per queue); ours `--nbd nbd+unix:///disk?socket=...` vs `driver=nbd,' +
+      'server.type=unix,export=disk` (one connection), both clients of the same server',
+    nbdkit:
+      `nbdkit (K): \`nbdkit -f --exit-with-parent -U SOCK memory ${imageSize}\` (sparse RAM: unwritten blocks read as zeroes); ` +
+      'ours `--nbd nbd+unix:///?socket=...` vs `driver=nbd,server.type=unix` (the default export), both clients of the same server',
+  };
   const header = [
     '# blk benchmark: our vhost-user-blk backend vs qemu-storage-daemon',
     '',
@@ -818,8 +983,7 @@ export async function main(argv: string[]): Promise<void> {
       `(after ${ramp} s of warm-up) against ours and qemu-storage-daemon in the order A B B A, back to back. A backend's ` +
       'figure for a round is its two runs together; the table shows medians over rounds, and each ratio is the median of ' +
       'the per-round ratios (their range in brackets). Latencies: medians of the runs\' percentiles. iodepth is per queue. ' +
-      'Devices: ours `--null 1G` vs null-co (size 1G, read-zeroes off); ' +
-      `ours \`--image\` vs \`driver=file,aio=${qsdAio},cache.direct=off\` on the same ${imageSize / GiB} GiB raw image on tmpfs. ` +
+      `Devices: ${devices.map((d) => deviceText[d]).join('; ')}. ` +
       'CPU = each backend process\'s utime + stime (/proc/PID/stat, all threads) over the measured window / requests. ' +
       `Both backends offer 2 queues; qemu-storage-daemon ${'runs its export in the main loop (its default)'}.`,
     ...(variants.length > 0
@@ -849,8 +1013,17 @@ export async function main(argv: string[]): Promise<void> {
     table,
     ...(logging ? ['', ...loggingSection()] : []),
     '',
-    `Chart (${values.name}.svg): ${logging ? 'the IOPS ratios ours / qsd and those of logging' : 'both ratios'} per workload; labels N/I = null device / image, r/w = 4k random read / ` +
-      'write, R/W = 128k sequential, then the queue depth, q2 = two queues.',
+    `Chart (${values.name}.svg): ${logging ? 'the IOPS ratios ours / qsd and those of logging' : 'both ratios'} per workload; labels N/I/Q/K = null device / ` +
+      'image / qemu-nbd / nbdkit, r/w = 4k random read / write, R/W = 128k sequential, then the queue depth, q2 = two queues.',
+    ...(anyNbd
+      ? [
+          '',
+          'NBD devices: every request is also a round trip over the NBD unix socket to the same server process, whose CPU is ' +
+            'not in either backend\'s figure (it is in "NBD server CPU": the server\'s utime + stime over each whole run, warm-up ' +
+            'included, per request at the window\'s rate). Their matrix leaves QD128 out, and their "limits" have no floor (the ' +
+            'in-process datapath drives a null or file backend).',
+        ]
+      : []),
     '',
     '## Physical limits (measured in this run)',
     '',
@@ -880,7 +1053,14 @@ export async function main(argv: string[]): Promise<void> {
       limits,
       datapathNsPerIo: Object.fromEntries(datapath),
       summaries,
-      samples: samples.map((s) => ({ device: s.device, workload: s.workload, backend: s.backend, round: s.round, ...s.result })),
+      samples: samples.map((s) => ({
+        device: s.device,
+        workload: s.workload,
+        backend: s.backend,
+        round: s.round,
+        ...(s.serverCpuUsPerIo !== undefined ? { serverCpuUsPerIo: s.serverCpuUsPerIo } : {}),
+        ...s.result,
+      })),
     },
     header,
     logging
@@ -897,7 +1077,7 @@ export async function main(argv: string[]): Promise<void> {
         }
       : {
           title: 'ours / qemu-storage-daemon: IOPS (higher is better), CPU per request (lower is better)',
-          // N/I: null device / image; r/w: 4k random read/write; R/W: 128k sequential; then the queue depth; q2: 2 queues.
+          // N/I/Q/K: null device / image / qemu-nbd / nbdkit; r/w: 4k random read/write; R/W: 128k sequential; then the queue depth; q2: 2 queues.
           yLabel: 'ours / qsd',
           categories: summaries.map((s) => chartLabel(s)),
           series: [
