@@ -551,6 +551,7 @@ function processQueue(q: RunningQueue, rearm: boolean): void {
         }
         handled++;
       }
+      handler.endBatch?.();
       publish(q);
       // Consume the kick only now, after the completions were published and signalled: any request it announced
       // is either processed above or seen by the re-check below, which comes after this read.
@@ -573,6 +574,7 @@ function processQueue(q: RunningQueue, rearm: boolean): void {
     q.pending = false;
     q.armed = rearm;
   } catch (err) {
+    handler.endBatch?.(); // what the batch handed over before the error goes out (its pins wait for it)
     failQueue(q, err);
   } finally {
     if (useLocks) q.session.sync.unlockQueue(index);

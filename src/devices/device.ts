@@ -82,6 +82,11 @@ export interface QueueHandler {
    * device cannot answer at all throws a `VirtioError` (the queue stops and the device needs reset).
    */
   process(mem: GuestMemory, chain: DescriptorChain): number;
+  /**
+   * Called after each batch of `process` calls (and when a batch ends early on an error): a handler that hands
+   * requests to another thread sends them now, together, instead of one message per request.
+   */
+  endBatch?(): void;
   /** For handlers that return `PENDING`: an eventfd that becomes readable when `reap` has completions. */
   readonly completionFd?: number | undefined;
   /** Reports finished requests (chain head, used length). The other thread no longer touches their memory. */

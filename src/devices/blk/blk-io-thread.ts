@@ -65,15 +65,25 @@ function attach(a: IoAttach): void {
   clients++;
   const stopping = (): boolean => Atomics.load(control, STOP) !== 0;
 
+  // Completions are sent in batches: those made in one turn of this thread's event loop (the replies of one socket
+  // read, say) go in one message with one eventfd write.
+  let completed: IoCompletion[] = [];
+  const send = (): void => {
+    const batch = completed;
+    completed = [];
+    if (stopping() || batch.length === 0) return;
+    port.postMessage(batch);
+    native.eventfdWrite(a.completionFd);
+  };
   const complete = (req: IoRequest, status: number): void => {
     if (stopping()) return; // abandoned: the queue worker no longer waits for it, and may have released its memory
     new Uint8Array(req.status.buffer, req.status.offset, 1)[0] = status;
-    port.postMessage({ head: req.head, len: status === BlkStatus.OK ? req.len : 1 } satisfies IoCompletion);
-    native.eventfdWrite(a.completionFd);
+    if (completed.length === 0) queueMicrotask(send);
+    completed.push({ head: req.head, len: status === BlkStatus.OK ? req.len : 1 });
   };
 
   port.on('message', (msg: IoClientMessage) => {
-    if ('type' in msg) {
+    if (!Array.isArray(msg)) {
       if (msg.type === 'stop') {
         engine.abandon(id);
         Atomics.store(control, STOPPED, 1);
@@ -94,10 +104,14 @@ function attach(a: IoAttach): void {
       return;
     }
     if (stopping()) return;
-    const delay = init.delaysMs.length > 0 ? (init.delaysMs[taken++ % init.delaysMs.length] as number) : 0;
-    engine.execute(id, msg, (status) => {
-      if (delay > 0) setTimeout(() => complete(msg, status), delay);
-      else complete(msg, status);
+    engine.batch(() => {
+      for (const req of msg) {
+        const delay = init.delaysMs.length > 0 ? (init.delaysMs[taken++ % init.delaysMs.length] as number) : 0;
+        engine.execute(id, req, (status) => {
+          if (delay > 0) setTimeout(() => complete(req, status), delay);
+          else complete(req, status);
+        });
+      }
     });
   });
 }

@@ -121,6 +121,8 @@ class IoClient {
   readonly #port: MessagePort;
   readonly #control = new Int32Array(new SharedArrayBuffer(CONTROL_WORDS * 4));
   readonly #detach: () => void;
+  /** Requests of the current batch, posted together by `endBatch`. */
+  #batch: IoRequest[] = [];
   #flushSeq = 0;
 
   constructor(thread: Worker, detach: () => void) {
@@ -132,18 +134,25 @@ class IoClient {
   }
 
   submit(req: IoRequest): void {
-    this.#port.postMessage(req satisfies IoClientMessage);
+    this.#batch.push(req);
+  }
+
+  /** Sends the batch's requests in one message. */
+  endBatch(): void {
+    if (this.#batch.length === 0) return;
+    this.#port.postMessage(this.#batch satisfies IoClientMessage);
+    this.#batch = [];
   }
 
   reap(complete: (head: number, len: number) => void): void {
     for (let m = receiveMessageOnPort(this.#port); m !== undefined; m = receiveMessageOnPort(this.#port)) {
-      const c = m.message as IoCompletion;
-      complete(c.head, c.len);
+      for (const c of m.message as IoCompletion[]) complete(c.head, c.len);
     }
   }
 
   /** Asks the thread for a flush and waits for it (bounded); false if it failed or did not answer in time. */
   flushSync(timeoutMs: number): boolean {
+    this.endBatch();
     const seq = ++this.#flushSeq;
     this.#port.postMessage({ type: 'flush-sync', seq } satisfies IoClientMessage);
     const deadline = Date.now() + timeoutMs;
@@ -160,6 +169,7 @@ class IoClient {
    * queue's memory or eventfd again; only then is the eventfd closed (else a late write could hit a reused fd number).
    */
   close(): void {
+    this.#batch = []; // abandoned with the rest: their pins are released by the worker
     Atomics.store(this.#control, STOP, 1);
     this.#port.postMessage({ type: 'stop' } satisfies IoClientMessage);
     const r = Atomics.wait(this.#control, STOPPED, 0, 5000);
@@ -386,6 +396,10 @@ export class BlkQueueHandler implements QueueHandler {
         done += n;
       }
     }
+  }
+
+  endBatch(): void {
+    this.#io?.endBatch();
   }
 
   reap(complete: (head: number, len: number) => void): void {

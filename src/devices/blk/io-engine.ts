@@ -10,6 +10,8 @@ import { NbdClient, type NbdClientEvent, type NbdClientRequest } from './nbd/cli
 export interface IoEngine {
   /** Performs `req` for client `owner`; `done` gets a BlkStatus, later or at once. */
   execute(owner: number, req: IoRequest, done: (status: number) => void): void;
+  /** Runs `fn`, which executes a batch of requests: an NBD engine sends them in one write. */
+  batch(fn: () => void): void;
   /** `owner` stopped: its requests' callbacks never run, and nothing touches their memory once this returns. */
   abandon(owner: number): void;
   close(): void;
@@ -54,6 +56,10 @@ class BlockBackendEngine implements IoEngine {
     done(status);
   }
 
+  batch(fn: () => void): void {
+    fn();
+  }
+
   abandon(): void {}
 
   close(): void {
@@ -96,6 +102,10 @@ class NbdEngine implements IoEngine {
     }
     if (request.length === 0 && request.command !== 'flush') return done(BlkStatus.OK);
     this.#client.submit(request);
+  }
+
+  batch(fn: () => void): void {
+    this.#client.corked(fn);
   }
 
   abandon(owner: number): void {

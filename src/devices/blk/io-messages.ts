@@ -75,8 +75,8 @@ export interface IoAttach {
   control: SharedArrayBuffer;
 }
 
-/** Posted on a client's port besides requests. */
-export type IoClientMessage = IoRequest | { type: 'stop' } | { type: 'flush-sync'; seq: number };
+/** Posted on a client's port: a batch of requests, or a command. Completions come back in batches too. */
+export type IoClientMessage = IoRequest[] | { type: 'stop' } | { type: 'flush-sync'; seq: number };
 
 /** Control words of a client. */
 export const STOP = 0;

@@ -178,6 +178,17 @@ export class NbdClient {
     for (const part of parts) this.#send(part);
   }
 
+  /** Runs `fn` with the connection's socket corked: the requests it submits leave in one write. */
+  corked(fn: () => void): void {
+    const socket = this.#socket;
+    socket?.cork();
+    try {
+      fn();
+    } finally {
+      socket?.uncork();
+    }
+  }
+
   /**
    * Drops `owner`'s requests: their callbacks never run, and once this returns no connection touches their
    * buffers (a connection with one of them in flight is closed; the others' requests go on the next one).
