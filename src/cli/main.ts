@@ -6,6 +6,7 @@ import { ctlCommand } from './ctl-command.js';
 import { demoCommand } from './demo-command.js';
 import { netCommand, switchCommand } from './net-command.js';
 import { rngCommand } from './rng-command.js';
+import { vsockCommand } from './vsock-command.js';
 import { serveCommand } from './serve-command.js';
 
 const program = new Command('vhost-user')
@@ -15,6 +16,7 @@ const program = new Command('vhost-user')
   .addCommand(netCommand())
   .addCommand(switchCommand())
   .addCommand(rngCommand())
+  .addCommand(vsockCommand())
   .addCommand(serveCommand())
   .addCommand(demoCommand())
   .addCommand(benchCommand())

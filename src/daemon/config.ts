@@ -51,6 +51,8 @@ export const MAX_THREADS = 64;
 export const MAX_RNG_BYTES_PER_REQUEST = 1 << 20;
 export const MAX_RNG_RATE_PERIOD_MS = 3_600_000;
 export const SECTOR_BYTES = 512;
+/** vsock: the largest guest CID (2^32 - 2; -1 is VMADDR_CID_ANY). */
+export const MAX_VSOCK_GUEST_CID = 0xffff_fffe;
 /** How long NBD requests may wait for their server (seconds). */
 export const DEFAULT_NBD_TIMEOUT_S = 30;
 export const MAX_NBD_TIMEOUT_S = 3600;
@@ -133,7 +135,16 @@ export interface RngDeviceConfig extends DeviceConfigBase {
   ratePeriodMs: number;
 }
 
-export type DeviceConfig = BlkDeviceConfig | NetDeviceConfig | RngDeviceConfig;
+/** `vhost-user vsock`. */
+export interface VsockDeviceConfig extends DeviceConfigBase {
+  type: 'vsock';
+  /** The guest's context ID, 3..4294967294. */
+  guestCid: number;
+  /** The hybrid unix socket: host programs connect here; guest connections to host port P go to `udsPath_P`. */
+  udsPath: string;
+}
+
+export type DeviceConfig = BlkDeviceConfig | NetDeviceConfig | RngDeviceConfig | VsockDeviceConfig;
 
 export interface DaemonConfig {
   /** Worker threads of the shared pool, 1..64. Absent: the daemon decides (one per CPU). Replaces `--workers`. */
@@ -364,10 +375,24 @@ export const RngDeviceConfigSchema = z.strictObject(
   strict,
 );
 
-export const DeviceConfigSchema = z.discriminatedUnion('type', [BlkDeviceConfigSchema, NetDeviceConfigSchema, RngDeviceConfigSchema], {
+export const VsockDeviceConfigSchema = z.strictObject(
+  {
+    ...commonFields,
+    type: z.literal('vsock'),
+    queueSize: powerOfTwo(1, MAX_QUEUE_SIZE).default(256),
+    guestCid: int(3, MAX_VSOCK_GUEST_CID),
+    // The unix socket and `udsPath_PORT` (up to 11 more bytes) must fit sun_path.
+    udsPath: path(MAX_SOCKET_PATH_BYTES - 11),
+  },
+  strict,
+);
+
+const DEVICE_TYPES = '"blk", "net", "rng" or "vsock"';
+
+export const DeviceConfigSchema = z.discriminatedUnion('type', [BlkDeviceConfigSchema, NetDeviceConfigSchema, RngDeviceConfigSchema, VsockDeviceConfigSchema], {
   error: (issue) => {
     if (!isRecord(issue.input)) return 'expected an object';
-    return issue.input.type === undefined ? 'required: "blk", "net" or "rng"' : 'expected "blk", "net" or "rng"';
+    return issue.input.type === undefined ? `required: ${DEVICE_TYPES}` : `expected ${DEVICE_TYPES}`;
   },
 });
 
@@ -416,6 +441,7 @@ type Same<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
 type _BlkMatches = Assert<Same<z.output<typeof BlkDeviceConfigSchema>, BlkDeviceConfig>>;
 type _NetMatches = Assert<Same<z.output<typeof NetDeviceConfigSchema>, NetDeviceConfig>>;
 type _RngMatches = Assert<Same<z.output<typeof RngDeviceConfigSchema>, RngDeviceConfig>>;
+type _VsockMatches = Assert<Same<z.output<typeof VsockDeviceConfigSchema>, VsockDeviceConfig>>;
 type _DaemonMatches = Assert<Same<z.output<typeof DaemonConfigSchema>, DaemonConfig>>;
 
 // ---- parsing --------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import { VhostError } from '../errors.js';
 import type { VirtioDevice } from '../devices/device.js';
 import { NetDevice, type NetPortOption } from '../devices/net/net-device.js';
 import { RngDevice } from '../devices/rng/rng-device.js';
-import { DEFAULT_NBD_TIMEOUT_S, parseNetPort, type BlkDeviceConfig, type DeviceConfig, type NetDeviceConfig, type RngDeviceConfig } from './config.js';
+import { VsockDevice } from '../devices/vsock/vsock-device.js';
+import { DEFAULT_NBD_TIMEOUT_S, parseNetPort, type BlkDeviceConfig, type DeviceConfig, type NetDeviceConfig, type RngDeviceConfig, type VsockDeviceConfig } from './config.js';
 
 /** A device and what releases it once its server is closed (net: the TAP queues). */
 export interface ConfiguredDevice<D extends VirtioDevice = VirtioDevice> {
@@ -37,6 +38,7 @@ export interface DeviceTestKnobs {
 export function createDevice(config: BlkDeviceConfig, knobs?: DeviceTestKnobs): ConfiguredDevice<BlkDevice>;
 export function createDevice(config: NetDeviceConfig): ConfiguredDevice<NetDevice>;
 export function createDevice(config: RngDeviceConfig): ConfiguredDevice<RngDevice>;
+export function createDevice(config: VsockDeviceConfig): ConfiguredDevice<VsockDevice>;
 export function createDevice(config: DeviceConfig, knobs?: DeviceTestKnobs): ConfiguredDevice;
 export function createDevice(config: DeviceConfig, knobs: DeviceTestKnobs = {}): ConfiguredDevice {
   if (config.type === 'blk') {
@@ -62,6 +64,10 @@ export function createDevice(config: DeviceConfig, knobs: DeviceTestKnobs = {}):
   if (config.type === 'rng') {
     const rateLimit = config.rateBytes !== undefined ? { rateLimit: { bytes: config.rateBytes, periodMs: config.ratePeriodMs } } : {};
     return { device: new RngDevice({ maxQueueSize: config.queueSize, maxBytesPerRequest: config.maxBytes, ...rateLimit }), close: () => undefined };
+  }
+  if (config.type === 'vsock') {
+    const device = new VsockDevice({ guestCid: config.guestCid, udsPath: config.udsPath, maxQueueSize: config.queueSize });
+    return { device, stats: () => device.stats(), close: () => device.close() };
   }
   const parsed = parseNetPort(config.port);
   const port: NetPortOption = parsed.kind === 'source' ? { kind: 'source', frameLen: config.frameLen } : parsed;

@@ -1,4 +1,4 @@
-/** The vhost-user frontend (driver side): guest RAM, the protocol client, and virtio-blk and virtio-net drivers. */
+/** The vhost-user frontend (driver side): guest RAM, the protocol client, and virtio-blk, virtio-net and virtio-vsock drivers. */
 export {
   GuestRam,
   UVA_BASE,
@@ -41,6 +41,7 @@ export {
   type NetStartOptions,
   type TxLayout,
 } from './net-driver.js';
+export { VsockDriver, VsockDriverErrorCode, type VsockStartOptions } from './vsock-driver.js';
 
 // Types and constants that appear in the signatures above, so that a user of `vhost-user/frontend` can name them
 // and fill in the numeric arguments (request codes, feature bits, status bytes) without reaching into dist/.

@@ -225,7 +225,7 @@ test('PUT: bad JSON, an empty body, unknown fields, wrong types: 400 with the is
   }
   assert.deepEqual(
     expectError(await call(sock, 'PUT', '/devices/d0', { body: '{}' }), 400, 'VHOST_CONFIG_INVALID').issues,
-    ['type: required: "blk", "net" or "rng"'],
+    ['type: required: "blk", "net", "rng" or "vsock"'],
   );
   assert.equal(control.added.length, 0);
   await alive();

@@ -274,9 +274,26 @@ test('rng fields: maxBytes 1..1048576 (default 65536), rateBytes and ratePeriodM
   assert.equal(device.maxQueueSize, 64);
 });
 
-test('type: required, "blk", "net" or "rng"; a device must be an object', () => {
-  assert.deepEqual(issuesOf(() => parseDeviceConfig({ id: 'a', socket: '/s' })), ['type: required: "blk", "net" or "rng"']);
-  assert.deepEqual(issuesOf(() => parseDeviceConfig(blk({ type: 'scsi' }))), ['type: expected "blk", "net" or "rng"']);
+test('vsock fields: guestCid 3..4294967294 and udsPath required, queueSize a power of two (default 256)', () => {
+  const vsock = (extra: Record<string, unknown> = {}): Record<string, unknown> => ({
+    id: 'v0',
+    type: 'vsock',
+    socket: '/run/v0.sock',
+    guestCid: 3,
+    udsPath: '/run/v0.vsock',
+    ...extra,
+  });
+  assert.deepEqual(parseDeviceConfig(vsock()), { id: 'v0', type: 'vsock', socket: '/run/v0.sock', memSlots: 509, queueSize: 256, guestCid: 3, udsPath: '/run/v0.vsock' });
+  for (const guestCid of [0, 2, 0xffffffff, 1.5, '3']) {
+    assert.deepEqual(issuesOf(() => parseDeviceConfig(vsock({ guestCid }))), ['guestCid: expected an integer in 3..4294967294'], String(guestCid));
+  }
+  assert.deepEqual(issuesOf(() => parseDeviceConfig(vsock({ udsPath: undefined }))), ['udsPath: required']);
+  assert.equal(issuesOf(() => parseDeviceConfig(vsock({ udsPath: `/${'x'.repeat(96)}` }))).length, 1, 'udsPath_PORT must fit a socket path');
+});
+
+test('type: required, "blk", "net", "rng" or "vsock"; a device must be an object', () => {
+  assert.deepEqual(issuesOf(() => parseDeviceConfig({ id: 'a', socket: '/s' })), ['type: required: "blk", "net", "rng" or "vsock"']);
+  assert.deepEqual(issuesOf(() => parseDeviceConfig(blk({ type: 'scsi' }))), ['type: expected "blk", "net", "rng" or "vsock"']);
   for (const value of [null, 5, 'blk', [], [blk()]]) assert.deepEqual(issuesOf(() => parseDeviceConfig(value)), ['device: expected an object']);
 });
 
@@ -314,7 +331,7 @@ test('unknown fields are named at every level, with every other problem', () => 
   );
   assert.deepEqual(issuesOf(() => parseDaemonConfig({ devices: [blk({ queues: 65 }), {}, 7] })), [
     'devices[0].queues: expected an integer in 1..64',
-    'devices[1].type: required: "blk", "net" or "rng"',
+    'devices[1].type: required: "blk", "net", "rng" or "vsock"',
     'devices[2]: expected an object',
   ]);
 });

@@ -14,14 +14,17 @@
 #                    faster per boot under TCG). If that fails, FILE is not written: boot the bzImage.
 #   -m LIST          modules loaded by /init at boot (default "virtio_pci virtio_blk virtio_net virtio_rng")
 #   --extra-modules LIST  modules only packed, for `modprobe NAME` in guest scripts
-#                    (default "crc32c_generic ext4": Debian's ext4 needs crc32c, even for ext2)
+#                    (default "crc32c_generic ext4 vmw_vsock_virtio_transport": Debian's ext4 needs crc32c,
+#                    even for ext2; virtio-vsock for the vsock tests)
+#   --binaries LIST  dynamically linked host programs packed into /bin with the libraries ldd names (e.g.
+#                    "socat", Debian's, which has VSOCK support); one that is not installed is left out
 # Dependencies come from modules.dep; compressed modules (.ko.xz/.gz/.zst) are decompressed. The guest
 # gets /lib/modules/KVER/NAME.ko plus a matching modules.dep, so busybox modprobe works in it.
 set -euo pipefail
 die() { echo "build-initramfs.sh: ERROR: $*" >&2; exit 1; }
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-OUT=""; KVER=""; VMLINUX=""; MODULES="virtio_pci virtio_blk virtio_net virtio_rng"; EXTRA_MODULES="crc32c_generic ext4"
+OUT=""; KVER=""; VMLINUX=""; MODULES="virtio_pci virtio_blk virtio_net virtio_rng"; EXTRA_MODULES="crc32c_generic ext4 vmw_vsock_virtio_transport"; BINARIES=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -o) OUT=$2; shift 2 ;;
@@ -29,6 +32,7 @@ while [ $# -gt 0 ]; do
     --vmlinux) VMLINUX=$2; shift 2 ;;
     -m) MODULES=$2; shift 2 ;;
     --extra-modules) EXTRA_MODULES=$2; shift 2 ;;
+    --binaries) BINARIES=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -e/{/^set -e/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
@@ -89,6 +93,17 @@ for a in $("$BUSYBOX" --list); do [ "$a" = busybox ] || ln -s busybox "$STAGE/bi
 # gives /init a console before devtmpfs is mounted (needs root; /init copes without it)
 mknod -m 600 "$STAGE/dev/console" c 5 1 2>/dev/null || true
 cp "$SCRIPT_DIR/init" "$STAGE/init"; chmod 755 "$STAGE/init"
+PACKED_BINARIES=()
+for b in $BINARIES; do
+  path=$(command -v "$b" 2>/dev/null) || continue
+  cp "$path" "$STAGE/bin/$b"
+  # Every library ldd resolves ("name => /path (addr)") and the loader ("/lib64/ld-linux-x86-64.so.2 (addr)").
+  for lib in $(ldd "$path" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+    mkdir -p "$STAGE$(dirname "$lib")"
+    cp -L "$lib" "$STAGE$lib"
+  done
+  PACKED_BINARIES+=("$b")
+done
 
 GDIR=$STAGE/lib/modules/$KVER
 : > "$GDIR/modules.dep"
@@ -112,7 +127,7 @@ mkdir -p "$(dirname "$OUT")"
 ( cd "$STAGE" && find . -mindepth 1 | LC_ALL=C sort | "$BUSYBOX" cpio -o -H newc -R 0:0 2>/dev/null ) \
   | "${GZIP_CMD[@]}" > "$OUT.tmp.$$"
 mv "$OUT.tmp.$$" "$OUT"
-echo "build-initramfs.sh: kernel $KVER, modules: ${ORDER[*]} (boot: ${BOOT_MODULES[*]})" >&2
+echo "build-initramfs.sh: kernel $KVER, modules: ${ORDER[*]} (boot: ${BOOT_MODULES[*]}), binaries: ${PACKED_BINARIES[*]:-none}" >&2
 echo "build-initramfs.sh: wrote $OUT ($(stat -c %s "$OUT") bytes)" >&2
 
 # ---- vmlinux, the way the kernel's scripts/extract-vmlinux does it: find the payload's compression

@@ -27,6 +27,9 @@
 #                           vhost-user netdevs.
 #   --vhost-user-rng SOCK   add a vhost-user-rng-pci entropy source (repeatable) whose backend listens on
 #                           SOCK; the guest's virtio_rng driver makes it /dev/hwrng
+#   --vhost-user-vsock SOCK add a vhost-user-vsock-pci socket device (repeatable) whose backend listens on SOCK
+#                           (the guest CID comes from the backend's config space); the guest script loads
+#                           vmw_vsock_virtio_transport
 #   --packed                packed virtqueues (packed=on) on every disk and NIC (VIRTIO_F_RING_PACKED; QEMU
 #                           negotiates it only when the backend offers it: check the guest's features)
 #   --mem SIZE              guest RAM (default 512M), always a shared memfd (share=on), as vhost-user needs
@@ -48,7 +51,7 @@ set -euo pipefail
 die() { echo "run-guest.sh: ERROR: $*" >&2; exit 125; }
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-GUEST_SCRIPT=""; GUEST_FILES=(); BLK=(); NET=(); RNG=(); QUEUES=1; RECONNECT=0; SERVER=0; MEM=512M; MAXMEM=""; SLOTS=4; SMP=1; ACCEL=tcg
+GUEST_SCRIPT=""; GUEST_FILES=(); BLK=(); NET=(); RNG=(); VSOCK=(); QUEUES=1; RECONNECT=0; SERVER=0; MEM=512M; MAXMEM=""; SLOTS=4; SMP=1; ACCEL=tcg
 QMP=""; APPEND=""; KERNEL=""; INITRD=""; RUN_DIR=""; EXEC=0; PRINT_CMD=0; EXTRA=(); PACKED=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -60,6 +63,7 @@ while [ $# -gt 0 ]; do
     --blk-queues) QUEUES=$2; shift 2 ;;
     --vhost-user-net) NET+=("$2"); shift 2 ;;
     --vhost-user-rng) RNG+=("$2"); shift 2 ;;
+    --vhost-user-vsock) VSOCK+=("$2"); shift 2 ;;
     --packed) PACKED=",packed=on"; shift ;;
     --mem) MEM=$2; shift 2 ;;
     --maxmem) MAXMEM=$2; shift 2 ;;
@@ -180,6 +184,10 @@ done
 for (( i=0; i<${#RNG[@]}; i++ )); do
   [ -S "${RNG[$i]}" ] || die "vhost-user socket ${RNG[$i]} does not exist (start the backend first)"
   CMD+=(-chardev "socket,id=vurng$i,path=${RNG[$i]//,/,,}" -device "vhost-user-rng-pci,id=vurng$i,chardev=vurng$i$PACKED")
+done
+for (( i=0; i<${#VSOCK[@]}; i++ )); do
+  [ -S "${VSOCK[$i]}" ] || die "vhost-user socket ${VSOCK[$i]} does not exist (start the backend first)"
+  CMD+=(-chardev "socket,id=vuvsock$i,path=${VSOCK[$i]//,/,,}" -device "vhost-user-vsock-pci,id=vuvsock$i,chardev=vuvsock$i")
 done
 CMD+=("${EXTRA[@]}")
 [ "$PRINT_CMD" = 0 ] || { printf '%q ' "${CMD[@]}" >&2; echo >&2; }

@@ -17,7 +17,7 @@ import { mkdir, mkdtemp, readFile, readdir, rename, rm, rmdir, stat, writeFile }
 import { tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { ToolRequirement } from './require-tool.js';
+import { findBinary, type ToolRequirement } from './require-tool.js';
 import { hasExited, spawnOwned, stopProcess } from './tmp.js';
 
 // ------------------------------------------------------------------------------------------ locations
@@ -168,6 +168,9 @@ async function pruneCache(cacheRoot: string, dir: string, keep: readonly string[
   }
 }
 
+/** Host programs packed into the guest with their libraries when installed (socat: the vsock tests' peer). */
+const GUEST_BINARIES = ['socat'];
+
 async function buildGuestImage(): Promise<GuestImage> {
   const k = findGuestKernel();
   if (k === undefined) throw new Error('no usable kernel in /boot: apt-get install -y linux-image-amd64');
@@ -184,6 +187,10 @@ async function buildGuestImage(): Promise<GuestImage> {
     await readFile(join(guestDir, 'init')),
     statKey(busybox),
     statKey(`/lib/modules/${k.version}/modules.dep`),
+    ...GUEST_BINARIES.map((b) => {
+      const path = findBinary(b);
+      return path === undefined ? `${b}: absent` : statKey(path);
+    }),
   ]);
   const initrd = join(dir, `initramfs-${initrdKey}.cpio.gz`);
   const vmlinux = join(dir, `vmlinux-${hash([statKey(k.vmlinuz)])}`);
@@ -193,7 +200,7 @@ async function buildGuestImage(): Promise<GuestImage> {
     await pruneCache(cacheRoot, dir, [basename(initrd), basename(vmlinux)]);
     const work = await mkdtemp(join(dir, '.build-'));
     try {
-      const args = [buildScript, '-k', k.version, '-o', join(work, 'initramfs.cpio.gz')];
+      const args = [buildScript, '-k', k.version, '-o', join(work, 'initramfs.cpio.gz'), '--binaries', GUEST_BINARIES.join(' ')];
       if (!have(vmlinux)) args.push('--vmlinux', join(work, 'vmlinux'));
       await run('bash', args, BUILD_TIMEOUT_MS);
       await rename(join(work, 'initramfs.cpio.gz'), initrd);
@@ -264,6 +271,8 @@ export interface BootGuestOptions {
   readonly blk?: readonly BlkDeviceOptions[];
   /** vhost-user-rng-pci entropy sources: the backends' sockets (listening already); the guest sees /dev/hwrng. */
   readonly rng?: readonly string[];
+  /** vhost-user-vsock-pci socket devices: the backends' sockets (listening already); the guest CID is theirs. */
+  readonly vsock?: readonly string[];
   /** virtio-net-pci NICs (vhost-user netdevs, INTx only), seen by the guest as eth0, eth1, ... */
   readonly net?: readonly NetDeviceOptions[];
   /** Without a script, the guest lists its disks as GUEST-RESULT lines and exits 0. */
@@ -422,6 +431,7 @@ export async function startGuest(opts: BootGuestOptions): Promise<RunningGuest> 
       args.push('--vhost-user-net', spec);
     }
     for (const socketPath of opts.rng ?? []) args.push('--vhost-user-rng', socketPath);
+    for (const socketPath of opts.vsock ?? []) args.push('--vhost-user-vsock', socketPath);
     if (opts.append !== undefined) args.push('--append', opts.append);
     args.push('--', ...(opts.extraQemuArgs ?? []));
 

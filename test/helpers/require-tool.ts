@@ -25,6 +25,7 @@ export const DEBIAN_TEST_PACKAGES = [
   'iproute2',
   'nbdkit',
   'openssl',
+  'socat',
 ] as const;
 
 export type DebianPackage = (typeof DEBIAN_TEST_PACKAGES)[number];

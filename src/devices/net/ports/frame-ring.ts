@@ -95,6 +95,27 @@ export class FrameRing {
     return Atomics.load(this.#ctrl, 0) === from ? PUSH_WAKE : PUSH_QUEUED;
   }
 
+  /** `push` of a record made of two pieces, `first` then `second` (vsock: a packet's header and its payload). */
+  pushParts(first: Uint8Array, second: Uint8Array | undefined, hdr: VnetHeader): PushResult {
+    const from = this.#tail;
+    const n = first.length + (second?.length ?? 0);
+    const at = this.#reserve(n);
+    if (at < 0) return PUSH_FULL;
+    copyBytes(this.#u8, at, first, 0, first.length);
+    if (second !== undefined) copyBytes(this.#u8, at + first.length, second, 0, second.length);
+    this.#publish(n, hdr);
+    return Atomics.load(this.#ctrl, 0) === from ? PUSH_WAKE : PUSH_QUEUED;
+  }
+
+  /** Whether a record of `length` bytes would fit now (producer side; no side effect). */
+  canPush(length: number): boolean {
+    if (length > this.maxFrame || length < 0) return false;
+    const free = this.#capacity - ((this.#tail - Atomics.load(this.#ctrl, 0)) | 0);
+    const need = align(length + RECORD_HEADER);
+    const toEnd = this.#capacity - (this.#tail & (this.#capacity - 1));
+    return need > toEnd ? need + toEnd <= free : need <= free;
+  }
+
   /** Reserves a record for a frame of `length` bytes; returns the offset in `bytes` where the frame goes, or -1. */
   #reserve(length: number): number {
     if (length > this.maxFrame || length < 0) return -1;
