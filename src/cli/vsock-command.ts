@@ -3,7 +3,7 @@
  * backend, with the hybrid unix-socket convention of Firecracker, Cloud Hypervisor and vhost-device-vsock.
  */
 import { Command } from 'commander';
-import { createDevice } from '../daemon/device-factory.js';
+import { openDevice } from '../daemon/device-factory.js';
 import { createLogger } from './logger.js';
 import { parseInteger } from './parse.js';
 import { addEndpointOptions, addServerOptions, endpoint, serveUntilStopped, type EndpointCliOptions, type ServerCliOptions } from './server-options.js';
@@ -28,7 +28,7 @@ export function vsockCommand(): Command {
   return addServerOptions(command, 'worker threads (default: one)').action(async (opts: VsockOptions) => {
     const log = createLogger(opts.logLevel);
     // The same construction as a daemon's `{"type": "vsock", ...}` device (daemon/device-factory.ts).
-    const { device } = createDevice({
+    const { device } = await openDevice({
       id: 'vsock',
       type: 'vsock',
       socket: endpoint(opts).socketPath,

@@ -83,11 +83,23 @@ export function createDevice(config: DeviceConfig, knobs: DeviceTestKnobs = {}):
 /**
  * `createDevice`, after what has to be asked first: an nbd disk's server is connected to once, to learn the
  * export's size and what it can do (it fails here, with the server's reason, if the export cannot be had), and its
- * TLS files are read.
+ * TLS files are read; a vsock device's unix socket listens.
  */
 export async function openDevice(config: BlkDeviceConfig, knobs?: DeviceTestKnobs): Promise<ConfiguredDevice<BlkDevice>>;
+export async function openDevice(config: VsockDeviceConfig, knobs?: DeviceTestKnobs): Promise<ConfiguredDevice<VsockDevice>>;
 export async function openDevice(config: DeviceConfig, knobs?: DeviceTestKnobs): Promise<ConfiguredDevice>;
 export async function openDevice(config: DeviceConfig, knobs: DeviceTestKnobs = {}): Promise<ConfiguredDevice> {
+  if (config.type === 'vsock') {
+    // Its hybrid unix socket listens before the device is announced (a path in use fails here).
+    const configured = createDevice(config);
+    try {
+      await configured.device.host.ready();
+    } catch (err) {
+      configured.close();
+      throw err;
+    }
+    return configured;
+  }
   if (config.type !== 'blk' || config.nbd === undefined) return createDevice(config, knobs);
   const text = async (file: string | undefined): Promise<string | undefined> => (file === undefined ? undefined : readFile(file, 'utf8'));
   const [ca, cert, key] = await Promise.all([text(config.nbdTlsCa), text(config.nbdTlsCert), text(config.nbdTlsKey)]);

@@ -75,6 +75,8 @@ export class VsockDriver {
   readonly maxPacket: number;
   #error: Error | undefined;
   #closed = false;
+  /** Receive buffers are not given back (a guest that stops reading). */
+  #rxPaused = false;
 
   constructor(frontend: VhostUserFrontend, options: VsockStartOptions) {
     const memory = options.memory;
@@ -132,6 +134,12 @@ export class VsockDriver {
     });
   }
 
+  /** Stops giving receive buffers back (a guest that does not read), or gives them all back again. */
+  pauseRx(paused: boolean): void {
+    this.#rxPaused = paused;
+    if (!paused) this.#fillRx();
+  }
+
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
@@ -167,7 +175,7 @@ export class VsockDriver {
   }
 
   #fillRx(): void {
-    if (this.#error !== undefined || this.#rxFree.length === 0) return;
+    if (this.#error !== undefined || this.#rxPaused || this.#rxFree.length === 0) return;
     while (this.#rxFree.length > 0) {
       const b = this.#rxFree.pop() as number;
       this.#rx.driver.addChain(this.#rxSegs[b] as Segment[], b);

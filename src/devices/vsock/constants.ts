@@ -12,7 +12,7 @@ export const VsockQueue = {
   EVENT: 2,
 } as const;
 
-/** Feature bit numbers (§5.10.3). This device offers neither: stream sockets only, implied. */
+/** Feature bit numbers (§5.10.3). With none negotiated, stream sockets are implied: all this host supports. */
 export const VsockFeature = {
   STREAM: 0,
   SEQPACKET: 1,
@@ -45,7 +45,7 @@ export const VsockHdr = {
 
 /** `op` (§5.10.6). 0 is VIRTIO_VSOCK_OP_INVALID: never valid on the wire. */
 export const VsockOp = {
-  /** Connect operations (§5.10.6.6 "Stream Sockets"). */
+  /** Connect operations (§5.10.6, "Stream Sockets"). */
   REQUEST: 1,
   RESPONSE: 2,
   /** Aborts a connection attempt or a connection; also the answer that completes a clean disconnect. */
@@ -54,19 +54,22 @@ export const VsockOp = {
   SHUTDOWN: 4,
   /** Payload (the only op with len != 0). */
   RW: 5,
-  /** "Tell the peer our credit info" (§5.10.6.3 "Buffer Space Management"). */
+  /** "Tell the peer our credit info" (§5.10.6, "Buffer Space Management"). */
   CREDIT_UPDATE: 6,
   /** "Request the peer to send the credit info to us": answered by CREDIT_UPDATE. */
   CREDIT_REQUEST: 7,
 } as const;
 
-/** `type` (§5.10.6.4 "Addressing"). Only STREAM is supported: a packet of another type gets RST (§5.10.6.5). */
+/**
+ * `type` (§5.10.6, "Addressing"). Only STREAM is supported: a packet of another type gets RST (§5.10.6, "Receive and
+ * Transmit").
+ */
 export const VsockType = {
   STREAM: 1,
   SEQPACKET: 2,
 } as const;
 
-/** SHUTDOWN `flags` (§5.10.6.6): VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE is bit 0, VIRTIO_VSOCK_SHUTDOWN_F_SEND bit 1. */
+/** SHUTDOWN `flags` (§5.10.6, "Stream Sockets"): VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE is bit 0, ..._F_SEND bit 1. */
 export const VsockShutdown = {
   /** The sender receives no more data. */
   RCV: 1,
@@ -75,7 +78,7 @@ export const VsockShutdown = {
   BOTH: 3,
 } as const;
 
-/** Event ids (§5.10.6.8 "Device Events"): struct virtio_vsock_event { le32 id; }. */
+/** Event ids (§5.10.6, "Device Events"): struct virtio_vsock_event { le32 id; }. */
 export const VsockEvent = {
   /** Communication was interrupted: the driver shuts down its connections and reads guest_cid again. */
   TRANSPORT_RESET: 0,

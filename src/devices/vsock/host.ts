@@ -7,7 +7,7 @@
  *   P (a VsockStream), else by the hybrid unix socket `${udsPath}_${P}` (hybrid.ts), else refused with RST. Host
  *   programs reach the guest through `connect` (a VsockStream) or the hybrid listener at `udsPath` ("CONNECT <port>");
  *   those connections get host ports from 1024 upward.
- * - Credit (§5.10.6.3 "Buffer Space Management"): RW goes to the guest only while
+ * - Credit (§5.10.6, "Buffer Space Management"): RW goes to the guest only while
  *   `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)` (u32) is positive; peer_buf_alloc and peer_fwd_cnt come from every
  *   packet the guest sends for the connection. A host side with data and no credit stops being read (a paused unix
  *   socket, a stream write whose callback waits) and the guest gets one CREDIT_REQUEST. Our buf_alloc and fwd_cnt go
@@ -404,7 +404,8 @@ export class VsockHost {
       return;
     }
     if (type !== VsockType.STREAM) {
-      // §5.10.6.5: "A VIRTIO_VSOCK_OP_RST reply MUST be sent if a packet is received with an unknown type value."
+      // §5.10.6, "Receive and Transmit": "A VIRTIO_VSOCK_OP_RST reply MUST be sent if a packet is received with an
+      // unknown type value."
       stats.malformed++;
       if (op !== VsockOp.RST) this.#reply(hostPort, guestPort, type);
       return;
@@ -650,6 +651,7 @@ export class VsockHost {
   #hybridConnect(socket: Socket, guestPort: number, rest: Buffer): void {
     const conn = this.#closed ? undefined : this.#startConnect(guestPort, this.#connectTimeoutMs);
     if (conn === undefined) {
+      this.#stats.connectionsRefused++;
       socket.destroy();
       return;
     }
@@ -824,11 +826,12 @@ export class VsockHost {
   #setCtl(conn: Connection, bit: number): void {
     conn.ctl |= bit;
     this.#ctlConns.add(conn);
+    if (this.#pumping) this.#pumpAgain = true;
   }
 
   // ------------------------------------------------------------------------------------------ to the guest
 
-  /** RST answering a packet for no connection (§5.10.6.6), with the packet's type. */
+  /** RST answering a packet for no connection (§5.10.6, "Stream Sockets"), with the packet's type. */
   #reply(hostPort: number, guestPort: number, type: number): void {
     this.#pushDetached({ op: VsockOp.RST, flags: 0, type, hostPort, guestPort, bufAlloc: 0, fwdCnt: 0, prio: PRIO_REPLY });
   }

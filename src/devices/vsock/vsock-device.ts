@@ -12,6 +12,7 @@ import { ProtocolError, VhostError } from '../../errors.js';
 import * as native from '../../native/index.js';
 import type { VirtioDevice } from '../device.js';
 import { FrameRing, frameRingBytes, PUSH_FULL, PUSH_WAKE } from '../net/ports/frame-ring.js';
+import { VIRTIO_ID_VSOCK, VSOCK_MAX_PAYLOAD, VsockHdr } from './constants.js';
 import { VsockHost, type VsockHostOptions } from './host.js';
 import type { VsockStream } from './stream.js';
 import {
@@ -19,15 +20,11 @@ import {
   HOST_WAITS_FOR_ROOM,
   RESET_RECORD,
   recordHeader,
-  VSOCK_HEADER_BYTES,
-  VSOCK_MAX_PAYLOAD,
   WORKER_WAITS_FOR_ROOM,
   type VsockQueueOptions,
   type VsockShared,
 } from './vsock-queue.js';
 
-/** The virtio device ID of a socket device. */
-export const VIRTIO_ID_VSOCK = 19;
 /** Bytes of each ring between the worker and this thread. */
 const RING_CAPACITY = 1 << 20;
 
@@ -143,7 +140,7 @@ export class VsockDevice implements VirtioDevice {
   /** VsockHost's `toGuest`: one record in the ring toward the guest; false when it has no room (retried later). */
   #toGuestPacket(header: Uint8Array, payload: Uint8Array | undefined): boolean {
     if (this.#closed) return false;
-    if (header.length !== VSOCK_HEADER_BYTES || (payload?.length ?? 0) > VSOCK_MAX_PAYLOAD) {
+    if (header.length !== VsockHdr.size || (payload?.length ?? 0) > VSOCK_MAX_PAYLOAD) {
       throw new RangeError(`vsock: a packet of ${header.length} + ${payload?.length ?? 0} bytes`);
     }
     let r = this.#toGuest.pushParts(header, payload, this.#packet);

@@ -24,12 +24,10 @@ import { FrameRing, PUSH_FULL, PUSH_WAKE } from '../net/ports/frame-ring.js';
 import type { VnetHeader } from '../net/offload.js';
 import { countStat, QueueStat } from '../queue-stats.js';
 
+import { VSOCK_MAX_PAYLOAD, VsockHdr } from './constants.js';
+
 /** Bytes of a packet header (VIRTIO 1.2 §5.10.6). */
-export const VSOCK_HEADER_BYTES = 44;
-/** Offset of the header's `len` field. */
-const LEN_OFFSET = 24;
-/** The largest payload a packet may carry here (Linux sends at most 64 KiB; the host side splits to this too). */
-export const VSOCK_MAX_PAYLOAD = 64 * 1024;
+const VSOCK_HEADER_BYTES = VsockHdr.size;
 /** A record's flags (the FrameRing header's first field): a packet, or the event queue's start. */
 export const PACKET_RECORD = 0;
 export const RESET_RECORD = 1;
@@ -129,7 +127,7 @@ class RxProducer implements QueueProducer {
       const piece = Math.min(payload - this.#delivered, writable - VSOCK_HEADER_BYTES);
       const bytes = ring.bytes;
       this.#header.set(bytes.subarray(at, at + VSOCK_HEADER_BYTES));
-      new DataView(this.#header.buffer).setUint32(LEN_OFFSET, piece, true);
+      new DataView(this.#header.buffer).setUint32(VsockHdr.len, piece, true);
       const w = this.#writer.reset(mem, chain);
       w.write(this.#header);
       if (piece > 0) w.write(bytes.subarray(at + VSOCK_HEADER_BYTES + this.#delivered, at + VSOCK_HEADER_BYTES + this.#delivered + piece));
