@@ -9,6 +9,7 @@ const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void
   net: () => import('./net.js'),
   'net-guests': () => import('./net-guests.js'),
   scale: () => import('./scale.js'),
+  vsock: () => import('./vsock.js'),
 };
 
 const [name, ...args] = process.argv.slice(2);

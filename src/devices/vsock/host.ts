@@ -47,8 +47,13 @@ import { readCid } from './packet.js';
 import { createVsockStream, type VsockStream } from './stream.js';
 
 export interface VsockHostOptions {
-  /** The guest's CID (>= 3). */
+  /** The guest's CID (>= 3): the peer. */
   guestCid: number;
+  /**
+   * Our own CID (default 2, the host). Another value turns the roles around: a guest's side of the transport over a
+   * driver (the benchmark and tests run a guest in this process that way), whose peer `guestCid` is then 2.
+   */
+  localCid?: number;
   /** Hybrid unix sockets: host programs connect to `udsPath` and write "CONNECT <port>\n" (answered "OK <host port>\n");
    *  a guest connecting to host port P reaches the unix socket `${udsPath}_${P}`. Undefined: only the Node API. */
   udsPath?: string | undefined;
@@ -209,6 +214,7 @@ function keyOf(hostPort: number, guestPort: number): string {
 
 export class VsockHost {
   readonly #guestCid: number;
+  readonly #localCid: number;
   readonly #bufAlloc: number;
   /** CREDIT_UPDATE when fwd_cnt moved this much since the guest last heard it. */
   readonly #creditThreshold: number;
@@ -255,9 +261,15 @@ export class VsockHost {
 
   constructor(options: VsockHostOptions) {
     const { guestCid } = options;
-    if (!Number.isInteger(guestCid) || guestCid < 3 || guestCid > VSOCK_MAX_GUEST_CID) {
-      throw new RangeError(`vsock: guest CID ${guestCid} is not in [3, ${VSOCK_MAX_GUEST_CID}]`);
+    const localCid = options.localCid ?? VMADDR_CID_HOST;
+    const lowest = options.localCid === undefined ? 3 : VMADDR_CID_HOST;
+    if (!Number.isInteger(guestCid) || guestCid < lowest || guestCid > VSOCK_MAX_GUEST_CID) {
+      throw new RangeError(`vsock: guest CID ${guestCid} is not in [${lowest}, ${VSOCK_MAX_GUEST_CID}]`);
     }
+    if (!Number.isInteger(localCid) || localCid < VMADDR_CID_HOST || localCid > VSOCK_MAX_GUEST_CID || localCid === guestCid) {
+      throw new RangeError(`vsock: local CID ${localCid} is not in [2, ${VSOCK_MAX_GUEST_CID}] or is the peer's`);
+    }
+    this.#localCid = localCid;
     const bufAlloc = options.bufAlloc ?? VSOCK_DEFAULT_BUF_ALLOC;
     if (!isU32(bufAlloc) || bufAlloc < 1) throw new RangeError(`vsock: bufAlloc ${bufAlloc} is not in [1, 2^32-1]`);
     const maxConnections = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
@@ -390,7 +402,7 @@ export class VsockHost {
     }
     const dv = new DataView(packet.buffer, packet.byteOffset, packet.byteLength);
     // Not from the guest's CID, or not for the host: dropped without an answer (it may not be the guest's to answer).
-    if (readCid(dv, VsockHdr.srcCid) !== this.#guestCid || readCid(dv, VsockHdr.dstCid) !== VMADDR_CID_HOST) {
+    if (readCid(dv, VsockHdr.srcCid) !== this.#guestCid || readCid(dv, VsockHdr.dstCid) !== this.#localCid) {
       stats.malformed++;
       return;
     }
@@ -983,7 +995,7 @@ export class VsockHost {
   ): boolean {
     if (this.#pathFull) return false;
     const dv = this.#hdv;
-    dv.setUint32(VsockHdr.srcCid, VMADDR_CID_HOST, true);
+    dv.setUint32(VsockHdr.srcCid, this.#localCid, true);
     dv.setUint32(VsockHdr.srcCid + 4, 0, true);
     dv.setUint32(VsockHdr.dstCid, this.#guestCid, true);
     dv.setUint32(VsockHdr.dstCid + 4, 0, true);
