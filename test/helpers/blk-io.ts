@@ -6,25 +6,17 @@ import assert from 'node:assert/strict';
 import { BlkStatus } from '../../src/devices/blk/constants.js';
 import type { BlkDriver } from '../../src/frontend/index.js';
 
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { prng } from '../fuzz/config.js';
 
+/** An image's initial content: each byte tells its sector and offset. */
 export function imagePattern(size: number): Buffer {
   const buf = Buffer.alloc(size);
   for (let i = 0; i < size; i++) buf[i] = ((i >>> 9) * 13 + (i & 511)) & 0xff;
   return buf;
 }
 
-/** [start, end) as shuffled pieces of 512 B .. maxBytes. */
-export function randomPieces(rand: () => number, start: number, end: number, maxBytes: number): { offset: number; length: number }[] {
+/** [start, end) as shuffled pieces of 512 B .. maxBytes (multiples of 512, biased to small sizes). */
+export function randomPieces(rand: () => number, start: number, end: number, maxBytes = 128 * 1024): { offset: number; length: number }[] {
   const pieces: { offset: number; length: number }[] = [];
   for (let off = start; off < end; ) {
     const length = Math.min((1 + Math.floor(rand() * rand() * rand() * (maxBytes / 512))) * 512, end - off);

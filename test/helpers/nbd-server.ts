@@ -3,80 +3,17 @@
  * X.509 files their TLS needs (made with the openssl CLI). Each server is stopped by its PID (`stop`, or `kill` for a
  * crash); `spawnOwned` also kills it if the test process dies first.
  */
-import type { ChildProcess } from 'node:child_process';
 import { execFileSync } from 'node:child_process';
-import { connect } from 'node:net';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import type { ToolRequirement } from './require-tool.js';
-import { findBinary } from './require-tool.js';
-import { hasExited, spawnOwned, stopProcess } from './tmp.js';
+import { startServerProcess, type ServerProcess } from './server-process.js';
 
 export const QEMU_NBD_TOOLS: readonly ToolRequirement[] = [{ bin: 'qemu-nbd', pkg: 'qemu-utils' }];
 export const NBDKIT_TOOLS: readonly ToolRequirement[] = [{ bin: 'nbdkit', pkg: 'nbdkit' }];
 export const OPENSSL_TOOLS: readonly ToolRequirement[] = [{ bin: 'openssl', pkg: 'openssl' }];
 
-export interface NbdServer {
-  readonly socketPath: string;
-  readonly pid: number;
-  /** What it printed (last 64 KiB). */
-  output(): string;
-  /** SIGTERM (SIGKILL after 5 s); resolves once it has exited. Safe to call twice. */
-  stop(): Promise<void>;
-  /** SIGKILL (a crash); resolves once it has exited. */
-  kill(): Promise<void>;
-}
-
-const OUTPUT_LIMIT = 64 * 1024;
-
-function tryConnect(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = connect(path);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
-}
-
-async function startServer(name: string, args: readonly string[], socketPath: string): Promise<NbdServer> {
-  const bin = findBinary(name);
-  if (bin === undefined) throw new Error(`${name} not found`);
-  const child: ChildProcess = spawnOwned(bin, args);
-  let out = '';
-  const collect = (chunk: Buffer): void => {
-    out += chunk.toString('utf8');
-    if (out.length > OUTPUT_LIMIT) out = out.slice(-OUTPUT_LIMIT);
-  };
-  child.stdout?.on('data', collect);
-  child.stderr?.on('data', collect);
-  let spawnError: Error | undefined;
-  child.on('error', (err) => (spawnError ??= err));
-  const stop = (): Promise<void> => stopProcess(child);
-  const deadline = Date.now() + 15_000;
-  for (;;) {
-    if (spawnError !== undefined) throw spawnError;
-    if (hasExited(child)) throw new Error(`${name} exited (code ${child.exitCode}, signal ${child.signalCode}):\n${out}`);
-    if (await tryConnect(socketPath)) break;
-    if (Date.now() >= deadline) {
-      await stop();
-      throw new Error(`${name}: ${socketPath} did not accept connections in time:\n${out}`);
-    }
-    await sleep(25);
-  }
-  const pid = child.pid as number;
-  return {
-    socketPath,
-    pid,
-    output: () => out,
-    stop,
-    kill: async () => {
-      if (!hasExited(child)) child.kill('SIGKILL');
-      await stopProcess(child);
-    },
-  };
-}
+/** A running NBD server (stop it by PID with `stop`, or `kill` it for a crash). */
+export type NbdServer = ServerProcess;
 
 export interface QemuNbdOptions {
   socketPath: string;
@@ -101,7 +38,7 @@ export function startQemuNbd(o: QemuNbdOptions): Promise<NbdServer> {
     args.push('--object', `tls-creds-x509,id=tls0,dir=${o.tlsDir},endpoint=server,verify-peer=off`, '--tls-creds', 'tls0');
   }
   args.push(o.image);
-  return startServer('qemu-nbd', args, o.socketPath);
+  return startServerProcess('qemu-nbd', args, o.socketPath);
 }
 
 export interface NbdkitOptions {
@@ -122,7 +59,7 @@ export function startNbdkit(o: NbdkitOptions): Promise<NbdServer> {
   if (o.readOnly === true) args.push('-r');
   if (o.tlsDir !== undefined) args.push('--tls=require', `--tls-certificates=${o.tlsDir}`);
   args.push(...(o.extra ?? []), ...o.plugin);
-  return startServer('nbdkit', args, o.socketPath);
+  return startServerProcess('nbdkit', args, o.socketPath);
 }
 
 /**

@@ -3,11 +3,8 @@
  * QEMU's null-co driver for the benchmarks) on a unix socket. It serves one frontend at a time and listens again
  * after a disconnect, so one daemon can serve several guest boots (or benchmark runs) in a row.
  */
-import type { ChildProcess } from 'node:child_process';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { findBinary, type ToolRequirement } from './require-tool.js';
-import { hasExited, spawnOwned, stopProcess } from './tmp.js';
-import { tryConnect } from './unix-socket.js';
+import { startServerProcess } from './server-process.js';
 
 /** qemu-storage-daemon is in qemu-system-common, which qemu-system-x86 depends on. */
 export const QSD_TOOLS: readonly ToolRequirement[] = [{ bin: 'qemu-storage-daemon', pkg: 'qemu-system-x86' }];
@@ -41,11 +38,8 @@ export interface Qsd {
   stop(): Promise<void>;
 }
 
-const OUTPUT_LIMIT = 64 * 1024;
-
-
 /** Starts the daemon and resolves once its socket accepts a connection (a probe that is closed at once). */
-export async function startQsd(opts: QsdOptions): Promise<Qsd> {
+export function startQsd(opts: QsdOptions): Promise<Qsd> {
   const bin = findBinary('qemu-storage-daemon');
   if (bin === undefined) throw new Error('qemu-storage-daemon not found: apt-get install -y qemu-system-x86');
   if (opts.blockdev === undefined && opts.image === undefined) throw new Error('startQsd needs an image or a blockdev');
@@ -63,32 +57,5 @@ export async function startQsd(opts: QsdOptions): Promise<Qsd> {
     'num-queues': opts.numQueues ?? 1,
   };
   const args = ['--blockdev', JSON.stringify(blockdev), '--export', JSON.stringify(exp), ...(opts.extraArgs ?? [])];
-  const child: ChildProcess = spawnOwned(bin, args);
-  let out = '';
-  const collect = (chunk: Buffer): void => {
-    out += chunk.toString('utf8');
-    if (out.length > OUTPUT_LIMIT) out = out.slice(-OUTPUT_LIMIT);
-  };
-  child.stdout?.on('data', collect);
-  child.stderr?.on('data', collect);
-  let spawnError: Error | undefined;
-  child.on('error', (err) => (spawnError ??= err));
-
-  const stop = (): Promise<void> => stopProcess(child);
-  const deadline = Date.now() + (opts.startTimeoutMs ?? 15_000);
-  for (;;) {
-    if (spawnError !== undefined) throw spawnError;
-    if (hasExited(child)) {
-      throw new Error(`qemu-storage-daemon exited (code ${child.exitCode}, signal ${child.signalCode}):\n${out}`);
-    }
-    if (await tryConnect(opts.socketPath)) break;
-    if (Date.now() >= deadline) {
-      await stop();
-      throw new Error(`qemu-storage-daemon: ${opts.socketPath} did not accept connections in time:\n${out}`);
-    }
-    await sleep(25);
-  }
-  const pid = child.pid;
-  if (pid === undefined) throw new Error('qemu-storage-daemon did not start');
-  return { socketPath: opts.socketPath, pid, output: () => out, stop };
+  return startServerProcess('qemu-storage-daemon', args, opts.socketPath, opts.startTimeoutMs);
 }

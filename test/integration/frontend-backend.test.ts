@@ -16,6 +16,7 @@ import { vringStatePayload } from '../../src/protocol/payloads.js';
 import { assertBaseline, settledBaseline } from '../helpers/fds.js';
 import { testTempDir, type TempDir } from '../helpers/tmp.js';
 import { splitDriver } from '../helpers/split-driver.js';
+import { imagePattern, prng, randomPieces } from '../helpers/blk-io.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -23,46 +24,6 @@ const IMAGE_SIZE = 8 * MiB;
 const TIMEOUT = { timeout: 60_000 };
 
 // ---- helpers ------------------------------------------------------------------------------------------------------
-
-/** Deterministic PRNG (mulberry32). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-/** The image's initial content: each byte tells its sector and offset. */
-function imagePattern(size: number): Buffer {
-  const buf = Buffer.alloc(size);
-  for (let i = 0; i < size; i++) buf[i] = ((i >>> 9) * 13 + (i & 511)) & 0xff;
-  return buf;
-}
-
-/** Splits [start, end) bytes into consecutive pieces of 512 B to `maxBytes` (multiples of 512), shuffled. */
-function randomPieces(
-  rand: () => number,
-  start: number,
-  end: number,
-  maxBytes = 128 * KiB,
-): { offset: number; length: number }[] {
-  const pieces: { offset: number; length: number }[] = [];
-  for (let off = start; off < end; ) {
-    const sectors = 1 + Math.floor(rand() * rand() * rand() * (maxBytes / 512)); // biased to small sizes
-    const length = Math.min(sectors * 512, end - off);
-    pieces.push({ offset: off, length });
-    off += length;
-  }
-  for (let i = pieces.length - 1; i > 0; i--) {
-    const j = Math.floor(rand() * (i + 1));
-    [pieces[i], pieces[j]] = [pieces[j] as (typeof pieces)[number], pieces[i] as (typeof pieces)[number]];
-  }
-  return pieces;
-}
 
 function randomBytes(rand: () => number, length: number): Uint8Array {
   const b = new Uint8Array(length);

@@ -31,20 +31,13 @@ export type NbdClientEvent =
   | { type: 'connect-failed'; reason: VhostError; retryMs: number }
   | { type: 'timed-out'; requests: number };
 
-export interface NbdClientRequest {
-  command: NbdCommand;
-  offset: number;
-  length: number;
-  /** read: the destination, write: the source; lengths add up to `length`. */
-  buffers: readonly Uint8Array[];
-  /** write / write-zeroes: make it durable before it completes (FUA, or a flush after it). */
-  fua?: boolean;
-  /** write-zeroes: the zeroes must be allocated (no hole may be punched). */
-  noHole?: boolean;
+/**
+ * A request as `NbdConnection` takes it (read: `buffers` are the destination, write: the source), plus who submitted
+ * it. `fua` on a server without FUA becomes a flush after the write; `done` is never called for an abandoned request.
+ */
+export interface NbdClientRequest extends NbdRequest {
   /** Who submitted it (`abandon` drops one owner's requests). */
   owner?: number;
-  /** 0 or an NBD errno; never called for an abandoned request. */
-  done(error: number): void;
 }
 
 /** Retry after a failed connect: first at once, then from this doubling to the maximum. */
