@@ -65,7 +65,10 @@ function respond(action: Action, req: FakeRequest, socket: Socket, structured: b
       socket.write(simpleReply(Buffer.from('ffeeddccbbaa9988', 'hex'), 0));
       return;
     case 'outside':
-      if (!isRead || !structured) return void socket.write(simpleReply(req.cookie, 0, Buffer.alloc(64, 0x77)));
+      // A simple reply carries no length: data of the wrong size there is indistinguishable from wrong data, so this
+      // is a chunk outside the read (a violation, structured or not) for reads, and 64 stray bytes after the reply
+      // (the next header's bad magic) for the rest.
+      if (!isRead) return void socket.write(simpleReply(req.cookie, 0, Buffer.alloc(64, 0x77)));
       socket.write(chunk(req.cookie, NbdReplyType.OFFSET_DATA, true, offsetData(req.offset + req.length, Buffer.alloc(64, 0x77))));
       return;
     case 'short':
