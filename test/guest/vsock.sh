@@ -33,13 +33,17 @@ echo "GUEST-RESULT: concurrent ok=$ok"
 # The host resets a connection (5004) after its first bytes: socat sees the reset.
 if socat -u FILE:/tmp/up VSOCK-CONNECT:2:5004 2>/dev/null; then r=0; else r=1; fi
 echo "GUEST-RESULT: reset failed=$r"
-# Host -> guest: listeners on 6000 (reached through the unix socket) and 6001 (the Node API's connect).
+# Host -> guest: listeners on 6000 (reached through the unix socket) and 6001 (the Node API's connect), and on 6002 a
+# slow reader: it reads nothing for 4 s (credit must hold the host back), then everything.
 socat -u VSOCK-LISTEN:6000 CREATE:/tmp/down0 & p0=$!
 socat -u VSOCK-LISTEN:6001 CREATE:/tmp/down1 & p1=$!
+socat -u VSOCK-LISTEN:6002 SYSTEM:'sleep 4; cat > /tmp/down2' & p2=$!
 sleep 1
 echo "GUEST-MARK: listening"
 wait "$p0" || fail "listener 6000"
 wait "$p1" || fail "listener 6001"
-echo "GUEST-RESULT: download port=6000 md5=$(md5sum < /tmp/down0 | cut -d' ' -f1)"
-echo "GUEST-RESULT: download port=6001 md5=$(md5sum < /tmp/down1 | cut -d' ' -f1)"
+wait "$p2" || fail "listener 6002"
+for port in 0 1 2; do
+  echo "GUEST-RESULT: download port=600$port md5=$(md5sum < "/tmp/down$port" | cut -d' ' -f1)"
+done
 echo "GUEST-RESULT: PASS"

@@ -1,8 +1,8 @@
 // A Linux guest with a vhost-user-vsock-pci device served by our vsock device in this process (the Node API needs
 // it here): socat in the guest talks to the host both ways, through the hybrid unix sockets (a guest connection to
 // port P reaches UDS_P; a host program writes "CONNECT <port>\n" to UDS) and through the Node API (`listen`,
-// `connect`): 4 MiB each way checked by md5, 32 connections at once, a host reader that stalls for 2 s (credit holds
-// the guest back, nothing is lost), a connection the host resets.
+// `connect`): 4 MiB each way checked by md5, 32 connections at once, a reader that stalls on either side (credit holds
+// the sender back, nothing is lost), a connection the host resets.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
@@ -95,7 +95,17 @@ test('a guest and this process over vsock: hybrid unix sockets and the Node API 
   viaUds.end(down0);
   const stream = await device.connect(6001);
   stream.end(down1);
-  await sleep(100);
+  // The guest's reader on 6002 sleeps 4 s: its credit (its socket buffer) stops us long before 4 MiB are sent.
+  const down2 = randomBytes(BYTES);
+  const slow = await device.connect(6002);
+  slow.on('error', () => undefined);
+  // In 64 KiB writes, so that writableLength counts what is not sent yet (each write is done once sent).
+  for (let off = 0; off < BYTES; off += 64 * 1024) slow.write(down2.subarray(off, off + 64 * 1024));
+  slow.end();
+  await sleep(2000);
+  const held = slow.writableLength;
+  t.diagnostic(`guest reader asleep: ${held} of ${BYTES} bytes still held on the host side`);
+  assert.ok(held >= BYTES - 1024 * 1024, `credit held the host back (only ${held} bytes not sent after 2 s)`);
 
   const r = await guest.done;
   t.diagnostic(`guest ${r.durationMs} ms; ${JSON.stringify(device.stats())}`);
@@ -108,5 +118,6 @@ test('a guest and this process over vsock: hybrid unix sockets and the Node API 
   assert.equal(result(r.results, 'reset', 'failed'), '1', 'the guest saw the reset');
   assert.equal(result(r.results, 'download port=6000', 'md5'), md5(down0));
   assert.equal(result(r.results, 'download port=6001', 'md5'), md5(down1));
+  assert.equal(result(r.results, 'download port=6002', 'md5'), md5(down2), 'the slow reader got every byte');
   assert.ok(r.results.includes('PASS'));
 });
