@@ -81,10 +81,8 @@ class NbdEngine implements IoEngine {
     switch (req.op) {
       case 'read':
       case 'write': {
-        const buffers = views(req);
-        const length = buffers.reduce((n, b) => n + b.length, 0);
-        const offset = req.spans[0]?.pos ?? 0;
-        request = { command: req.op, offset, length, buffers, fua: req.fua, owner, done: finish };
+        // The queue worker gave the range (`pos`, `length`) and spans that cover it in order.
+        request = { command: req.op, offset: req.pos, length: req.length, buffers: views(req), fua: req.fua, owner, done: finish };
         break;
       }
       case 'flush':

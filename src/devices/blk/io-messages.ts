@@ -23,7 +23,7 @@ export interface IoRequest {
   op: IoOp;
   /** read / write: the data, in device order (each span continues where the one before ended). */
   spans: IoSpan[];
-  /** zero / discard: the byte range. */
+  /** The byte range in the device (read / write: the one the spans cover; 0 and 0 for flush). */
   pos: number;
   length: number;
   /** write / zero: durable before it completes (the driver did not negotiate FLUSH: a write-through disk). */

@@ -89,6 +89,7 @@ class RxProducer implements QueueProducer {
   readonly #writer = new ChainWriter();
   readonly #hdr = recordHeader(0);
   readonly #header = new Uint8Array(VSOCK_HEADER_BYTES);
+  readonly #headerView = new DataView(this.#header.buffer);
   readonly #stats: Float64Array;
   /** Payload bytes of the current record already delivered (a packet split over buffers). */
   #delivered = 0;
@@ -127,7 +128,7 @@ class RxProducer implements QueueProducer {
       const piece = Math.min(payload - this.#delivered, writable - VSOCK_HEADER_BYTES);
       const bytes = ring.bytes;
       this.#header.set(bytes.subarray(at, at + VSOCK_HEADER_BYTES));
-      new DataView(this.#header.buffer).setUint32(VsockHdr.len, piece, true);
+      this.#headerView.setUint32(VsockHdr.len, piece, true);
       const w = this.#writer.reset(mem, chain);
       w.write(this.#header);
       if (piece > 0) w.write(bytes.subarray(at + VSOCK_HEADER_BYTES + this.#delivered, at + VSOCK_HEADER_BYTES + this.#delivered + piece));

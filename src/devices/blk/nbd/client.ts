@@ -162,7 +162,9 @@ export class NbdClient {
       const max = this.info.maxBlock;
       for (let at = 0; at < length; at += max) {
         const n = Math.min(max, length - at);
-        const buffers = command === 'read' || command === 'write' ? sliceBuffers(request.buffers, at, n) : [];
+        // One part (the common case) takes the caller's buffers as they are; only a split needs new views.
+        const data = command === 'read' || command === 'write';
+        const buffers = !data ? [] : n === length ? request.buffers : sliceBuffers(request.buffers, at, n);
         parts.push(new Part(this, parent, command, offset + at, n, buffers, fua, noHole));
       }
     }
