@@ -55,7 +55,7 @@ export interface BlkQueueOptions {
   capacityBytes: number;
   /**
    * 'sync' (default; files and null devices only): requests run in the queue worker, inside its batch. 'async':
-   * reads, writes, flushes, discards and write-zeroes run in an I/O thread and complete later; the worker pins the
+   * reads and writes run in an I/O thread and complete later (an NBD disk: every request); the worker pins the
    * request's memory until then.
    */
   io?: 'sync' | 'async';
@@ -65,8 +65,8 @@ export interface BlkQueueOptions {
    */
   shareIoThread?: boolean;
   /**
-   * async only: complete each request this long after its I/O (exercises requests in flight); a list is taken in
-   * turn, request by request, so that `[5000, 0]` completes every other request at once: out of order.
+   * async only: complete each read or write this long after its I/O (exercises requests in flight); a list is taken
+   * in turn, request by request, so that `[5000, 0]` completes every other one at once: out of order.
    */
   completionDelayMs?: number | readonly number[];
 }
@@ -257,11 +257,12 @@ export class BlkQueueHandler implements QueueHandler {
     this.#readOnly = engine.readOnly;
     this.#writeThrough = (context.features & (1n << BigInt(BlkFeature.FLUSH))) === 0n;
     this.#flushWaitMs = (engine.kind === 'nbd' ? engine.timeoutMs : 0) + FLUSH_WAIT_MARGIN_MS;
+    // A file or null device is opened here too: its flushes, discards and write-zeroes run in this worker (async
+    // mode hands only reads and writes over). An NBD disk has nothing local: everything goes to its I/O thread.
+    if (engine.kind !== 'nbd') this.#backend = openBlockBackend(engine);
     if (options.io === 'async' || engine.kind === 'nbd') {
       this.#io = ioThreadFor(options, context.instance).attach();
       this.completionFd = this.#io.completionFd;
-    } else {
-      this.#backend = openBlockBackend(engine);
     }
     this.#nullData = engine.kind === 'null';
     this.#capacity = Math.min(options.capacityBytes, this.#backend?.size ?? options.capacityBytes);
@@ -325,7 +326,7 @@ export class BlkQueueHandler implements QueueHandler {
         break;
       }
       case BlkRequestType.FLUSH:
-        if (this.#io !== undefined) {
+        if (this.#backend === undefined) {
           this.#submitOther(mem, chain, 'flush', 0, 0, false);
           return PENDING;
         }
@@ -412,8 +413,8 @@ export class BlkQueueHandler implements QueueHandler {
    */
   flush(): void {
     if (this.#readOnly) return;
-    if (this.#io !== undefined) this.#io.flushSync(this.#flushWaitMs);
-    else this.#backend?.flush();
+    if (this.#backend !== undefined) this.#backend.flush();
+    else this.#io?.flushSync(this.#flushWaitMs);
   }
 
   close(): void {
@@ -477,7 +478,7 @@ export class BlkQueueHandler implements QueueHandler {
     if ((flags & ~WRITE_ZEROES_FLAG_UNMAP) !== 0) return BlkStatus.UNSUPP;
     const pos = this.#byteRange(v.getUint32(0, true), v.getUint32(4, true), sectors * SECTOR_SIZE);
     if (pos < 0 || this.#readOnly) return BlkStatus.IOERR;
-    if (this.#io !== undefined) {
+    if (this.#backend === undefined) {
       this.#submitOther(mem, chain, zero ? 'zero' : 'discard', pos, sectors * SECTOR_SIZE, (flags & WRITE_ZEROES_FLAG_UNMAP) !== 0);
       return PENDING;
     }

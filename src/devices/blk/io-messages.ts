@@ -60,8 +60,9 @@ export type IoEngineOptions = BlockBackendOptions | NbdBackendOptions;
 export interface IoThreadInit {
   engine: IoEngineOptions;
   /**
-   * Completes the n-th request `delaysMs[n % length]` ms after its I/O (to exercise requests in flight across map
-   * changes and restarts; several values complete requests out of order). Empty: at once.
+   * Completes the n-th read or write `delaysMs[n % length]` ms after its I/O, to exercise requests in flight across
+   * map changes and restarts (several values complete them out of order); flushes, discards and write-zeroes
+   * complete at once. Empty: everything at once.
    */
   delaysMs: readonly number[];
 }
